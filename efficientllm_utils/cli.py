@@ -1,0 +1,136 @@
+"""Command line: ``python -m efficientllm_utils <command>`` (the Makefile calls it).
+
+Exit codes: 0 all runs ok; 1 some run failed (recorded, the others went on);
+2 bad parameters or resources (nothing was run or written).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import records
+from .params import PARAMS_DIR, ParamsError, expand, params_path
+from .runner import ResourceError, Summary, execute
+
+# An axis of the study is one or more studies, each with its params file and notebook.
+AXES: dict[str, list[str]] = {
+    "quantization": ["quantization"],
+}
+
+
+def studies_of(axis: str) -> list[str]:
+    if axis in AXES:
+        return AXES[axis]
+    if params_path(axis).exists():  # a single study can be run by name too
+        return [axis]
+    raise ParamsError(f"AXIS {axis!r} is not one of {sorted(AXES)} "
+                      f"(or a study with a params file: {sorted(p.stem for p in PARAMS_DIR.glob('*.yaml'))})")
+
+
+def _overrides(pairs: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ParamsError(f"--set takes key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def cmd_run(args) -> int:
+    studies = studies_of(args.axis)
+    plans = [(s, expand(params_path(s), args.profile, _overrides(args.set))) for s in studies]  # validate all first
+    results_root = Path(args.results)
+    total = Summary()
+    for study, specs in plans:
+        print(f"== {study}: profile {specs[0].profile}, {len(specs)} runs -> {results_root / study / specs[0].profile}",
+              file=sys.stderr)
+        summary = execute(specs, results_root, force=args.force, retry_failed=args.retry_failed,
+                          scheduler_address=args.scheduler, timeout_s=args.run_timeout)
+        total.outcomes += summary.outcomes
+        frame = records.aggregate(study, specs[0].profile, results_root)
+        print(_short_table(frame), file=sys.stderr)
+    if args.book:
+        from .book import build_book
+
+        index = build_book(results_root)
+        print(f"book: {index}")
+    if total.failed:
+        print(f"{len(total.failed)} run(s) failed; their records and executed notebooks hold the tracebacks",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _short_table(frame) -> str:
+    cols = [c for c in ("label", "status", "duration_s", "quality_mean_accuracy", "quality_perplexity",
+                        "al_s", "it_tokens_per_s", "amu_gb", "aec_w", "model_bytes", "final_loss",
+                        "perplexity") if c in frame.columns]
+    return frame[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}") if len(frame) else "(no runs)"
+
+
+def cmd_list(args) -> int:
+    for study in studies_of(args.axis):
+        for spec in expand(params_path(study), args.profile, _overrides(args.set)):
+            print(f"{study}\t{spec.profile}\t{spec.run_id}\t{spec.label}")
+    return 0
+
+
+def cmd_book(args) -> int:
+    from .book import build_book
+
+    print(f"book: {build_book(Path(args.results))}")
+    return 0
+
+
+def cmd_gpu_check(args) -> int:
+    from .gpu_check import main as gpu_main
+
+    return gpu_main()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="efficientllm", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_selection(p):
+        p.add_argument("axis", help=f"an axis ({', '.join(AXES)}) or a study name")
+        p.add_argument("--profile", default=None, help="profile in the params file (default: its default_profile)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a parameter of every run (validated like the params file)")
+
+    run = sub.add_parser("run", help="execute a profile's runs (skipping those with a record)")
+    add_selection(run)
+    run.add_argument("--force", action="store_true", help="re-run runs whose record exists")
+    run.add_argument("--retry-failed", action="store_true", help="re-run runs recorded as failed")
+    run.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler (default: local)")
+    run.add_argument("--run-timeout", type=float, default=None, help="seconds a cell may run before the run fails")
+    run.add_argument("--results", default=str(records.RESULTS_DIR))
+    run.add_argument("--book", action="store_true", help="build the book afterwards")
+    run.set_defaults(func=cmd_run)
+
+    lst = sub.add_parser("list", help="validate a profile and list its runs without running them")
+    add_selection(lst)
+    lst.set_defaults(func=cmd_list)
+
+    book = sub.add_parser("book", help="build the Jupyter Book from existing results")
+    book.add_argument("--results", default=str(records.RESULTS_DIR))
+    book.set_defaults(func=cmd_book)
+
+    gpu = sub.add_parser("gpu-check", help="NVML sampling, energy counter and int4 on CUDA (skips without a GPU)")
+    gpu.set_defaults(func=cmd_gpu_check)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ParamsError, ResourceError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Timing of greedy generation with a fixed output length.
+
+Every request generates exactly ``new_tokens`` tokens (``min_new_tokens ==
+max_new_tokens``, greedy), so requests are comparable across precisions. A
+streamer stamps each token as ``generate`` emits it, which gives time to first
+token (prefill + first decode step) and time per output token from one call.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from .stats import repeat_until, summarize
+from .values import MetricValue
+
+
+class TokenTimestamps(BaseStreamer):
+    """Records ``perf_counter`` each time ``generate`` emits tokens (the first call is the prompt)."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+
+    def put(self, value) -> None:
+        self.stamps.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_one_request(model, input_ids: torch.Tensor, new_tokens: int) -> dict:
+    """One fixed-length greedy generation; returns its raw timings in seconds."""
+    streamer = TokenTimestamps()
+    device = input_ids.device
+    _sync(device)
+    start = time.perf_counter()
+    output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                            max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                            streamer=streamer, pad_token_id=model.generation_config.eos_token_id)
+    _sync(device)
+    end = time.perf_counter()
+    generated = output.shape[1] - input_ids.shape[1]
+    if generated != new_tokens:
+        raise RuntimeError(f"generated {generated} tokens, expected exactly {new_tokens}")
+    token_stamps = streamer.stamps[1:]  # drop the prompt echo
+    ttft = token_stamps[0] - start
+    tpot = (end - token_stamps[0]) / (new_tokens - 1) if new_tokens > 1 else float("nan")
+    return {"latency_s": end - start, "ttft_s": ttft, "tpot_s": tpot}
+
+
+def generation_benchmark(model, input_ids: torch.Tensor, new_tokens: int, *, warmup: int = 1,
+                         min_iterations: int = 5, min_seconds: float = 5.0, max_iterations: int = 200) -> list[dict]:
+    """Raw per-request timings under the dual stop rule (>= min_iterations and >= min_seconds)."""
+    with torch.no_grad():
+        return repeat_until(lambda: time_one_request(model, input_ids, new_tokens), warmup=warmup,
+                            min_iterations=min_iterations, min_seconds=min_seconds, max_iterations=max_iterations)
+
+
+def inference_metrics(samples: list[dict], batch_size: int, new_tokens: int) -> dict[str, MetricValue]:
+    """AL (s/request), latency percentiles and CV, TTFT, TPOT and IT (tokens/s) from raw samples."""
+    latency = summarize([s["latency_s"] for s in samples])
+    ttft = summarize([s["ttft_s"] for s in samples])
+    counter = "perf-counter"
+    out = {
+        "al_s": MetricValue.measured(latency["mean"], "s/request", counter),
+        "latency_p50_s": MetricValue.measured(latency["p50"], "s", counter),
+        "latency_p90_s": MetricValue.measured(latency["p90"], "s", counter),
+        "latency_p99_s": MetricValue.measured(latency["p99"], "s", counter),
+        "latency_cv": MetricValue.measured(latency["cv"], "ratio", counter),
+        "ttft_p50_s": MetricValue.measured(ttft["p50"], "s", "perf-counter+streamer"),
+        "it_tokens_per_s": MetricValue.measured(
+            batch_size * new_tokens * len(samples) / sum(s["latency_s"] for s in samples), "tokens/s", counter),
+    }
+    if new_tokens > 1:
+        out["tpot_p50_s"] = MetricValue.measured(summarize([s["tpot_s"] for s in samples])["p50"], "s",
+                                                 "perf-counter+streamer")
+    return out

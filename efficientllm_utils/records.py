@@ -1,0 +1,210 @@
+"""Result records: one flat JSON file per run, written atomically, with full provenance."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+import psutil
+from pydantic import BaseModel, Field
+
+from .metrics.values import MetricValue, flatten
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = Path(os.environ.get("EFFICIENTLLM_RESULTS", REPO_ROOT / "results"))
+RECORD_NAME = "record.json"
+NOTEBOOK_NAME = "notebook.ipynb"
+TRACKED_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "papermill", "dask",
+                    "distributed", "pandas", "numpy", "nvidia-ml-py", "jupyter-book")
+
+
+class RunRecord(BaseModel):
+    run_id: str
+    study: str
+    profile: str
+    label: str
+    status: Literal["ok", "failed"]
+    params: dict[str, Any]
+    metrics: dict[str, MetricValue] = Field(default_factory=dict)
+    quality: dict[str, Any] = Field(default_factory=dict)
+    raw: dict[str, Any] = Field(default_factory=dict)  # raw samples behind the summaries
+    error: str | None = None
+    provenance: dict[str, Any] = Field(default_factory=dict)
+    started: str | None = None
+    finished: str | None = None
+    duration_s: float | None = None
+
+    def flat(self) -> dict[str, Any]:
+        """One row for the aggregate table: ids, params, metrics with units and methods, quality scalars."""
+        row: dict[str, Any] = {k: getattr(self, k) for k in ("run_id", "study", "profile", "label", "status",
+                                                           "duration_s", "started", "finished")}
+        row.update({f"param_{k}": (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in self.params.items()})
+        row.update(flatten(self.metrics))
+        row.update({f"quality_{k}": v for k, v in self.quality.items() if isinstance(v, (int, float, str)) or v is None})
+        row["git_commit"] = self.provenance.get("git_commit")
+        row["hardware"] = self.provenance.get("hardware", {}).get("summary")
+        row["error"] = (self.error or "").strip().splitlines()[-1] if self.error else None
+        return row
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def run_dir(study: str, profile: str, run_id: str, root: Path | None = None) -> Path:
+    return (root or RESULTS_DIR) / study / profile / run_id
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write through a temporary file and rename: readers see the old file or the new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_record(record: RunRecord, directory: Path) -> Path:
+    path = directory / RECORD_NAME
+    atomic_write_text(path, record.model_dump_json(indent=1))
+    return path
+
+
+def read_record(directory: Path) -> RunRecord | None:
+    path = directory / RECORD_NAME
+    if not path.exists():
+        return None
+    return RunRecord.model_validate_json(path.read_text())
+
+
+def _git(*args: str) -> str | None:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def hardware() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "cpu": platform.processor() or platform.machine(),
+        "logical_cores": psutil.cpu_count(),
+        "ram_gb": round(psutil.virtual_memory().total / 1e9, 1),
+        "gpus": [],
+    }
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            info["gpus"].append({"name": pynvml.nvmlDeviceGetName(h),
+                                 "memory_gb": round(pynvml.nvmlDeviceGetMemoryInfo(h).total / 1e9, 1)})
+        info["nvidia_driver"] = pynvml.nvmlSystemGetDriverVersion()
+    except Exception:
+        pass
+    gpus = ", ".join(g["name"] for g in info["gpus"]) or "no GPU"
+    info["summary"] = f"{info['cpu']} ({info['logical_cores']} logical cores, {info['ram_gb']} GB RAM); {gpus}"
+    return info
+
+
+def provenance() -> dict[str, Any]:
+    versions = {}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": versions,
+        "hardware": hardware(),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+    }
+
+
+def load_records(study: str, profile: str, root: Path | None = None) -> list[RunRecord]:
+    base = (root or RESULTS_DIR) / study / profile
+    return [r for d in sorted(base.glob("*/")) if (r := read_record(d)) is not None]
+
+
+def aggregate(study: str, profile: str, root: Path | None = None):
+    """Write ``runs.csv`` and ``runs.parquet`` for one study and profile; return the DataFrame.
+
+    Load it with ``pandas.read_parquet("results/<study>/<profile>/runs.parquet")``.
+    """
+    import pandas as pd
+
+    base = (root or RESULTS_DIR) / study / profile
+    frame = pd.DataFrame([r.flat() for r in load_records(study, profile, root)])
+    base.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(base / "runs.csv", frame.to_csv(index=False))
+    tmp = base / ".runs.parquet.tmp"
+    frame.to_parquet(tmp, index=False)
+    os.replace(tmp, base / "runs.parquet")
+    return frame
+
+
+class RunContext(BaseModel):
+    """Where a notebook's result goes; the runner injects these, a manual run gets defaults."""
+
+    run_id: str
+    study: str
+    profile: str
+    label: str
+    result_dir: Path
+    params: dict[str, Any]
+    started: str = Field(default_factory=now)
+
+    @classmethod
+    def from_namespace(cls, namespace: dict[str, Any], params: BaseModel) -> "RunContext":
+        from .params import run_id_for
+
+        dumped = params.model_dump(mode="json")
+        study = namespace.get("study") or "manual"
+        profile = namespace.get("profile") or "manual"
+        run_id = namespace.get("run_id") or run_id_for(study, dumped, "manual")
+        result_dir = namespace.get("result_dir") or run_dir(study, profile, run_id)
+        return cls(run_id=run_id, study=study, profile=profile, label=namespace.get("label") or "manual",
+                   result_dir=Path(result_dir), params=dumped)
+
+    def write(self, metrics: dict[str, MetricValue], quality: dict[str, Any], raw: dict[str, Any]) -> RunRecord:
+        """Write this run's successful record (atomically) and return it."""
+        finished = now()
+        duration = (dt.datetime.fromisoformat(finished) - dt.datetime.fromisoformat(self.started)).total_seconds()
+        record = RunRecord(run_id=self.run_id, study=self.study, profile=self.profile, label=self.label,
+                           status="ok", params=self.params, metrics=metrics, quality=quality, raw=raw,
+                           provenance=provenance(), started=self.started, finished=finished, duration_s=duration)
+        write_record(record, self.result_dir)
+        return record
+
+
+def metrics_table(record: RunRecord):
+    """The record's metrics as a small DataFrame (value, unit, how obtained) for display."""
+    import pandas as pd
+
+    return pd.DataFrame([{"metric": k, "value": m.value, "unit": m.unit, "how obtained": m.method}
+                         for k, m in record.metrics.items()]).set_index("metric")

@@ -1,0 +1,66 @@
+import math
+
+import pytest
+import torch
+
+from efficientllm_utils import quality
+
+
+@pytest.mark.parametrize("task", quality.TASKS)
+def test_tasks_load_real_labelled_items(task):
+    items = quality.load_task(task, 30, seed=0)
+    assert len(items) == 30
+    for item in items:
+        assert item.context.strip() and len(item.choices) >= 2 and 0 <= item.gold < len(item.choices)
+    assert items == quality.load_task(task, 30, seed=0)  # a fixed subset
+    assert items != quality.load_task(task, 30, seed=1)
+    golds = {i.gold for i in quality.load_task(task, 200)}
+    assert len(golds) >= 2  # gold answers are not all the same choice
+
+
+def test_unknown_task_is_refused():
+    with pytest.raises(ValueError, match="not one of"):
+        quality.load_task("trivia")
+
+
+def _reference_loglik(model, tokenizer, context: str, continuation: str) -> float:
+    """The obvious computation: score the continuation's tokens in one full forward pass."""
+    ctx = tokenizer(context).input_ids
+    cont = tokenizer(continuation, add_special_tokens=False).input_ids
+    ids = torch.tensor([ctx + cont])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+    return float(sum(logprobs[len(ctx) - 1 + i, t] for i, t in enumerate(cont)))
+
+
+def test_loglikelihoods_match_a_plain_forward_pass(tiny_llama):
+    model, tokenizer = tiny_llama
+    items = quality.load_task("boolq", 3) + quality.load_task("piqa", 3)  # one-token and multi-token choices
+    scores = quality.choice_loglikelihoods(model, tokenizer, items, max_batch_tokens=300)
+    for item, item_scores in zip(items, scores):
+        for choice, score in zip(item.choices, item_scores):
+            assert score == pytest.approx(_reference_loglik(model, tokenizer, item.context, choice), abs=1e-4)
+
+
+def test_accuracy_counts_argmax_predictions(tiny_llama, monkeypatch):
+    model, tokenizer = tiny_llama
+    items = quality.load_task("openbookqa", 4)
+    fake = [[0.0] * len(i.choices) for i in items]
+    for scores, item in zip(fake[:3], items[:3]):
+        scores[item.gold] = 1.0  # three right, one wrong
+    fake[3][(items[3].gold + 1) % len(items[3].choices)] = 1.0
+    monkeypatch.setattr(quality, "choice_loglikelihoods", lambda *a, **k: fake)
+    result = quality.mc_accuracy(model, tokenizer, items)
+    assert result["accuracy"] == 0.75 and result["correct"] == [1, 1, 1, 0]
+    assert result["stderr"] == pytest.approx(math.sqrt(0.75 * 0.25 / 3))
+
+
+def test_perplexity_equals_exp_of_the_models_own_loss(tiny_llama):
+    model, tokenizer = tiny_llama
+    text = quality.heldout_text(5000)
+    result = quality.perplexity(model, tokenizer, text, seq_len=64, max_tokens=64)
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False).input_ids[:64]])
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss
+    assert result["perplexity"] == pytest.approx(math.exp(float(loss)), rel=1e-4)
+    assert result["tokens"] == 63

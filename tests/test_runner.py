@@ -1,0 +1,72 @@
+"""The runner through papermill and a real local Dask cluster, with the self-test study's notebook."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from efficientllm_utils import runner
+from efficientllm_utils.params import PARAMS_DIR, expand
+from efficientllm_utils.records import read_record, run_dir
+
+pytestmark = pytest.mark.slow
+
+
+def test_failures_are_recorded_and_the_other_runs_go_on(results_root, capsys):
+    specs = expand(PARAMS_DIR / "selftest.yaml", "failures", {"value": 21})
+    summary = runner.execute(specs, results_root)
+    status = {o.label: o.status for o in summary.outcomes}
+    assert status == {"mode=ok": "ok", "mode=raise": "failed", "mode=kill": "failed"}
+    by_label = {s.label: read_record(run_dir(s.study, s.profile, s.run_id, results_root)) for s in specs}
+    assert by_label["mode=ok"].metrics["doubled"].value == 42
+    assert by_label["mode=ok"].provenance["packages"]["papermill"]
+    assert "selftest failure on purpose (value=21)" in by_label["mode=raise"].error
+    assert "DeadKernelError" in by_label["mode=kill"].error or "died" in by_label["mode=kill"].error
+    for spec in specs:  # every run keeps its executed notebook, failed ones too
+        assert (run_dir(spec.study, spec.profile, spec.run_id, results_root) / "notebook.ipynb").exists()
+    assert "progress: 3/3 runs done" in capsys.readouterr().err
+
+    again = runner.execute(specs, results_root)  # nothing changed: nothing runs
+    assert {o.status for o in again.outcomes} == {"skipped", "failed"}
+    retried = runner.execute(specs, results_root, retry_failed=True)
+    assert sorted(o.status for o in retried.outcomes) == ["failed", "failed", "skipped"]
+
+
+def test_force_reruns(results_root):
+    specs = expand(PARAMS_DIR / "selftest.yaml", "cpu")[:1]
+    first = runner.execute(specs, results_root).outcomes[0]
+    record_path = run_dir(specs[0].study, specs[0].profile, specs[0].run_id, results_root) / "record.json"
+    stamp = record_path.read_text()
+    assert runner.execute(specs, results_root).outcomes[0].status == "skipped"
+    forced = runner.execute(specs, results_root, force=True).outcomes[0]
+    assert first.status == forced.status == "ok" and record_path.read_text() != stamp
+
+
+def test_interrupted_profile_resumes(results_root):
+    cmd = [sys.executable, "-m", "efficientllm_utils", "run", "selftest", "--results", str(results_root),
+           "--set", "sleep_s=4"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    specs = expand(PARAMS_DIR / "selftest.yaml", "cpu", {"sleep_s": 4})
+    dirs = [run_dir(s.study, s.profile, s.run_id, results_root) for s in specs]
+    deadline = time.time() + 120
+    while time.time() < deadline and read_record(dirs[0]) is None:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the runner, its Dask workers and kernels, halfway
+    proc.wait()
+    assert read_record(dirs[0]) is not None and read_record(dirs[2]) is None
+    summary = runner.execute(specs, results_root)
+    status = {o.run_id: o.status for o in summary.outcomes}
+    assert status[specs[0].run_id] == "skipped"
+    assert status[specs[2].run_id] == "ok"
+    assert all(read_record(d).status == "ok" for d in dirs)
+
+
+def test_gpu_runs_without_gpu_workers_fail_fast():
+    specs = expand(PARAMS_DIR / "selftest.yaml", "cpu", {"device": "cuda"})
+    with pytest.raises(runner.ResourceError, match="no Dask worker offers a GPU"):
+        runner.check_resources(specs, [{}])
+    with pytest.raises(runner.ResourceError, match="no workers"):
+        runner.check_resources(specs, [])
+    runner.check_resources(specs, [{"GPU": 1}])
