@@ -113,9 +113,11 @@ def local_cluster(n_gpus: int):
     dask.config.set({"distributed.scheduler.allowed-failures": 0})
     workers = {}
     for i in range(max(n_gpus, 1)):
-        options: dict = {"nthreads": 1, "memory_limit": 0, "host": "127.0.0.1"}
+        # Worker logs would drown the progress lines; warnings and errors still show.
+        options: dict = {"nthreads": 1, "memory_limit": 0, "host": "127.0.0.1",
+                         "env": {"DASK_LOGGING__DISTRIBUTED": "warning"}}
         if n_gpus:
-            options["env"] = {"CUDA_VISIBLE_DEVICES": str(i)}
+            options["env"]["CUDA_VISIBLE_DEVICES"] = str(i)
             options["resources"] = {"GPU": 1}
         workers[f"worker-{i}"] = {"cls": Nanny, "options": options}
     scheduler = {"cls": Scheduler, "options": {"dashboard_address": None, "host": "127.0.0.1"}}
@@ -139,8 +141,9 @@ def _gpu_count() -> int:
 
 
 def execute(specs: list[RunSpec], results_root: Path, *, force: bool = False, retry_failed: bool = False,
-            scheduler_address: str | None = None, timeout_s: float | None = None, stream=sys.stderr) -> Summary:
+            scheduler_address: str | None = None, timeout_s: float | None = None, stream=None) -> Summary:
     """Execute every pending run of ``specs`` and return what happened to each."""
+    stream = stream or sys.stderr
     todo, done = pending_runs(specs, results_root, force, retry_failed)
     summary = Summary(outcomes=list(done))
     for outcome in done:
