@@ -6,6 +6,7 @@ Exit codes: 0 all runs ok; 1 some run failed (recorded, the others went on);
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -125,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     gpu.set_defaults(func=cmd_gpu_check)
 
     args = parser.parse_args(argv)
+    # Dask's INFO logs would drown the progress lines; set before distributed is imported, so workers inherit it.
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     try:
         return args.func(args)
     except (ParamsError, ResourceError) as err:

@@ -69,7 +69,7 @@ def main() -> int:
     for precision in PRECISIONS:
         p = QuantizationRun(model=str(checkpoint), precision=precision, reference_precision="bf16", device="cuda",
                             prompt_tokens=128, new_tokens=64, warmup=2, min_iterations=5, min_seconds=3.0,
-                            sample_interval_s=0.1)
+                            tracked_requests=5, sample_interval_s=0.1)
         model, tok, load_s = q.load(p)
         size, size_raw = q.measure_size(model)
         predictions = _next_token_predictions(model, windows)

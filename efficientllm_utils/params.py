@@ -2,7 +2,8 @@
 
 A params file names the notebook that runs one grid point, and profiles. Each
 profile has ``fixed`` settings and a ``grid`` whose cartesian product gives the
-runs. Every run is validated against its study's pydantic model
+runs; a profile may also name ``variants`` (bundles of settings) that a grid over
+``variant`` selects, for runs that differ in several fields at once. Every run is validated against its study's pydantic model
 (``extra="forbid"``), so an unknown field, precision or model fails at once with
 the field's name and the allowed values, before anything is written.
 """
@@ -16,8 +17,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .arch.config import ATTENTION_KINDS, FFN_KINDS, PAPER_SHAPES, POSITION_KINDS, DecoderConfig, paper_config
 from .models import OFFLINE_MODELS, PRECISIONS
 from .quality import TASKS
 
@@ -59,8 +61,8 @@ class QuantizationRun(RunParams):
     precision: Literal[PRECISIONS]  # type: ignore[valid-type]
     reference_precision: Literal[PRECISIONS] = "fp32"  # type: ignore[valid-type]
     tasks: list[Literal[TASKS]] = Field(default_factory=lambda: list(TASKS))  # type: ignore[valid-type]
-    n_per_task: int | None = Field(25, ge=1)  # None: the whole task
-    ppl_tokens: int = Field(2048, ge=16)
+    n_per_task: int | None = Field(20, ge=1)  # None: the whole task
+    ppl_tokens: int = Field(1024, ge=16)
     ppl_seq_len: int = Field(256, ge=8)
     prompt_tokens: int = Field(64, ge=1)
     new_tokens: int = Field(32, ge=2)
@@ -68,6 +70,7 @@ class QuantizationRun(RunParams):
     warmup: int = Field(1, ge=0)
     min_iterations: int = Field(5, ge=1)
     min_seconds: float = Field(5.0, ge=0)
+    tracked_requests: int = Field(3, ge=1)  # requests repeated under the resource tracker
     sample_interval_s: float = Field(0.1, gt=0)
 
     @field_validator("model")
@@ -84,8 +87,114 @@ class SelfTestRun(RunParams):
     sleep_s: float = Field(0.0, ge=0)
 
 
+OFFLINE_TOKENIZER = "offline-bpe"  # text_data's byte-level BPE, trained on the offline training split
+
+
+class PretrainRun(RunParams):
+    """One decoder variant pretrained from scratch, then decoded at several context lengths.
+
+    Shared by the attention, positional-encoding and MoE studies: only the part under study changes
+    between the runs of a study (same data order, steps, schedule and seed). The shape is either one
+    of the paper's Qwen2.5 shapes (``size``) or given field by field (``hidden_size``, ``n_layers``,
+    ``n_heads``, ``intermediate_size``); fields left ``None`` follow the shape or the attention kind.
+    """
+
+    variant: str | None = None  # a name for runs that differ in several fields at once (the MoE study)
+    attention: Literal[ATTENTION_KINDS] = "gqa"  # type: ignore[valid-type]
+    position: Literal[POSITION_KINDS] = "rope"  # type: ignore[valid-type]
+    ffn: Literal[FFN_KINDS] = "dense"  # type: ignore[valid-type]
+    # --- shape ---
+    size: Literal[tuple(PAPER_SHAPES)] | None = None  # type: ignore[valid-type]
+    hidden_size: int | None = Field(None, ge=8)
+    n_layers: int | None = Field(None, ge=1)
+    n_heads: int | None = Field(None, ge=1)
+    n_kv_heads: int | None = Field(None, ge=1)  # None: mha/mla n_heads, mqa 1, gqa/nsa 2 (Qwen2.5's KV heads)
+    intermediate_size: int | None = Field(None, ge=1)
+    kv_lora_rank: int | None = Field(None, ge=1)  # MLA latent; None: hidden_size // 8 (the paper's choice)
+    n_experts: int = Field(8, ge=2)
+    moe_top_k: int = Field(2, ge=1)
+    moe_intermediate_size: int | None = Field(None, ge=1)  # None: intermediate_size // moe_top_k
+    compress_block: int = Field(64, ge=1)  # NSA; the paper's values suit 8K contexts, scale them down with seq_len
+    compress_stride: int = Field(32, ge=1)
+    select_block: int = Field(64, ge=1)
+    n_selected: int = Field(4, ge=1)
+    window: int = Field(128, ge=1)
+    dtype: Literal["float32", "bfloat16"] = "float32"  # weights, activations and optimizer state
+    # --- data ---
+    data: Literal["offline", "hub"] = "offline"  # offline: text_data's corpus; hub: `dataset` streamed
+    dataset: str = "HuggingFaceFW/fineweb-edu"
+    dataset_config: str | None = "sample-350BT"
+    tokenizer: str = OFFLINE_TOKENIZER  # or a hub id, e.g. Qwen/Qwen2.5-0.5B (data: hub)
+    vocab_size: int = Field(2048, ge=256)  # offline-bpe: the BPE's size; a hub tokenizer must fit in it
+    seq_len: int = Field(128, ge=8)
+    batch_size: int = Field(8, ge=1)
+    steps: int = Field(200, ge=2)
+    lr: float = Field(3e-3, gt=0)
+    min_lr: float = Field(3e-4, ge=0)
+    warmup_steps: int = Field(20, ge=0)  # learning-rate warm-up
+    weight_decay: float = Field(0.1, ge=0)
+    timing_warmup_steps: int = Field(5, ge=0)  # first steps left out of AL and TT (allocator and cache warm-up)
+    eval_tokens: int = Field(32768, ge=16)  # held-out tokens for perplexity
+    sample_interval_s: float = Field(1.0, gt=0)  # the paper samples every second during training
+    # --- decoding ---
+    decode_contexts: list[int] = Field(default_factory=lambda: [64, 128, 256, 512], min_length=1)
+    new_tokens: int = Field(16, ge=2)
+    decode_warmup: int = Field(1, ge=0)
+    decode_iterations: int = Field(3, ge=1)
+    decode_min_seconds: float = Field(0.0, ge=0)
+
+    @field_validator("decode_contexts")
+    @classmethod
+    def _positive_contexts(cls, value: list[int]) -> list[int]:
+        if any(c < 1 for c in value):
+            raise ValueError(f"decode_contexts must be positive token counts, got {value}")
+        return sorted(set(value))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PretrainRun":
+        if self.size is None:
+            missing = [f for f in ("hidden_size", "n_layers", "n_heads", "intermediate_size") if getattr(self, f) is None]
+            if missing:
+                raise ValueError(f"give either size (one of {list(PAPER_SHAPES)}) or all of {missing}")
+        if self.timing_warmup_steps >= self.steps:
+            raise ValueError(f"timing_warmup_steps={self.timing_warmup_steps} leaves no timed step of steps={self.steps}")
+        if self.data == "hub" and self.tokenizer == OFFLINE_TOKENIZER:
+            raise ValueError("data='hub' needs a hub tokenizer (e.g. 'Qwen/Qwen2.5-0.5B'), not the offline BPE")
+        if self.tokenizer != OFFLINE_TOKENIZER and not (HUB_ID.match(self.tokenizer) or Path(self.tokenizer).is_dir()):
+            raise ValueError(f"tokenizer {self.tokenizer!r} is not {OFFLINE_TOKENIZER!r}, a hub id or a local directory")
+        self.decoder_config()  # the architecture's own checks (e.g. nsa + relative), with their allowed values
+        return self
+
+    @property
+    def max_context(self) -> int:
+        """Longest sequence the model sees: training blocks or the longest decode (prompt + new tokens)."""
+        return max(self.seq_len, max(self.decode_contexts) + self.new_tokens)
+
+    def decoder_config(self) -> DecoderConfig:
+        """The ``DecoderConfig`` of this run (shapes only; no weights)."""
+        settings: dict[str, Any] = {
+            "vocab_size": self.vocab_size, "max_position_embeddings": self.max_context,
+            "n_experts": self.n_experts, "moe_top_k": self.moe_top_k,
+            "compress_block": self.compress_block, "compress_stride": self.compress_stride,
+            "select_block": self.select_block, "n_selected": self.n_selected, "window": self.window,
+        }
+        for name in ("hidden_size", "n_layers", "n_heads", "n_kv_heads", "intermediate_size", "kv_lora_rank",
+                     "moe_intermediate_size"):
+            if getattr(self, name) is not None:
+                settings[name] = getattr(self, name)
+        if self.size is not None:
+            return paper_config(self.size, self.attention, self.position, self.ffn, **settings)
+        if "n_kv_heads" not in settings:
+            settings["n_kv_heads"] = {"mha": self.n_heads, "mla": self.n_heads, "mqa": 1}.get(
+                self.attention, min(2, self.n_heads))
+        return DecoderConfig(attention=self.attention, position=self.position, ffn=self.ffn, **settings)
+
+
 STUDIES: dict[str, type[RunParams]] = {
     "quantization": QuantizationRun,
+    "attention": PretrainRun,
+    "positional_encoding": PretrainRun,
+    "moe": PretrainRun,
     "selftest": SelfTestRun,
 }
 
@@ -98,6 +207,9 @@ class Profile(BaseModel):
     hardware: str
     fixed: dict[str, Any] = Field(default_factory=dict)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
+    # named bundles of settings: a grid over ``variant`` adds the named bundle to ``fixed``, so runs can
+    # differ in several fields at once (dense-small vs moe-8x2 vs dense-large)
+    variants: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
 class ParamsFile(BaseModel):
@@ -178,8 +290,15 @@ def expand(path: Path, profile: str | None = None, overrides: dict[str, Any] | N
     problems: dict[str, list[str]] = {}  # error line -> labels of the runs it affects
     for values in itertools.product(*(chosen.grid[k] for k in keys)):
         point = dict(zip(keys, values))
-        merged = {**chosen.fixed, **point, **(overrides or {})}
         label = ",".join(f"{k}={v}" for k, v in point.items())
+        bundle = {}
+        if chosen.variants and "variant" in point:
+            if point["variant"] not in chosen.variants:
+                problems.setdefault(f"field 'variant': {point['variant']!r} is not one of {sorted(chosen.variants)} "
+                                    "(the profile's variants)", []).append(label)
+                continue
+            bundle = chosen.variants[point["variant"]]
+        merged = {**chosen.fixed, **bundle, **point, **(overrides or {})}
         try:
             params = model.model_validate(merged).model_dump(mode="json")
         except ValidationError as err:

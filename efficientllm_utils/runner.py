@@ -113,11 +113,9 @@ def local_cluster(n_gpus: int):
     dask.config.set({"distributed.scheduler.allowed-failures": 0})
     workers = {}
     for i in range(max(n_gpus, 1)):
-        # Worker logs would drown the progress lines; warnings and errors still show.
-        options: dict = {"nthreads": 1, "memory_limit": 0, "host": "127.0.0.1",
-                         "env": {"DASK_LOGGING__DISTRIBUTED": "warning"}}
+        options: dict = {"nthreads": 1, "memory_limit": 0, "host": "127.0.0.1"}
         if n_gpus:
-            options["env"]["CUDA_VISIBLE_DEVICES"] = str(i)
+            options["env"] = {"CUDA_VISIBLE_DEVICES": str(i)}
             options["resources"] = {"GPU": 1}
         workers[f"worker-{i}"] = {"cls": Nanny, "options": options}
     scheduler = {"cls": Scheduler, "options": {"dashboard_address": None, "host": "127.0.0.1"}}

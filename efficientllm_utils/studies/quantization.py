@@ -64,12 +64,12 @@ def measure_inference(model, tokenizer, p: QuantizationRun) -> tuple[dict[str, M
                                    min_seconds=p.min_seconds)
     metrics = inference_metrics(samples, p.batch_size, p.new_tokens)
     with torch.no_grad(), ResourceTracker(interval_s=p.sample_interval_s, use_gpu=p.device == "cuda") as tracker:
-        for _ in range(p.min_iterations):
+        for _ in range(p.tracked_requests):
             time_one_request(model, inputs, p.new_tokens)
     metrics.update(tracker.metrics())
     energy = metrics["energy_j"]
-    tokens = p.min_iterations * p.batch_size * p.new_tokens
+    tokens = p.tracked_requests * p.batch_size * p.new_tokens
     metrics["energy_per_token_j"] = MetricValue(value=energy.value / tokens, unit="J/token",
                                                 method=f"{energy.method}/generated-tokens")
-    raw = {"requests": samples, "tracker_samples": tracker.samples, "tracker_requests": p.min_iterations}
+    raw = {"requests": samples, "tracker_samples": tracker.samples, "tracked_requests": p.tracked_requests}
     return metrics, raw
