@@ -105,6 +105,8 @@ def _continuation_logprobs(model, sequences: list[tuple[list[int], list[int]]], 
     ``sequences`` holds (context ids, continuation ids); for each, returns a
     ``(len(continuation) or 1, vocab)`` tensor: the distributions that predict the
     continuation's tokens (or the next token when the continuation is empty).
+    Batches are left-padded so every continuation ends at the last position, and
+    the model computes logits for those last positions only.
     """
     device = _model_device(model)
     results: list[torch.Tensor | None] = [None] * len(sequences)
@@ -119,13 +121,16 @@ def _continuation_logprobs(model, sequences: list[tuple[list[int], list[int]]], 
         mask = torch.zeros(len(batch), longest, dtype=torch.long)
         for row, i in enumerate(batch):
             tokens = sequences[i][0] + sequences[i][1]
-            ids[row, : len(tokens)] = torch.tensor(tokens)
-            mask[row, : len(tokens)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+            ids[row, longest - len(tokens):] = torch.tensor(tokens)
+            mask[row, longest - len(tokens):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # each sequence counts from 0 despite the padding
+        keep = max(len(sequences[i][1]) for i in batch) + 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                       logits_to_keep=keep).logits.float()
         for row, i in enumerate(batch):
-            ctx, cont = sequences[i]
-            first, count = len(ctx) - 1, max(len(cont), 1)
-            results[i] = torch.log_softmax(logits[row, first: first + count], dim=-1).cpu()
+            n = len(sequences[i][1])
+            first = logits.shape[1] - n - 1  # the position that predicts the first continuation token
+            results[i] = torch.log_softmax(logits[row, first: first + max(n, 1)], dim=-1).cpu()
     return results  # type: ignore[return-value]
 
 

