@@ -54,7 +54,7 @@ class RunRecord(BaseModel):
 
 
 def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
 def run_dir(study: str, profile: str, run_id: str, root: Path | None = None) -> Path:

@@ -33,7 +33,7 @@ class RunOutcome:
     run_id: str
     label: str
     status: str  # ok | failed | skipped
-    duration_s: float = 0.0
+    duration_s: float | None = None  # None: not known (a lost worker)
     error: str | None = None
 
 
@@ -98,7 +98,7 @@ def pending_runs(specs: list[RunSpec], results_root: Path, force: bool = False,
             todo.append(spec)
         else:
             done.append(RunOutcome(spec.run_id, spec.label, "skipped" if record.status == "ok" else "failed",
-                                   record.duration_s or 0.0, record.error))
+                                   record.duration_s, record.error))
     return todo, done
 
 
@@ -184,7 +184,8 @@ def execute(specs: list[RunSpec], results_root: Path, *, force: bool = False, re
                 outcome = _record_lost_worker(spec, results_root, exc)
             summary.outcomes.append(outcome)
             running.pop(spec.run_id, None)
-            print(f"[{outcome.status}] {outcome.label} in {outcome.duration_s:.1f}s"
+            took = "?" if outcome.duration_s is None else f"{outcome.duration_s:.1f}"
+            print(f"[{outcome.status}] {outcome.label} in {took}s"
                   + (f": {outcome.error.strip().splitlines()[-1]}" if outcome.error else ""), file=stream)
             _progress_line(stream, len(summary.outcomes) - len(done), len(todo), t0, running)
     finally:
@@ -200,7 +201,7 @@ def _record_lost_worker(spec: RunSpec, results_root: Path, exc: BaseException) -
     record = RunRecord(run_id=spec.run_id, study=spec.study, profile=spec.profile, label=spec.label,
                        status="failed", params=spec.params, error=error, provenance=provenance(), finished=now())
     write_record(record, run_dir(spec.study, spec.profile, spec.run_id, results_root))
-    return RunOutcome(spec.run_id, spec.label, "failed", 0.0, error)
+    return RunOutcome(spec.run_id, spec.label, "failed", None, error)
 
 
 def _progress_line(stream, finished: int, total: int, t0: float, running: dict[str, str]) -> None:
