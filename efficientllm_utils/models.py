@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -93,6 +94,8 @@ def load_causal_lm(source: str, precision: str = "fp32", device: str = "cpu"):
     qconfig = quantization_config(precision)
     kwargs: dict = {"dtype": FLOAT_DTYPES.get(precision, torch.bfloat16)}
     if qconfig is not None:
+        # bitsandbytes warns on every int8 matmul that it casts inputs to fp16: expected, and it floods output.
+        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
         kwargs["quantization_config"] = qconfig
         kwargs["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)

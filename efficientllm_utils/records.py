@@ -5,6 +5,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import subprocess
 import tempfile
 from importlib import metadata
@@ -49,8 +50,15 @@ class RunRecord(BaseModel):
         row.update({f"quality_{k}": v for k, v in self.quality.items() if isinstance(v, (int, float, str)) or v is None})
         row["git_commit"] = self.provenance.get("git_commit")
         row["hardware"] = self.provenance.get("hardware", {}).get("summary")
-        row["error"] = (self.error or "").strip().splitlines()[-1] if self.error else None
+        row["error"] = error_headline(self.error) if self.error else None
         return row
+
+
+def error_headline(error: str) -> str:
+    """The line of a traceback that names the exception (the last such line), else its last line."""
+    lines = [line.strip() for line in error.strip().splitlines() if line.strip()]
+    named = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt|Exit)\b", line)]
+    return (named or lines or [""])[-1]
 
 
 def now() -> str:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .params import REPO_ROOT, RunSpec
-from .records import NOTEBOOK_NAME, RunRecord, now, provenance, read_record, run_dir, write_record
+from .records import NOTEBOOK_NAME, RunRecord, error_headline, now, provenance, read_record, run_dir, write_record
 
 PROGRESS_TOPIC = "efficientllm-progress"
 
@@ -70,7 +70,8 @@ def execute_run(spec: RunSpec, results_root: str, timeout_s: float | None = None
     try:
         papermill.execute_notebook(str(REPO_ROOT / spec.notebook), str(directory / NOTEBOOK_NAME),
                                    parameters=parameters, cwd=str(REPO_ROOT), progress_bar=False,
-                                   execution_timeout=timeout_s, kernel_name="python3")
+                                   execution_timeout=timeout_s, kernel_name="python3",
+                                   iopub_timeout=60)  # a loaded machine delays output messages past nbclient's 4 s
         record = read_record(directory)
         if record is None or record.run_id != spec.run_id:
             raise RuntimeError("the notebook finished without writing its result record")
@@ -186,7 +187,7 @@ def execute(specs: list[RunSpec], results_root: Path, *, force: bool = False, re
             running.pop(spec.run_id, None)
             took = "?" if outcome.duration_s is None else f"{outcome.duration_s:.1f}"
             print(f"[{outcome.status}] {outcome.label} in {took}s"
-                  + (f": {outcome.error.strip().splitlines()[-1]}" if outcome.error else ""), file=stream)
+                  + (f": {error_headline(outcome.error)}" if outcome.error else ""), file=stream)
             _progress_line(stream, len(summary.outcomes) - len(done), len(todo), t0, running)
     finally:
         client.close()
