@@ -17,6 +17,8 @@ from .runner import ResourceError, Summary, execute
 # An axis of the study is one or more studies, each with its params file and notebook.
 AXES: dict[str, list[str]] = {
     "quantization": ["quantization"],
+    "architecture": ["attention", "positional_encoding", "moe"],
+    "peft": ["peft"],
 }
 
 
@@ -46,19 +48,23 @@ def cmd_run(args) -> int:
     plans = [(s, expand(params_path(s), args.profile, _overrides(args.set))) for s in studies]  # validate all first
     results_root = Path(args.results)
     total = Summary()
+    tables = []
     for study, specs in plans:
         print(f"== {study}: profile {specs[0].profile}, {len(specs)} runs -> {results_root / study / specs[0].profile}",
               file=sys.stderr)
         summary = execute(specs, results_root, force=args.force, retry_failed=args.retry_failed,
                           scheduler_address=args.scheduler, timeout_s=args.run_timeout)
         total.outcomes += summary.outcomes
-        frame = records.aggregate(study, specs[0].profile, results_root)
-        print(_short_table(frame), file=sys.stderr)
+        tables.append((study, specs[0].profile, records.aggregate(study, specs[0].profile, results_root)))
+    index = None
     if args.book:
         from .book import build_book
 
         index = build_book(results_root)
-        print(f"book: {index}")
+    for study, profile, frame in tables:  # the summary comes last, where the user looks
+        print(f"\n{study} ({profile}): {results_root / study / profile / 'runs.parquet'}\n{_short_table(frame)}")
+    if index is not None:
+        print(f"\nbook: {index}")
     if total.failed:
         print(f"{len(total.failed)} run(s) failed; their records and executed notebooks hold the tracebacks",
               file=sys.stderr)
@@ -68,8 +74,8 @@ def cmd_run(args) -> int:
 
 def _short_table(frame) -> str:
     cols = [c for c in ("label", "status", "duration_s", "quality_mean_accuracy", "quality_perplexity",
-                        "al_s", "it_tokens_per_s", "amu_gb", "aec_w", "model_bytes", "final_loss",
-                        "perplexity") if c in frame.columns]
+                        "quality_final_loss", "al_s", "tt_tokens_per_param_s", "it_tokens_per_s", "amu_gb", "aec_w",
+                        "model_bytes", "kv_cache_bytes_per_token") if c in frame.columns]
     return frame[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}") if len(frame) else "(no runs)"
 
 

@@ -3,9 +3,10 @@
 A params file names the notebook that runs one grid point, and profiles. Each
 profile has ``fixed`` settings and a ``grid`` whose cartesian product gives the
 runs; a profile may also name ``variants`` (bundles of settings) that a grid over
-``variant`` selects, for runs that differ in several fields at once. Every run is validated against its study's pydantic model
-(``extra="forbid"``), so an unknown field, precision or model fails at once with
-the field's name and the allowed values, before anything is written.
+``variant`` selects, for runs that differ in several fields at once. Every run is
+validated against its study's pydantic model (``extra="forbid"``), so an unknown
+field, precision or model fails at once with the field's name and the allowed
+values, before anything is written.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .arch.config import ATTENTION_KINDS, FFN_KINDS, PAPER_SHAPES, POSITION_KINDS, DecoderConfig, paper_config
+from .finetune.config import METHOD_NAMES, DataSettings, MethodSettings, TrainSettings
 from .models import OFFLINE_MODELS, PRECISIONS
 from .quality import TASKS
 
@@ -61,16 +63,16 @@ class QuantizationRun(RunParams):
     precision: Literal[PRECISIONS]  # type: ignore[valid-type]
     reference_precision: Literal[PRECISIONS] = "fp32"  # type: ignore[valid-type]
     tasks: list[Literal[TASKS]] = Field(default_factory=lambda: list(TASKS))  # type: ignore[valid-type]
-    n_per_task: int | None = Field(20, ge=1)  # None: the whole task
-    ppl_tokens: int = Field(1024, ge=16)
+    n_per_task: int | None = Field(8, ge=1)  # None: the whole task
+    ppl_tokens: int = Field(512, ge=16)
     ppl_seq_len: int = Field(256, ge=8)
     prompt_tokens: int = Field(64, ge=1)
     new_tokens: int = Field(32, ge=2)
     batch_size: int = Field(1, ge=1)
     warmup: int = Field(1, ge=0)
-    min_iterations: int = Field(5, ge=1)
-    min_seconds: float = Field(5.0, ge=0)
-    tracked_requests: int = Field(3, ge=1)  # requests repeated under the resource tracker
+    min_iterations: int = Field(3, ge=1)
+    min_seconds: float = Field(3.0, ge=0)
+    tracked_requests: int = Field(2, ge=1)  # requests repeated under the resource tracker
     sample_interval_s: float = Field(0.1, gt=0)
 
     @field_validator("model")
@@ -153,15 +155,18 @@ class PretrainRun(RunParams):
     @model_validator(mode="after")
     def _consistent(self) -> "PretrainRun":
         if self.size is None:
-            missing = [f for f in ("hidden_size", "n_layers", "n_heads", "intermediate_size") if getattr(self, f) is None]
+            shape = ("hidden_size", "n_layers", "n_heads", "intermediate_size")
+            missing = [f for f in shape if getattr(self, f) is None]
             if missing:
                 raise ValueError(f"give either size (one of {list(PAPER_SHAPES)}) or all of {missing}")
         if self.timing_warmup_steps >= self.steps:
-            raise ValueError(f"timing_warmup_steps={self.timing_warmup_steps} leaves no timed step of steps={self.steps}")
+            raise ValueError(f"timing_warmup_steps={self.timing_warmup_steps} leaves no timed step "
+                             f"of steps={self.steps}")
         if self.data == "hub" and self.tokenizer == OFFLINE_TOKENIZER:
             raise ValueError("data='hub' needs a hub tokenizer (e.g. 'Qwen/Qwen2.5-0.5B'), not the offline BPE")
         if self.tokenizer != OFFLINE_TOKENIZER and not (HUB_ID.match(self.tokenizer) or Path(self.tokenizer).is_dir()):
-            raise ValueError(f"tokenizer {self.tokenizer!r} is not {OFFLINE_TOKENIZER!r}, a hub id or a local directory")
+            raise ValueError(f"tokenizer {self.tokenizer!r} is not {OFFLINE_TOKENIZER!r}, a hub id "
+                             "or a local directory")
         self.decoder_config()  # the architecture's own checks (e.g. nsa + relative), with their allowed values
         return self
 
@@ -190,11 +195,74 @@ class PretrainRun(RunParams):
         return DecoderConfig(attention=self.attention, position=self.position, ffn=self.ffn, **settings)
 
 
+class FinetuneRun(RunParams, MethodSettings, TrainSettings, DataSettings):
+    """One fine-tuning method on one base model: quality before and after, training costs, the adapter's size.
+
+    The fields are the run's model and method plus the union of the fine-tuning library's
+    ``MethodSettings``, ``TrainSettings`` and ``DataSettings`` (one ``seed`` for the split, the data
+    order, dropout and initialisation), so every setting lives in ``params/peft.yaml``. A profile's
+    ``method_overrides: {method: {field: value}}`` (in ``fixed``) sets fields for one method only, e.g.
+    a lower lr for ``full``; it is resolved here, so a run's record holds the values it really used.
+    Overrides win over ``fixed`` and ``--set``; ``--set method_overrides=...`` replaces the mapping.
+    """
+
+    model: str
+    method: Literal[METHOD_NAMES]  # type: ignore[valid-type]
+    eval_batch_tokens: int = Field(2048, ge=16)  # max tokens per held-out scoring batch
+    timing_warmup_steps: int = Field(1, ge=0)  # first steps left out of AL and ST (allocator warm-up)
+    final_loss_steps: int = Field(3, ge=1)  # the quality "final loss" is the mean over the last k steps
+    sample_interval_s: float = Field(1.0, gt=0)  # the paper samples every second during training
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_overrides(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "method_overrides" not in data:
+            return data
+        data = dict(data)
+        overrides = data.pop("method_overrides") or {}
+        if not isinstance(overrides, dict):
+            raise ValueError(f"method_overrides must map a method to its settings, got {overrides!r}")
+        unknown = sorted(set(overrides) - set(METHOD_NAMES))
+        if unknown:
+            raise ValueError(f"method_overrides: {unknown} are not methods; allowed: {', '.join(METHOD_NAMES)}")
+        allowed = set(cls.model_fields) - {"method", "model"}
+        for method, fields in overrides.items():
+            bad = sorted(set(fields or {}) - allowed)
+            if bad:
+                raise ValueError(f"method_overrides.{method}: {bad} are not settings; allowed: {sorted(allowed)}")
+        data.update(overrides.get(data.get("method")) or {})
+        return data
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        return _check_model_source(value)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "FinetuneRun":
+        if self.timing_warmup_steps >= self.steps:
+            raise ValueError(f"timing_warmup_steps={self.timing_warmup_steps} leaves no timed step "
+                             f"of steps={self.steps}")
+        if self.final_loss_steps > self.steps:
+            raise ValueError(f"final_loss_steps={self.final_loss_steps} is more than steps={self.steps}")
+        return self
+
+    def method_settings(self) -> MethodSettings:
+        return MethodSettings.model_validate({k: getattr(self, k) for k in MethodSettings.model_fields})
+
+    def train_settings(self) -> TrainSettings:
+        return TrainSettings.model_validate({k: getattr(self, k) for k in TrainSettings.model_fields})
+
+    def data_settings(self) -> DataSettings:
+        return DataSettings.model_validate({k: getattr(self, k) for k in DataSettings.model_fields})
+
+
 STUDIES: dict[str, type[RunParams]] = {
     "quantization": QuantizationRun,
     "attention": PretrainRun,
     "positional_encoding": PretrainRun,
     "moe": PretrainRun,
+    "peft": FinetuneRun,
     "selftest": SelfTestRun,
 }
 
@@ -244,7 +312,8 @@ def _error_lines(err: ValidationError) -> list[str]:
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "(root)"
         message = e["msg"].removeprefix("Value error, ")
-        lines.append(f"field '{field}': {message} (got {e.get('input')!r})")
+        got = f" (got {e.get('input')!r})" if e["loc"] else ""  # a whole-run check: the run's label says which
+        lines.append(f"field '{field}': {message}{got}")
     return lines
 
 

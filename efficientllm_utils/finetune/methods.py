@@ -119,13 +119,13 @@ def _groups(model: torch.nn.Module, settings: MethodSettings) -> list[dict]:
     return [{"params": params, "lr": settings.lr, "weight_decay": settings.weight_decay}]
 
 
-def _is_4bit(model: torch.nn.Module) -> bool:
+def is_4bit(model: torch.nn.Module) -> bool:
     return bool(getattr(model, "is_loaded_in_4bit", False)) or any(
         type(m).__name__ == "Linear4bit" for m in model.modules())
 
 
 def _check_float_base(model: torch.nn.Module, method: str) -> None:
-    if _is_4bit(model) or getattr(model, "is_loaded_in_8bit", False):
+    if is_4bit(model) or getattr(model, "is_loaded_in_8bit", False):
         raise ValueError(f"{method} needs a floating-point base model; only qlora takes a quantised one")
 
 
@@ -265,7 +265,7 @@ def build_full(model, settings: MethodSettings) -> BuiltMethod:
 def build_qlora(model, settings: MethodSettings) -> BuiltMethod:
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    if not _is_4bit(model):
+    if not is_4bit(model):
         raise ValueError("qlora needs a base loaded in 4-bit: use load_base_model(source, 'qlora', settings)")
     model = prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=settings.gradient_checkpointing,

@@ -1,0 +1,306 @@
+"""The fine-tuning study: one method on one base model, measured in four phases.
+
+Every run of a profile starts from the same base weights and trains on the same examples
+in the same order, for the same steps, with the same seed and schedule; only the method
+(and its peak lr, ``method_overrides`` in ``params/peft.yaml``) changes. Phases:
+
+1. data and base: the tokenizer, the instruction data (BoolQ as a chat task, or one of the
+   paper's SFT sets) and the base model (fp32, or 4-bit for QLoRA);
+2. held-out accuracy BEFORE training, on multiple-choice items never trained on (BoolQ's
+   held-out split), scored by log-likelihood like lm-evaluation-harness, on the base that run
+   trains (QLoRA's is the 4-bit base); a run whose base fingerprint (weights, items, scoring
+   code and packages) matches an earlier run's reuses its scores and says so;
+3. training under the resource tracker (sampling every ``sample_interval_s``, the paper's
+   1 s): raw per-step samples (loss, seconds, sequences, tokens, example rows) from which the
+   paper's metrics are computed: quality = final training loss (mean of the last
+   ``final_loss_steps`` steps), AL (s/iter), ST (samples / parameter / s), with AMU, PCU, AEC
+   and energy from the tracker;
+4. held-out accuracy AFTER training, then the adapter (or the trained weights of freeze and
+   full) saved next to the record, its bytes on disk counted.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+
+from .. import finetune as ft
+from ..finetune.methods import cleanup, is_4bit
+from ..metrics.stats import summarize
+from ..metrics.tracker import ResourceTracker
+from ..metrics.values import MetricValue
+from ..params import FinetuneRun
+
+ADAPTER_DIR = "adapter"  # under the run's result directory
+BASE_EVAL_DIR = ".base_eval"  # beside the runs of a profile: base-model scores by base fingerprint
+
+
+@dataclass
+class Data:
+    tokenizer: object
+    pad_token_id: int
+    data: ft.InstructionData  # training examples (and the held-out rows of the same source)
+    eval_items: list  # quality.MCItem: held-out multiple-choice items, never trained on
+    eval_source: str
+    seconds: float
+
+
+def sha256_of(value) -> str:
+    """Short content hash of a JSON-able value (here: the rows a run trained on, in order)."""
+    return hashlib.sha256(json.dumps(value, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+# --- phase 1: data and base ----------------------------------------------------------------
+
+def load_data(p: FinetuneRun) -> Data:
+    """Tokenizer, training data and held-out items. BoolQ brings its own held-out items; with one of the
+    paper's SFT sets (no gold choice) the held-out items are BoolQ's, so accuracy is on a task never trained on."""
+    from transformers import AutoTokenizer
+
+    from ..models import resolve_source
+
+    t0 = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(resolve_source(p.model))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    data = ft.build_dataset(tokenizer, p.data_settings())
+    if data.heldout_items:
+        items, source = data.heldout_items, f"{data.meta['dataset']}, held-out split"
+    else:
+        boolq = ft.DataSettings(max_length=p.max_length, n_heldout=p.n_heldout, seed=p.seed)
+        items, source = ft.build_boolq(tokenizer, boolq).heldout_items, "BoolQ held-out split (not trained on)"
+    return Data(tokenizer, pad, data, items, source, time.perf_counter() - t0)
+
+
+def load_base(p: FinetuneRun):
+    """The base model this run's method starts from (fp32; QLoRA: 4-bit); returns (model, seconds)."""
+    t0 = time.perf_counter()
+    with ft.threads(p.num_threads):
+        model = ft.load_base_model(p.model, p.method, p.method_settings(), p.device)
+    return model, time.perf_counter() - t0
+
+
+# --- phases 2 and 4: held-out accuracy -----------------------------------------------------------
+
+@contextmanager
+def merged_adapter(model):
+    """A LoRA-family adapter merged into the float weights for a block (then unmerged): the same function in eval
+    mode, without the adapter's extra matmuls per layer, nor DoRA's second pass through each base layer. QLoRA's
+    adapter stays apart: merging into 4-bit weights would re-quantise them. Yields whether it merged."""
+    from peft import PeftModel
+
+    merge = isinstance(model, PeftModel) and not is_4bit(model)
+    if merge:
+        model.merge_adapter()
+    try:
+        yield merge
+    finally:
+        if merge:
+            model.unmerge_adapter()
+
+
+def evaluate(model, data: Data, p: FinetuneRun) -> dict:
+    """Held-out accuracy with its standard error, the gold answer's log-probability, the probability mass on
+    the two answers (does the model answer in the expected format?) and the share of "yes" predictions."""
+    t0 = time.perf_counter()
+    with merged_adapter(model) as merged:
+        result = ft.evaluate_heldout(model, data.tokenizer, data.eval_items, num_threads=p.num_threads,
+                                     max_batch_tokens=p.eval_batch_tokens)
+    result["answer_mass"] = sum(sum(math.exp(s) for s in scores) for scores in result["scores"]) / result["n"]
+    result["merged_adapter"] = merged
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+# what the held-out scores of a model depend on besides its weights and the items: this code and these packages
+_SCORING_CODE = ("quality.py", "finetune/train.py", "studies/finetune.py")
+_SCORING_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes")
+
+
+def base_fingerprint(model, data: Data, p: FinetuneRun) -> str:
+    """A hash of everything the base model's held-out scores depend on: every tensor of its state (names,
+    dtypes, shapes, bytes; 4-bit weights and their quantisation state included), the items, the scoring
+    settings, the scoring code and the package versions."""
+    from importlib import metadata
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    package = Path(__file__).resolve().parent.parent
+    digest.update(json.dumps({
+        "items": [(i.context, i.choices, i.gold) for i in data.eval_items],
+        "settings": {k: getattr(p, k) for k in ("eval_batch_tokens", "num_threads", "device")},
+        "code": {f: hashlib.sha256((package / f).read_bytes()).hexdigest() for f in _SCORING_CODE},
+        "packages": {name: _version(metadata, name) for name in _SCORING_PACKAGES},
+    }, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def _version(metadata, name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def evaluate_base(model, data: Data, p: FinetuneRun, cache_dir: Path | None, run_label: str = "manual") -> dict:
+    """Held-out scores of the base model BEFORE training. Every run of a profile but QLoRA starts from the same
+    fp32 weights, so an earlier run's scores are reused when ``base_fingerprint`` (the very same weights, items,
+    scoring settings, code and packages) matches: the same deterministic computation, not an assumption. The
+    result says which run computed it (``computed_by``) and whether this run did (``reused``); ``cache_dir=None``
+    always computes."""
+    from ..records import atomic_write_text, now
+
+    t0 = time.perf_counter()
+    key = base_fingerprint(model, data, p)
+    path = cache_dir / f"{key[:32]}.json" if cache_dir is not None else None
+    if path is not None and path.exists():
+        cached = json.loads(path.read_text())
+        if cached.get("fingerprint") == key:
+            result = cached["result"]
+            result.update(reused=True, computed_by=cached["computed_by"], fingerprint=key,
+                          seconds=time.perf_counter() - t0)
+            return result
+    result = evaluate(model, data, p)
+    result.update(reused=False, computed_by=run_label, fingerprint=key)
+    if path is not None:
+        atomic_write_text(path, json.dumps({"fingerprint": key, "computed_by": run_label, "finished": now(),
+                                            "result": result}))
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+# --- phase 3: training -----------------------------------------------------------------------
+
+def build(model, p: FinetuneRun) -> tuple[ft.BuiltMethod, dict]:
+    """The method on the base model (seeded: LoRA's A init, PiSSA's randomised SVD); its parameter counts."""
+    torch.manual_seed(p.seed)
+    with ft.threads(p.num_threads):
+        built = ft.build_method(p.method, model, p.method_settings())
+    return built, ft.trainable_parameters(built.model)
+
+
+def train(built: ft.BuiltMethod, data: Data, p: FinetuneRun) -> tuple[ft.TrainResult, ResourceTracker]:
+    """The shared loop under the resource tracker; returns the raw steps and the tracker."""
+    with ResourceTracker(interval_s=p.sample_interval_s, use_gpu=p.device == "cuda") as tracker:
+        result = ft.train_model(built.model, built.param_groups, data.data.train, p.train_settings(),
+                                data.pad_token_id)
+    return result, tracker
+
+
+def training_metrics(steps: list[ft.StepRecord], total_params: int, timing_warmup_steps: int,
+                     tracker: ResourceTracker | None = None) -> dict[str, MetricValue]:
+    """The paper's training metrics from the raw steps, the first ``timing_warmup_steps`` left out:
+
+    * AL: mean seconds per training iteration (forward + backward + clipping + optimizer step), with
+      its median, p90 and coefficient of variation;
+    * ST: training samples (sequences) / total parameters / seconds over the timed steps; the
+      parameter count is the whole model's (base + adapter, tied embedding once, 4-bit weights by
+      their logical count), the same base for every method;
+
+    plus samples/s and tokens/s, and the tracker's AMU, peak memory, PCU, AEC and energy over the
+    whole training phase (warm-up step included).
+    """
+    timed = steps[timing_warmup_steps:]
+    if not timed:
+        raise ValueError(f"{len(steps)} steps leave no timed step after {timing_warmup_steps} warm-up steps")
+    seconds = sum(s.seconds for s in timed)
+    stats = summarize([s.seconds for s in timed])
+    samples = sum(s.samples for s in timed)
+    counter = f"perf-counter(train-step,{len(timed)}-steps-after-{timing_warmup_steps}-warm-up)"
+    out = {
+        "al_s": MetricValue.measured(stats["mean"], "s/iter", counter),
+        "al_p50_s": MetricValue.measured(stats["p50"], "s/iter", counter),
+        "al_p90_s": MetricValue.measured(stats["p90"], "s/iter", counter),
+        "al_cv": MetricValue.measured(stats["cv"], "ratio", counter),
+        "st_samples_per_param_s": MetricValue.measured(samples / total_params / seconds, "samples/param/s",
+                                                       f"{counter}/total-params"),
+        "train_samples_per_s": MetricValue.measured(samples / seconds, "samples/s", counter),
+        "train_tokens_per_s": MetricValue.measured(sum(s.tokens for s in timed) / seconds, "tokens/s", counter),
+    }
+    if tracker is not None:
+        tracked = tracker.metrics()
+        tracked["train_wall_s"] = tracked.pop("phase_wall_s")
+        out.update(tracked)
+        energy = tracked["energy_j"]
+        out["energy_per_sample_j"] = MetricValue(value=energy.value / sum(s.samples for s in steps),
+                                                 unit="J/sample", method=f"{energy.method}/trained-samples")
+    return out
+
+
+def parameter_metrics(counts: dict) -> dict[str, MetricValue]:
+    how = "counted-parameters(requires_grad;tied-once;4-bit-by-logical-count)"
+    return {
+        "params_total": MetricValue.measured(counts["total"], "params", how),
+        "params_trainable": MetricValue.measured(counts["trainable"], "params", how),
+        "trainable_share": MetricValue.measured(counts["share"], "fraction", how),
+    }
+
+
+# --- phase 4: the adapter --------------------------------------------------------------------
+
+def save(built: ft.BuiltMethod, directory: Path) -> tuple[dict[str, MetricValue], dict]:
+    """Save what the fine-tuning changed (PiSSA: converted to a plain LoRA adapter on the original base);
+    returns its bytes on disk as a metric, and the files and seconds."""
+    t0 = time.perf_counter()
+    size = ft.save_adapter(built.model, directory, built.method)
+    seconds = time.perf_counter() - t0
+    cleanup(built)
+    files = {str(f.relative_to(directory)): f.stat().st_size for f in sorted(directory.rglob("*")) if f.is_file()}
+    return ({"adapter_bytes": MetricValue.measured(size, "bytes", "bytes-on-disk(save_adapter)")},
+            {"adapter_dir": str(directory), "adapter_files": files, "save_s": seconds})
+
+
+# --- the record ------------------------------------------------------------------------------
+
+def quality(before: dict, after: dict, result: ft.TrainResult, data: Data, p: FinetuneRun) -> dict:
+    """The paper's quality (final training loss) and the held-out accuracy before and after, with the data
+    fingerprints that show every run of a profile trained on the same rows in the same order."""
+    losses = result.losses
+    k = min(p.final_loss_steps, len(losses))
+    out = {
+        "final_loss": sum(losses[-k:]) / k,
+        "initial_loss": losses[0],
+        "final_loss_steps": k,
+        "eval_items": data.eval_source,
+        "n_heldout": before["n"],
+        "before_computed_by": before.get("computed_by", "this run"),  # an earlier run with the same base fingerprint
+        "base_fingerprint": before.get("fingerprint"),
+        "data_order_sha256": sha256_of([s.rows for s in result.steps]),
+        "heldout_rows_sha256": sha256_of([(i.context, i.gold) for i in data.eval_items]),
+    }
+    for when, ev in (("before", before), ("after", after)):
+        out.update({f"accuracy_{when}": ev["accuracy"], f"accuracy_{when}_stderr": ev["stderr"],
+                    f"gold_logprob_{when}": ev["gold_logprob"], f"answer_mass_{when}": ev["answer_mass"],
+                    f"yes_share_{when}": ev["first_choice_share"], f"predictions_{when}": ev["predictions"]})
+    out["accuracy_change"] = after["accuracy"] - before["accuracy"]
+    return out
+
+
+def raw(result: ft.TrainResult, tracker: ResourceTracker, built: ft.BuiltMethod, data: Data, before: dict,
+        after: dict, counts: dict, timings: dict, adapter: dict) -> dict:
+    return {
+        "steps": result.to_records(),  # the whole loss curve, seconds, samples, tokens, example rows per step
+        "tracker_samples": tracker.samples,
+        "description": built.description,
+        "train_settings": result.settings,
+        "data": data.data.meta,
+        "param_counts": counts,
+        "scores_before": before["scores"], "scores_after": after["scores"],
+        "timings_s": {**timings, "data": data.seconds, "eval_before": before["seconds"],
+                      "eval_after": after["seconds"], "train_loop": result.seconds},
+        "eval_before_reused": bool(before.get("reused")),
+        # CPU seconds this process (the run's kernel: imports, loading, scoring, training) used so far: about the
+        # wall time the run needs at 1 thread on an idle machine, whatever the load was here
+        "process_cpu_s": sum(psutil.Process().cpu_times()[:2]),
+        **adapter,
+    }
+

@@ -1,0 +1,143 @@
+"""Write the three architecture-pretraining notebooks (attention, positional_encoding, moe), without outputs.
+
+They differ only in their title and introduction: the measurement is ``efficientllm_utils.studies.architecture``
+and the parameters cell holds every ``PretrainRun`` field at the study's default-profile values (the first grid
+point), so a notebook run by hand reproduces one run of the CPU profile.
+
+    .venv/bin/python notebooks/llm/make_architecture_notebooks.py   # from the repository root
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nbformat
+import yaml
+
+from efficientllm_utils.params import PretrainRun, params_path
+
+HERE = Path(__file__).resolve().parent
+
+INTRO = {
+    "attention": ("Architecture pretraining: attention", "attention",
+                  "the attention kind (MHA, GQA, MQA, MLA, NSA); the position encoding and the FFN stay fixed"),
+    "positional_encoding": ("Architecture pretraining: positional encoding", "position",
+                            "the position encoding (RoPE, fixed sinusoidal absolute, learnable absolute, T5 relative "
+                            "bias, none) on the GQA backbone"),
+    "moe": ("Architecture pretraining: mixture of experts", "variant",
+            "the FFN: dense, top-k routed experts at the dense model's active parameters, and a dense model as large "
+            "as the mixture in total parameters"),
+}
+
+METHOD = """**Method.** Build the decoder from the run's parameters (seeded) and count its parameters, its analytical
+FLOPs and KV-cache bytes per token, and the cache a real prefill leaves; pretrain it from scratch under the resource
+tracker (sampling every `sample_interval_s`, 1 s as in the paper), keeping every step's loss and time; compute AL
+(s/iter) and TT (tokens/param/s) from the raw steps after `timing_warmup_steps`; score held-out perplexity; then time
+fixed-length greedy decoding after prompts of each `decode_contexts` length, with no sampler running. Every metric
+records how it was obtained."""
+
+SETUP = """from efficientllm_utils.params import PretrainRun
+from efficientllm_utils.records import RunContext, metrics_table
+from efficientllm_utils.studies import architecture as arch
+
+p = PretrainRun.from_namespace(globals())  # a wrong value fails here, naming the field and the allowed values
+run = RunContext.from_namespace(globals(), p)
+p"""
+
+MODEL = """data = arch.load_data(p)
+model = arch.build_model(p, data.tokenizer)
+model_metrics, model_raw = arch.measure_model(model, p, data)
+{k: m.value for k, m in model_metrics.items() if not k.startswith("decode_")}"""
+
+TRAIN = """samples, tracker = arch.train(model, p, data)
+train_metrics = arch.training_metrics(samples, model_metrics["params_total"].value, p.timing_warmup_steps, tracker)
+{k: m.value for k, m in train_metrics.items()}"""
+
+QUALITY = """quality = arch.measure_quality(model, data, samples)
+quality"""
+
+DECODE = """decode_metrics, decode_raw = arch.measure_decode(model, p, data)"""
+
+RECORD = """record = run.write(metrics={**model_metrics, **train_metrics, **decode_metrics}, quality=quality,
+                   raw={"steps": arch.loss_curve(samples), "tracker_samples": tracker.samples, "decode": decode_raw,
+                        **model_raw})
+metrics_table(record)"""
+
+PLOT = """import matplotlib.pyplot as plt
+import seaborn as sns
+
+sns.set_theme(style="whitegrid")
+fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+left.plot([s.step for s in samples], [s.lm_loss for s in samples], lw=1)
+left.axhline(quality["heldout_loss"], ls="--", color="grey", lw=1, label=f"held-out (ppl {quality['perplexity']:.1f})")
+left.set(xlabel="step", ylabel="training loss (next-token cross-entropy)", title=run.label)
+left.legend()
+contexts = [int(c) for c in decode_raw]
+right.plot(contexts, [decode_metrics[f"decode_ctx{c}_latency_s"].value for c in contexts], "o-")
+right.set(xscale="log", xticks=contexts, xticklabels=contexts, xlabel="context length (prompt tokens)",
+          ylabel=f"s per request ({p.new_tokens} new tokens)", title="greedy decoding")
+fig.tight_layout()"""
+
+
+def parameters_source(study: str) -> str:
+    """Every PretrainRun field at the default profile's first grid point, then the runner's fields."""
+    raw = yaml.safe_load(params_path(study).read_text())
+    profile = raw["profiles"][raw["default_profile"]]
+    point = {k: v[0] for k, v in profile.get("grid", {}).items()}
+    values = {**profile.get("fixed", {}), **profile.get("variants", {}).get(point.get("variant"), {}), **point}
+    params = PretrainRun.model_validate(values).model_dump(mode="json")
+    lines = [f"# Parameters (papermill replaces this cell's values; names match PretrainRun's fields).",
+             f"# Defaults: the first run of params/{study}.yaml's {raw['default_profile']!r} profile."]
+    lines += [f"{name} = {_python(value)}" for name, value in params.items()]
+    lines += ["# Set by the runner; a manual run writes under results/manual/manual/",
+              "run_id = None", "study = None", "profile = None", "label = None", "result_dir = None"]
+    return "\n".join(lines)
+
+
+def _python(value) -> str:
+    return "None" if value is None else repr(value) if isinstance(value, (str, float, int)) else json.dumps(value)
+
+
+def notebook(study: str) -> nbformat.NotebookNode:
+    title, field, swapped = INTRO[study]
+    md, code = nbformat.v4.new_markdown_cell, nbformat.v4.new_code_cell
+    parameters = code(parameters_source(study))
+    parameters.metadata["tags"] = ["parameters"]
+    cells = [
+        md(f"# {title}\n\nOne grid point of the `{study}` study: a small Qwen2.5-style decoder pretrained from "
+           "scratch, "
+           f"where the runs differ only in {swapped} (parameter `{field}`). The runner (`make reproduce "
+           f"AXIS={study}`, or `AXIS=architecture` for the three studies) executes this notebook once per grid point "
+           f"of `params/{study}.yaml` with papermill; you can also run it by hand with other values.\n\n{METHOD}"),
+        parameters,
+        code(SETUP),
+        md("## 1. Data, model and its analytical costs"),
+        code(MODEL),
+        md("## 2. Pretraining under the resource tracker"),
+        code(TRAIN),
+        md("## 3. Quality: held-out perplexity"),
+        code(QUALITY),
+        md("## 4. Greedy decoding at several context lengths"),
+        code(DECODE),
+        md("## Result record"),
+        code(RECORD),
+        code(PLOT),
+    ]
+    nb = nbformat.v4.new_notebook(cells=cells)
+    nb.metadata = {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+                   "language_info": {"name": "python"}}
+    return nb
+
+
+def main() -> None:
+    for study in INTRO:
+        nb = notebook(study)
+        for i, cell in enumerate(nb.cells):  # stable ids: regenerating gives the same file
+            cell.id = f"{study[:4]}-{i:02d}"
+        path = HERE / f"{study}.ipynb"
+        nbformat.write(nb, path)
+        print(path)
+
+
+if __name__ == "__main__":
+    main()
