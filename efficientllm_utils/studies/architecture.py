@@ -31,8 +31,8 @@ from ..arch import EfficientDecoderForCausalLM
 from ..arch.analysis import flops_per_token, kv_cache_bytes_per_token, measure_kv_cache_bytes_per_token, param_counts
 from ..arch.train import StepSample, evaluate_perplexity, pretrain
 from ..metrics.inference import generation_benchmark, inference_metrics
-from ..metrics.stats import summarize
 from ..metrics.tracker import ResourceTracker
+from ..metrics.training import step_latency_metrics
 from ..metrics.values import MetricValue
 from ..params import PretrainRun
 
@@ -202,18 +202,11 @@ def training_metrics(samples: list[StepSample], total_params: int, timing_warmup
     * TT: tokens processed / total parameters / seconds, over the timed steps (the paper's
       "tokens per parameter per second").
     """
+    out, counter = step_latency_metrics([s.seconds for s in samples], timing_warmup_steps)
     timed = samples[timing_warmup_steps:]
-    if not timed:
-        raise ValueError(f"{len(samples)} steps leave no timed step after {timing_warmup_steps} warm-up steps")
     seconds = [s.seconds for s in timed]
-    stats = summarize(seconds)
     tokens = sum(s.tokens for s in timed)
-    counter = f"perf-counter(train-step,{len(timed)}-steps-after-{timing_warmup_steps}-warm-up)"
-    out = {
-        "al_s": MetricValue.measured(stats["mean"], "s/iter", counter),
-        "al_p50_s": MetricValue.measured(stats["p50"], "s/iter", counter),
-        "al_p90_s": MetricValue.measured(stats["p90"], "s/iter", counter),
-        "al_cv": MetricValue.measured(stats["cv"], "ratio", counter),
+    out |= {
         "tt_tokens_per_param_s": MetricValue.measured(tokens / total_params / sum(seconds), "tokens/param/s", counter),
         "train_tokens_per_s": MetricValue.measured(tokens / sum(seconds), "tokens/s", counter),
     }
