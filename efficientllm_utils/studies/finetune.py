@@ -33,8 +33,8 @@ import torch
 
 from .. import finetune as ft
 from ..finetune.methods import cleanup, is_4bit
-from ..metrics.stats import summarize
 from ..metrics.tracker import ResourceTracker
+from ..metrics.training import step_latency_metrics
 from ..metrics.values import MetricValue
 from ..params import FinetuneRun
 
@@ -209,18 +209,11 @@ def training_metrics(steps: list[ft.StepRecord], total_params: int, timing_warmu
     plus samples/s and tokens/s, and the tracker's AMU, peak memory, PCU, AEC and energy over the
     whole training phase (warm-up step included).
     """
+    out, counter = step_latency_metrics([s.seconds for s in steps], timing_warmup_steps)
     timed = steps[timing_warmup_steps:]
-    if not timed:
-        raise ValueError(f"{len(steps)} steps leave no timed step after {timing_warmup_steps} warm-up steps")
     seconds = sum(s.seconds for s in timed)
-    stats = summarize([s.seconds for s in timed])
     samples = sum(s.samples for s in timed)
-    counter = f"perf-counter(train-step,{len(timed)}-steps-after-{timing_warmup_steps}-warm-up)"
-    out = {
-        "al_s": MetricValue.measured(stats["mean"], "s/iter", counter),
-        "al_p50_s": MetricValue.measured(stats["p50"], "s/iter", counter),
-        "al_p90_s": MetricValue.measured(stats["p90"], "s/iter", counter),
-        "al_cv": MetricValue.measured(stats["cv"], "ratio", counter),
+    out |= {
         "st_samples_per_param_s": MetricValue.measured(samples / total_params / seconds, "samples/param/s",
                                                        f"{counter}/total-params"),
         "train_samples_per_s": MetricValue.measured(samples / seconds, "samples/s", counter),
