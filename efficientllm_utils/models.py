@@ -12,6 +12,9 @@ int8     bitsandbytes LLM.int8() linear layers (weights int8, outliers in fp16)
 int4-nf4 bitsandbytes 4-bit NormalFloat linear layers, bf16 compute
 int4-fp4 bitsandbytes 4-bit float linear layers, bf16 compute
 ======== =========================================================================
+
+On the CPU a 4-bit model's kernel (dequantize, or bitsandbytes' fused bf16 kernel on CPUs with
+AVX512-BF16) is pinned right after loading: see :mod:`efficientllm_utils.cpu_4bit`.
 """
 from __future__ import annotations
 
@@ -84,8 +87,9 @@ def quantization_config(precision: str):
     return None
 
 
-def load_causal_lm(source: str, precision: str = "fp32", device: str = "cpu"):
-    """Load ``(model, tokenizer)`` at ``precision`` on ``device``, in eval mode."""
+def load_causal_lm(source: str, precision: str = "fp32", device: str = "cpu", cpu_4bit_kernel: str = "auto"):
+    """Load ``(model, tokenizer)`` at ``precision`` on ``device``, in eval mode; a 4-bit model on the CPU runs
+    ``cpu_4bit_kernel`` (one of :data:`efficientllm_utils.cpu_4bit.KERNELS`) in every layer that can."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if precision not in PRECISIONS:
@@ -101,6 +105,10 @@ def load_causal_lm(source: str, precision: str = "fp32", device: str = "cpu"):
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if qconfig is None:
         model = model.to(device)
+    elif precision.startswith("int4-") and device == "cpu":
+        from .cpu_4bit import pin_kernel
+
+        pin_kernel(model, cpu_4bit_kernel)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

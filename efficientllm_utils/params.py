@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .arch.config import ATTENTION_KINDS, FFN_KINDS, PAPER_SHAPES, POSITION_KINDS, DecoderConfig, paper_config
+from .cpu_4bit import KERNELS as CPU_4BIT_KERNELS
 from .finetune.config import METHOD_NAMES, DataSettings, MethodSettings, TrainSettings
 from .models import OFFLINE_MODELS, PRECISIONS
 from .quality import TASKS
@@ -62,6 +63,9 @@ class QuantizationRun(RunParams):
     model: str
     precision: Literal[PRECISIONS]  # type: ignore[valid-type]
     reference_precision: Literal[PRECISIONS] = "fp32"  # type: ignore[valid-type]
+    # bitsandbytes' 4-bit CPU kernel (efficientllm_utils/cpu_4bit.py): auto = its fused bf16 kernel where the CPU
+    # has AVX512-BF16, else dequantize; the record's provenance says which ran
+    cpu_4bit_kernel: Literal[CPU_4BIT_KERNELS] = "auto"  # type: ignore[valid-type]
     tasks: list[Literal[TASKS]] = Field(default_factory=lambda: list(TASKS))  # type: ignore[valid-type]
     n_per_task: int | None = Field(8, ge=1)  # None: the whole task
     ppl_tokens: int = Field(512, ge=16)

@@ -50,6 +50,7 @@ class RunRecord(BaseModel):
         row.update({f"quality_{k}": v for k, v in self.quality.items() if isinstance(v, (int, float, str)) or v is None})
         row["git_commit"] = self.provenance.get("git_commit")
         row["hardware"] = self.provenance.get("hardware", {}).get("summary")
+        row["cpu_4bit_kernel"] = (self.provenance.get("cpu_4bit") or {}).get("kernel")
         row["error"] = error_headline(self.error) if self.error else None
         return row
 
@@ -105,6 +106,17 @@ def _git(*args: str) -> str | None:
         return None
 
 
+def cpu_flags() -> dict[str, bool]:
+    """The CPU features that decide bf16 speed and bitsandbytes' 4-bit path, from /proc/cpuinfo."""
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
+    try:
+        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                         if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return {}
+    return {name: name in flags for name in wanted}
+
+
 def hardware() -> dict[str, Any]:
     info: dict[str, Any] = {
         "cpu": platform.processor() or platform.machine(),
@@ -131,8 +143,12 @@ def hardware() -> dict[str, Any]:
         info["nvidia_driver"] = pynvml.nvmlSystemGetDriverVersion()
     except Exception:
         pass
+    info["cpu_flags"] = cpu_flags()  # AVX512-BF16/AMX decide bf16 speed and bitsandbytes' 4-bit CPU kernel
     gpus = ", ".join(g["name"] for g in info["gpus"]) or "no GPU"
-    info["summary"] = f"{info['cpu']} ({info['logical_cores']} logical cores, {info['ram_gb']} GB RAM); {gpus}"
+    bf16 = [name for flag, name in (("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX-BF16"))
+            if info["cpu_flags"].get(flag)]
+    info["summary"] = (f"{info['cpu']} ({info['logical_cores']} logical cores, {info['ram_gb']} GB RAM, "
+                       f"{'+'.join(bf16) or ('no AVX512-BF16' if info['cpu_flags'] else 'CPU flags unknown')}); {gpus}")
     return info
 
 
@@ -199,13 +215,15 @@ class RunContext(BaseModel):
         return cls(run_id=run_id, study=study, profile=profile, label=namespace.get("label") or "manual",
                    result_dir=Path(result_dir), params=dumped)
 
-    def write(self, metrics: dict[str, MetricValue], quality: dict[str, Any], raw: dict[str, Any]) -> RunRecord:
-        """Write this run's successful record (atomically) and return it."""
+    def write(self, metrics: dict[str, MetricValue], quality: dict[str, Any], raw: dict[str, Any],
+              provenance_extra: dict[str, Any] | None = None) -> RunRecord:
+        """Write this run's successful record (atomically) and return it. ``provenance_extra``: what the study
+        knows of how it ran (e.g. ``{"cpu_4bit": cpu_4bit.kernel_report(model)}``), added to the provenance."""
         finished = now()
         duration = (dt.datetime.fromisoformat(finished) - dt.datetime.fromisoformat(self.started)).total_seconds()
         record = RunRecord(run_id=self.run_id, study=self.study, profile=self.profile, label=self.label,
                            status="ok", params=self.params, metrics=metrics, quality=quality, raw=raw,
-                           provenance=provenance(), started=self.started, finished=finished, duration_s=duration)
+                           provenance={**provenance(), **(provenance_extra or {})}, started=self.started, finished=finished, duration_s=duration)
         write_record(record, self.result_dir)
         return record
 

@@ -23,8 +23,14 @@ def test_smoke_profile_end_to_end(results_root, tmp_path, monkeypatch):
             assert metric in r.metrics  # all six metrics, measured or labelled missing
         assert r.raw["requests"] and all(s["latency_s"] > 0 for s in r.raw["requests"])
         assert r.provenance["hardware"]["logical_cores"] >= 1
+        assert "avx512_bf16" in r.provenance["hardware"]["cpu_flags"]
+    int4 = next(r for r in records if r.params["precision"] == "int4-nf4")
+    kernel = int4.provenance["cpu_4bit"]  # which bitsandbytes CPU kernel ran, and why
+    assert kernel["kernel"] == ("fused-bf16" if kernel["cpu_has_avx512bf16"] else "dequantize")
+    assert kernel["layers_packed"] == (kernel["layers_4bit"] if kernel["kernel"] == "fused-bf16" else 0)
     frame = pd.read_parquet(results_root / "quantization" / "smoke" / "runs.parquet")
     assert len(frame) == 2 and frame["model_bytes"].nunique() == 2
+    assert frame.set_index("param_precision")["cpu_4bit_kernel"].isna().to_dict() == {"fp32": True, "int4-nf4": False}
 
     book = book_copy(tmp_path)
     monkeypatch.setenv("EFFICIENTLLM_BOOK_PROFILE", "smoke")

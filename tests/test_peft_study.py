@@ -1,12 +1,13 @@
 """The fine-tuning study: params, the measurement procedure on a tiny model, the book's helpers, and (slow) the
 smoke profile end to end with one saved adapter loaded back."""
+import contextlib
 import math
 
 import pandas as pd
 import pytest
 import torch
 
-from efficientllm_utils import cli, models, report
+from efficientllm_utils import cli, cpu_4bit, models, report
 from efficientllm_utils import finetune as ft
 from efficientllm_utils.metrics.values import MetricValue
 from efficientllm_utils.params import FinetuneRun, ParamsError, expand, params_path
@@ -220,8 +221,26 @@ def test_base_scores_are_reused_only_for_the_very_same_base(tiny_dir, tmp_path):
     assert not fts.evaluate_base(base4, data, qlora, tmp_path, "e")["reused"]  # the 4-bit base is another model
 
 
-@pytest.mark.parametrize("method", ["dora", "qlora"])
-def test_scoring_a_merged_adapter_gives_the_unmerged_scores(tiny_dir, method):
+def test_the_4bit_base_scores_alike_on_both_kinds_of_cpu(tiny_dir, tmp_path):
+    """This tiny model's layers are narrower than a 4-bit block: left alone on a CPU with AVX512-BF16, bitsandbytes
+    crashed repacking them when the base was scored. QLoRA pins the dequantising kernel on every CPU."""
+    p = tiny_params(tiny_dir, "qlora")
+    data = fts.load_data(p)
+    plain = fts.evaluate_base(fts.load_base(p)[0], data, p, None)
+    with cpu_4bit.emulate_avx512bf16_cpu():
+        model, _ = fts.load_base(p)
+        emulated = fts.evaluate_base(model, data, p, None)
+    assert emulated["scores"] == plain["scores"] and emulated["fingerprint"] == plain["fingerprint"]
+    assert cpu_4bit.run_provenance(model)["cpu_4bit"]["layers_pinned"] == {"dequantize": 14}
+
+
+@pytest.mark.parametrize("method, cpu", [("dora", "this"), ("qlora", "this"), ("qlora", "avx512bf16")])
+def test_scoring_a_merged_adapter_gives_the_unmerged_scores(tiny_dir, method, cpu):
+    with cpu_4bit.emulate_avx512bf16_cpu() if cpu == "avx512bf16" else contextlib.nullcontext():
+        _merged_scores_equal_unmerged(tiny_dir, method)
+
+
+def _merged_scores_equal_unmerged(tiny_dir, method):
     p = tiny_params(tiny_dir, method)
     data = fts.load_data(p)
     model, _ = fts.load_base(p)

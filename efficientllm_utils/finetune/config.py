@@ -56,6 +56,8 @@ class TrainSettings(BaseModel):
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
     seed: int = 0
+    shuffle: bool = Field(True, description="shuffle the examples each epoch (False: their own order; BoolQ's "
+                                            "alternate yes/no, so even batches are balanced)")
     num_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads during the loop (None = leave torch's setting)")
 

@@ -20,7 +20,8 @@ freeze    no adapter: only the last ``freeze_trainable_layers`` decoder layers t
           and no ``freeze_extra_modules``; embeddings, final norm and the (tied) head stay frozen
 full      every parameter trains
 qlora     the base loaded in 4-bit (bitsandbytes NF4, double quantisation), then
-          ``peft.prepare_model_for_kbit_training`` and the LoRA adapter
+          ``peft.prepare_model_for_kbit_training`` and the LoRA adapter; on the CPU every 4-bit layer
+          is pinned to bitsandbytes' dequantising kernel (see ``efficientllm_utils.cpu_4bit``)
 ========= ==================================================================================
 
 "all-linear" is peft's shorthand; like LLaMA-Factory's ``lora_target: all`` it skips the
@@ -328,10 +329,16 @@ def load_base_model(source: str, method: str, settings: MethodSettings, device: 
     check_method(method)
     path = resolve_source(source)
     if method == "qlora":
+        from ..cpu_4bit import pin_kernel
+
         model = AutoModelForCausalLM.from_pretrained(
             path, quantization_config=qlora_quantization_config(settings),
             dtype=torch.bfloat16 if settings.qlora_compute_dtype == "bf16" else torch.float32,
             device_map={"": device})
+        if device == "cpu":
+            # One kernel in every phase (training, scoring, merging, a reloaded adapter) on every CPU: the
+            # dequantising one, the only one with a backward and the compute dtype asked for (cpu_4bit.py).
+            pin_kernel(model, "dequantize")
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
     return model.eval()

@@ -68,8 +68,11 @@ class TrainResult:
 
 # --- data order --------------------------------------------------------------------------
 
-def batch_schedule(n_examples: int, steps: int, batch_size: int, grad_accum: int, seed: int) -> list[list[list[int]]]:
-    """Example indices per step and micro-batch: seeded epochs of shuffled indices.
+def batch_schedule(n_examples: int, steps: int, batch_size: int, grad_accum: int, seed: int,
+                   shuffle: bool = True) -> list[list[list[int]]]:
+    """Example indices per step and micro-batch: seeded epochs of shuffled indices, or with ``shuffle=False``
+    the examples in their own order, epoch after epoch (BoolQ's are already in a seeded order, yes and no
+    alternating, so that every batch of an even size holds as many of each).
 
     Depends only on its arguments, so every method sees the same sequences in the same order.
     """
@@ -85,7 +88,10 @@ def batch_schedule(n_examples: int, steps: int, batch_size: int, grad_accum: int
             while len(batch) < batch_size:
                 if not pool:
                     pool = list(range(n_examples))
-                    rng.shuffle(pool)
+                    if shuffle:
+                        rng.shuffle(pool)
+                    else:
+                        pool.reverse()  # popped from the end: example 0 first
                 batch.append(pool.pop())
             step.append(batch)
         schedule.append(step)
@@ -190,7 +196,7 @@ def train_model(model, param_groups: list[dict], examples: Sequence[Example], se
 def _train(model, param_groups, examples, settings, pad_token_id, on_step) -> TrainResult:
     torch.manual_seed(settings.seed)  # LoRA dropout draws the same masks for every run
     schedule = batch_schedule(len(examples), settings.steps, settings.batch_size, settings.grad_accum,
-                              settings.seed)
+                              settings.seed, settings.shuffle)
     optimizer = torch.optim.AdamW(param_groups, betas=tuple(settings.adam_betas), eps=settings.adam_eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings))
     params = [p for g in optimizer.param_groups for p in g["params"]]

@@ -131,8 +131,8 @@ def base_fingerprint(model, data: Data, p: FinetuneRun) -> str:
 
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        t = tensor.detach().cpu().contiguous().reshape(-1)  # 1-d: a 0-d tensor cannot be viewed as bytes
+        digest.update(f"{name}:{t.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     package = Path(__file__).resolve().parent.parent
     digest.update(json.dumps({

@@ -23,7 +23,7 @@ def load(p: QuantizationRun):
     """Load the model at the run's precision; returns (model, tokenizer, load seconds)."""
     torch.manual_seed(p.seed)
     t0 = time.perf_counter()
-    model, tokenizer = models.load_causal_lm(p.model, p.precision, p.device)
+    model, tokenizer = models.load_causal_lm(p.model, p.precision, p.device, p.cpu_4bit_kernel)
     return model, tokenizer, time.perf_counter() - t0
 
 

@@ -1,0 +1,172 @@
+"""bitsandbytes' two CPU 4-bit kernels (efficientllm_utils/cpu_4bit.py), each forced in turn on any machine.
+
+On a CPU without AVX512-BF16 the fused path runs through ``emulate_avx512bf16_cpu`` (bitsandbytes' own repack, our
+plain-torch reference of its kernel); on a CPU with it, the native kernel runs and is also held against the reference.
+"""
+import pytest
+import torch
+
+from efficientllm_utils import cpu_4bit, models
+
+# in_features a whole number of 64-wide quantisation blocks, out_features of 32-row tiles: the repack takes every layer
+WIDE = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=128, tie_word_embeddings=True,
+            initializer_range=0.02)
+NARROW = {**WIDE, "hidden_size": 32, "intermediate_size": 64, "head_dim": 8}  # 32 < one 64-wide block
+NATIVE = cpu_4bit.cpu_has_avx512bf16()
+
+
+def _checkpoint(tmp_path_factory, shape: dict, name: str) -> str:
+    """A tiny random Llama with SmolLM2's tokenizer, saved so that ``models.load_causal_lm`` loads it in 4-bit."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp(name)
+    LlamaForCausalLM(LlamaConfig(**shape)).save_pretrained(path)
+    AutoTokenizer.from_pretrained(models.resolve_source("smollm2-135m-instruct")).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def wide_dir(tmp_path_factory):
+    return _checkpoint(tmp_path_factory, WIDE, "wide")
+
+
+@pytest.fixture(scope="module")
+def narrow_dir(tmp_path_factory):
+    return _checkpoint(tmp_path_factory, NARROW, "narrow")
+
+
+def load_4bit(path: str, kernel: str | None = None):
+    """int4-nf4 as the quantization study loads it (``kernel`` pinned), or with bitsandbytes left alone (None)."""
+    from transformers import AutoModelForCausalLM
+
+    if kernel is not None:
+        return models.load_causal_lm(path, "int4-nf4", cpu_4bit_kernel=kernel)[0]
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=models.quantization_config("int4-nf4"),
+                                                dtype=torch.bfloat16, device_map={"": "cpu"}).eval()
+
+
+TOKENS = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(1))
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(TOKENS).logits.float()
+
+
+def quantized_layer(out_features=64, in_features=128):
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(out_features, in_features) * 0.05, requires_grad=False,
+                                     quant_type="nf4")
+    return layer.to("cpu")  # quantises
+
+
+# --- the fused kernel's layout and arithmetic ------------------------------------------------------
+
+def test_reference_reads_the_codes_that_bitsandbytes_repacked():
+    import copy
+
+    import bitsandbytes.functional as F
+
+    layer = quantized_layer()
+    state = layer.weight.quant_state
+    n, k = state.shape
+    flat = layer.weight.data.reshape(-1)
+    codes = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(n, k)  # two codes a byte, high nibble first
+    packed, packed_state = F._convert_weight_packed_for_cpu(layer.weight.data.clone(), copy.deepcopy(state))
+    assert torch.equal(cpu_4bit.unpacked_codes(packed, n, k), codes)
+    x = torch.randn(3, k)
+    dequantized = x.to(torch.bfloat16) @ F.dequantize_4bit(layer.weight.data, state).to(torch.bfloat16).T
+    fused = cpu_4bit.reference_packed_matmul(x, packed, packed_state)
+    # the only differences: scales rounded to bf16 (rel. 2^-8) and bf16 outputs
+    torch.testing.assert_close(fused.float(), dequantized.float(), atol=2 ** -6 * dequantized.abs().max().item(),
+                               rtol=0)
+
+
+@pytest.mark.skipif(not NATIVE, reason="this CPU has no AVX512-BF16: bitsandbytes' native fused kernel is absent")
+def test_native_fused_kernel_matches_the_reference():
+    import copy
+
+    import bitsandbytes.functional as F
+
+    layer = quantized_layer()
+    packed, state = F._convert_weight_packed_for_cpu(layer.weight.data.clone(), copy.deepcopy(layer.weight.quant_state))
+    x = torch.randn(5, layer.in_features).to(torch.bfloat16)
+    native = F.gemv_4bit(x, packed, state=state).float()
+    reference = cpu_4bit.reference_packed_matmul(x, packed, state).float()
+    torch.testing.assert_close(native, reference, atol=2 ** -6 * reference.abs().max().item(), rtol=0)
+
+
+# --- what bitsandbytes does when left alone, and what pinning changes ----------------------------
+
+def test_left_alone_the_first_eval_forward_repacks_every_layer(wide_dir):
+    with cpu_4bit.emulate_avx512bf16_cpu():
+        model = load_4bit(wide_dir)
+        assert cpu_4bit.kernel_report(model)["layers_packed"] == 0
+        logits(model)
+        report = cpu_4bit.kernel_report(model)
+    assert report["layers_packed"] == report["layers_4bit"] == 14
+    with pytest.raises(ValueError, match="already repacked"):  # its weights can no longer be restored exactly
+        cpu_4bit.pin_kernel(model, "dequantize")
+
+
+def test_pinned_dequantize_runs_the_same_kernel_on_both_kinds_of_cpu(wide_dir):
+    plain = load_4bit(wide_dir, "dequantize")
+    with cpu_4bit.emulate_avx512bf16_cpu():
+        emulated = load_4bit(wide_dir, "dequantize")
+        assert torch.equal(logits(emulated), logits(plain))
+        report = cpu_4bit.kernel_report(emulated)
+    assert report["layers_packed"] == 0 and report["layers_pinned"] == {"dequantize": 14}
+    assert report["kernel"] == "dequantize" and report["cpu_has_avx512bf16"]
+
+
+def test_fused_and_dequantize_agree_within_bf16_rounding(wide_dir):
+    dequantized = logits(load_4bit(wide_dir, "dequantize"))
+    with cpu_4bit.emulate_avx512bf16_cpu():
+        model = load_4bit(wide_dir, "fused-bf16")
+        fused = logits(model)
+        report = cpu_4bit.kernel_report(model)
+    assert report["kernel"] == "fused-bf16" and report["layers_packed"] == 14  # packed: only the fused kernel runs
+    # stated tolerance: 2 bf16 steps (2^-6 relative) of the largest logit; the scales are bf16 on the fused path
+    torch.testing.assert_close(fused, dequantized, atol=2 ** -6 * dequantized.abs().max().item(), rtol=0)
+    assert torch.equal(fused.argmax(-1), dequantized.argmax(-1))
+
+
+def test_auto_takes_the_fused_kernel_only_where_the_cpu_has_it(wide_dir):
+    assert cpu_4bit.resolve("auto") == ("fused-bf16" if NATIVE else "dequantize")
+    with cpu_4bit.emulate_avx512bf16_cpu():
+        assert cpu_4bit.resolve("auto") == "fused-bf16"
+    with pytest.raises(ValueError, match="not one of"):
+        cpu_4bit.resolve("fast")
+
+
+@pytest.mark.skipif(NATIVE, reason="this CPU has AVX512-BF16")
+def test_fused_without_avx512bf16_is_a_clear_error(wide_dir):
+    with pytest.raises(RuntimeError, match="needs a CPU with AVX512-BF16.*'auto' or 'dequantize'"):
+        load_4bit(wide_dir, "fused-bf16")
+
+
+def test_layers_narrower_than_a_block_stay_4bit_and_dequantize(narrow_dir):
+    with cpu_4bit.emulate_avx512bf16_cpu():
+        left_alone = load_4bit(narrow_dir)
+        with pytest.raises(RuntimeError, match="invalid for input of size"):  # bitsandbytes' repack fails on them
+            logits(left_alone)
+        model = load_4bit(narrow_dir, "fused-bf16")
+        logits(model)  # no crash
+        report = cpu_4bit.kernel_report(model)
+    # hidden 32 < 64: q/k/v/o, gate and up read 32 features; down reads 64 but k/v write 16 rows (< a 32-row tile)
+    assert report["layers_4bit"] == 14 and report["layers_too_narrow_for_repack"] == 12
+    assert report["layers_pinned"] == {"dequantize": 12, "fused-bf16": 2} and report["layers_packed"] == 2
+
+
+def test_a_records_provenance_says_which_kernel_ran(wide_dir):
+    model = load_4bit(wide_dir, "auto")
+    logits(model)
+    report = cpu_4bit.run_provenance(model)["cpu_4bit"]
+    assert report["kernel"] == ("fused-bf16" if NATIVE else "dequantize")
+    assert report["layers_packed"] == (14 if NATIVE else 0) and "avx512_bf16" in report["cpu_flags"]
+    assert cpu_4bit.run_provenance(torch.nn.Linear(2, 2)) == {}  # nothing 4-bit: nothing to say
