@@ -25,7 +25,7 @@ SWAPPED = {"attention": {"attention"}, "positional_encoding": {"position"},
 # --- params -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("study", STUDIES)
-@pytest.mark.parametrize("profile", ["cpu", "smoke", "paper"])
+@pytest.mark.parametrize("profile", ["cpu", "smoke", "gpu", "paper"])
 def test_profiles_expand_and_change_only_the_part_under_study(study, profile):
     specs = expand(params_path(study), profile)
     assert len(specs) >= 2
@@ -35,6 +35,15 @@ def test_profiles_expand_and_change_only_the_part_under_study(study, profile):
     differing = {f for f in fields if len({repr(s.params[f]) for s in specs}) > 1}
     allowed = SWAPPED[study] | ({"size"} if profile == "paper" else set())
     assert differing <= allowed, f"{study}/{profile}: {differing - allowed} change between runs"
+
+
+def test_gpu_profiles_use_the_papers_shape_offline_in_bf16_on_cuda():
+    for study in STUDIES:
+        for spec in expand(params_path(study), "gpu"):
+            p = PretrainRun.model_validate(spec.params)
+            assert (p.size, p.data, p.tokenizer, p.dtype, p.device) == ("0.5B", "offline", "offline-bpe", "bfloat16",
+                                                                        "cuda")
+            assert p.decoder_config().hidden_size == 896 and p.steps * p.batch_size * p.seq_len >= 2_000_000
 
 
 def test_cpu_profiles_share_data_order_steps_and_shape():

@@ -18,7 +18,7 @@ profiles:
 
 def test_every_shipped_params_file_expands():
     for path in PARAMS_DIR.glob("*.yaml"):
-        for profile in ("cpu", "smoke", "paper"):
+        for profile in ("cpu", "smoke", "gpu", "paper"):
             try:
                 specs = expand(path, profile)
             except ParamsError as err:

@@ -24,7 +24,7 @@ PER_METHOD = {"method", "lr", "dropout"}
 
 # --- params -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("profile", ["cpu", "smoke", "paper"])
+@pytest.mark.parametrize("profile", ["cpu", "smoke", "gpu", "paper"])
 def test_profiles_expand_and_change_only_the_method(profile):
     specs = expand(params_path("peft"), profile)
     methods = {s.params["method"] for s in specs}
