@@ -166,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ParamsError, ResourceError, ClusterError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the cluster was closed on the way out (EXECUTOR=slurm: its jobs cancelled)
+        print("interrupted; finished runs keep their records, the next run resumes", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

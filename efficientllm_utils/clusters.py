@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Iterator
@@ -80,7 +81,7 @@ def slurm_cluster(profile: SlurmProfile, log_directory: Path):
         job_script_prologue=profile.setup,
         worker_extra_args=["--resources", f"GPU={profile.gpus_per_job}", "--no-dashboard"],
         log_directory=str(log_directory),
-        scheduler_options={"host": profile.scheduler_host, "dashboard_address": None},
+        scheduler_options={"host": profile.scheduler_host, "dashboard_address": ":0"},  # any free port
         silence_logs="error",
     )
 
@@ -99,36 +100,43 @@ def check_slurm_accepts(job_script: str) -> None:
 
 
 @contextlib.contextmanager
-def _cancel_on_sigterm() -> Iterator[None]:
-    """SIGTERM (scancel of this process, a closed session) unwinds like Ctrl-C, so the jobs are cancelled."""
+def _interrupts_unwind() -> Iterator[None]:
+    """Ctrl-C and SIGTERM (a closed session, scancel of this process) raise KeyboardInterrupt, which cancels the
+    jobs on its way out and exits non-zero (dask_jobqueue's import sets SIGINT to a silent ``sys.exit()``)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @contextlib.contextmanager
 def open_slurm(profile: SlurmProfile, n_pending: int, log_directory: Path, max_retries: int):
     """Yield ``(client, resources each worker will offer)``; cancel every job on the way out."""
     import dask
+    import dask_jobqueue  # noqa: F401 - imported before _interrupts_unwind, which replaces its SIGINT handler
     from distributed import Client
 
     # Runs last minutes to hours: tell the adaptive target so before any has finished, one job per pending run.
     settings = {"distributed.scheduler.allowed-failures": max_retries,
                 "distributed.scheduler.default-task-durations": {RUN_TASK_PREFIX: "1h"}}
-    with dask.config.set(settings), _cancel_on_sigterm():
+    with dask.config.set(settings), _interrupts_unwind():
         cluster = slurm_cluster(profile, log_directory)
         try:
             check_slurm_accepts(cluster.job_script())
-            cluster.adapt(minimum_jobs=0, maximum_jobs=min(profile.max_jobs, n_pending), interval="1s")
+            max_jobs = min(profile.max_jobs, n_pending)
+            cluster.adapt(minimum_jobs=0, maximum_jobs=max_jobs, interval="1s")
+            print(f"slurm: up to {max_jobs} job(s) of {' '.join(profile.directives()) or 'no GPU'}, "
+                  f"{profile.cpus_per_job} CPU(s), {profile.memory}, {profile.walltime}; dashboard "
+                  f"{cluster.dashboard_link}; job logs in {log_directory}", file=sys.stderr)
             with Client(cluster) as client:
                 yield client, [{"GPU": profile.gpus_per_job}]
         finally:

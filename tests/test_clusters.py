@@ -84,9 +84,13 @@ def _run_and_interrupt(cmd: list[str], env: dict, results: Path, observe, interr
                 interrupt(victim[1])
             time.sleep(0.3)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)
-            proc.wait(30)
+        if proc.poll() is None:  # out of time: SIGTERM cancels its Slurm jobs, SIGKILL if that hangs
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
     output = (results.parent / "cli.log").read_text()
     assert proc.returncode == 0, output[-3000:]
     assert victim is not None, "no run was seen mid-way"
@@ -148,6 +152,23 @@ def test_slurm_request_that_cannot_be_met_fails_fast(slurm, monkeypatch, tmp_pat
     two_per_run = expand(PARAMS_DIR / "selftest.yaml", "smoke", {"gpus": 2})
     with pytest.raises(runner.ResourceError, match="ask for up to 2 GPU.*largest Dask worker offers 1"):
         runner.execute(two_per_run, tmp_path, executor="slurm", slurm=load_slurm_profile("loopback"))
+    assert _no_jobs_left(slurm)
+
+
+@pytest.mark.timeout(240)
+def test_ctrl_c_cancels_the_slurm_jobs(slurm, tmp_path):
+    cmd = [sys.executable, "-m", "efficientllm_utils", *SMOKE, "--executor", "slurm", "--cluster-profile", "loopback",
+           "--results", str(tmp_path / "results")]
+    proc = subprocess.Popen(cmd, env=slurm.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True,  # Ctrl-C as in a terminal, even where pytest ignores SIGINT
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 180
+    while not slurm.run("squeue", "-h").strip() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert proc.poll() is None, proc.stderr.read()[-2000:]
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130 and "interrupted" in err
     assert _no_jobs_left(slurm)
 
 
