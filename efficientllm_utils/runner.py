@@ -167,11 +167,19 @@ def gpus_of(spec: RunSpec) -> int:
     return max(int(spec.params.get("gpus") or 0), 1 if spec.params.get("device") == "cuda" else 0)
 
 
-def check_resources(specs: list[RunSpec], worker_resources: list[dict]) -> None:
-    """Fail fast when a run needs more GPUs than any worker offers (instead of waiting forever)."""
+def check_resources(specs: list[RunSpec], worker_resources: list[dict], exact: bool = False) -> None:
+    """Fail fast when a run needs more GPUs than any worker offers (instead of waiting forever).
+
+    ``exact``: every worker sees all its GPUs (a Slurm job's), so a GPU run must ask for exactly that many.
+    """
     if not worker_resources:
         raise ResourceError("the Dask cluster has no workers")
     most = max(r.get("GPU", 0) for r in worker_resources)
+    fewer = [s for s in specs if exact and 0 < gpus_of(s) < most]
+    if fewer:
+        raise ResourceError(f"{len(fewer)} run(s) ask for {gpus_of(fewer[0])} GPU(s) (e.g. [{fewer[0].label}]) but "
+                            f"each worker job holds {most:g} and its runs see them all; set gpus_per_job to the "
+                            "runs' GPUs")
     short = [s for s in specs if gpus_of(s) > most]
     if short:
         asked = max(gpus_of(s) for s in short)
@@ -242,7 +250,7 @@ def execute(specs: list[RunSpec], results_root: Path, *, force: bool = False, re
         raise ResourceError("runs ask for a GPU (device=cuda or gpus=N) but this machine has no visible GPU")
     with open_cluster(executor, len(todo), results_root, scheduler_address=scheduler_address, slurm=slurm,
                       max_retries=max_retries) as (client, offered):
-        check_resources(todo, offered)
+        check_resources(todo, offered, exact=executor == "slurm")
         running: dict[str, str] = {}
 
         def on_event(event):

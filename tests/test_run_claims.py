@@ -80,6 +80,9 @@ def test_gpu_requests_become_dask_resources():
     runner.check_resources([gpu], [{"GPU": 1}, {"GPU": 2}])
     with pytest.raises(runner.ResourceError, match=r"ask for up to 2 GPU\(s\).*largest Dask worker offers 1"):
         runner.check_resources([gpu, cpu], [{"GPU": 1}])
+    runner.check_resources([gpu, cpu], [{"GPU": 2}], exact=True)
+    with pytest.raises(runner.ResourceError, match="ask for 2 GPU.*each worker job holds 4"):
+        runner.check_resources([gpu], [{"GPU": 4}], exact=True)  # a Slurm job's runs see all its GPUs
 
 
 def test_slurm_profile_is_validated_before_any_work(results_root, capsys):
