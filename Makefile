@@ -5,6 +5,14 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 AXIS ?= quantization
 PROFILE ?=
+# where runs execute: local (this machine), dask (SCHEDULER=tcp://HOST:8786) or slurm (CLUSTER_PROFILE, SLURM="k=v ...")
+EXECUTOR ?= local
+SCHEDULER ?=
+CLUSTER_PROFILE ?=
+SLURM ?=
+RUN_ARGS ?=
+RUN_FLAGS = $(if $(PROFILE),--profile $(PROFILE)) --executor $(EXECUTOR) $(if $(SCHEDULER),--scheduler $(SCHEDULER)) \
+	$(if $(CLUSTER_PROFILE),--cluster-profile $(CLUSTER_PROFILE)) $(foreach kv,$(SLURM),--slurm $(kv)) $(RUN_ARGS)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PYTHONWARNINGS := ignore::FutureWarning
 
@@ -25,11 +33,11 @@ env: $(VENV)/.installed  ## create the Python environment (.venv)
 assets: env  ## fetch and verify the offline model and data packages
 	$(BIN)/python -m efficientllm_utils.assets
 
-reproduce: assets  ## run AXIS's grid (PROFILE, default: the CPU profile), build the book, print a summary
-	$(BIN)/python -m efficientllm_utils run $(AXIS) $(if $(PROFILE),--profile $(PROFILE)) --book
+reproduce: assets  ## run AXIS's grid (PROFILE, default: the CPU profile; EXECUTOR), build the book, print a summary
+	$(BIN)/python -m efficientllm_utils run $(AXIS) $(RUN_FLAGS) --book
 
 run: assets  ## run AXIS's grid without building the book
-	$(BIN)/python -m efficientllm_utils run $(AXIS) $(if $(PROFILE),--profile $(PROFILE))
+	$(BIN)/python -m efficientllm_utils run $(AXIS) $(RUN_FLAGS)
 
 book: env  ## rebuild the book from existing results
 	$(BIN)/python -m efficientllm_utils book

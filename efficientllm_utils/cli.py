@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 
 from . import records
+from .clusters import ClusterError
 from .params import PARAMS_DIR, ParamsError, expand, params_path
-from .runner import ResourceError, Summary, execute
+from .runner import EXECUTORS, ResourceError, Summary, execute
 
 # An axis of the study is one or more studies, each with its params file and notebook.
 AXES: dict[str, list[str]] = {
@@ -43,9 +44,26 @@ def _overrides(pairs: list[str]) -> dict:
     return out
 
 
+def _executor_settings(args) -> dict:
+    """The executor and its settings, validated before any work (a bad Slurm field fails like a bad parameter)."""
+    executor = "dask" if args.scheduler and args.executor == "local" else args.executor
+    if executor == "dask" and not args.scheduler:
+        raise ParamsError("--executor dask needs --scheduler tcp://HOST:PORT (SCHEDULER= in make)")
+    slurm = None
+    if executor == "slurm":
+        from .clusters import load_slurm_profile
+
+        slurm = load_slurm_profile(args.cluster_profile, _overrides(args.slurm))
+    elif args.slurm or args.cluster_profile:
+        raise ParamsError("--slurm and --cluster-profile apply to --executor slurm only")
+    return {"executor": executor, "scheduler_address": args.scheduler, "slurm": slurm,
+            "max_retries": args.max_retries}
+
+
 def cmd_run(args) -> int:
     studies = studies_of(args.axis)
     plans = [(s, expand(params_path(s), args.profile, _overrides(args.set))) for s in studies]  # validate all first
+    executor = _executor_settings(args)
     results_root = Path(args.results)
     total = Summary()
     tables = []
@@ -53,7 +71,7 @@ def cmd_run(args) -> int:
         print(f"== {study}: profile {specs[0].profile}, {len(specs)} runs -> {results_root / study / specs[0].profile}",
               file=sys.stderr)
         summary = execute(specs, results_root, force=args.force, retry_failed=args.retry_failed,
-                          scheduler_address=args.scheduler, timeout_s=args.run_timeout)
+                          timeout_s=args.run_timeout, **executor)
         total.outcomes += summary.outcomes
         tables.append((study, specs[0].profile, records.aggregate(study, specs[0].profile, results_root)))
     index = None
@@ -114,7 +132,16 @@ def main(argv: list[str] | None = None) -> int:
     add_selection(run)
     run.add_argument("--force", action="store_true", help="re-run runs whose record exists")
     run.add_argument("--retry-failed", action="store_true", help="re-run runs recorded as failed")
-    run.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler (default: local)")
+    run.add_argument("--executor", choices=EXECUTORS, default="local",
+                     help="local: a Dask cluster on this machine; dask: an existing scheduler (--scheduler); "
+                          "slurm: Dask workers as Slurm jobs (params/cluster/slurm.yaml)")
+    run.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler (implies dask)")
+    run.add_argument("--cluster-profile", default=None, help="a profile of params/cluster/slurm.yaml (slurm)")
+    run.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a cluster profile field: partition, account, gpus_per_job, cpus_per_job, memory, "
+                          "walltime, max_jobs, gpu_directive, extra_directives, setup, scheduler_host")
+    run.add_argument("--max-retries", type=int, default=2,
+                     help="times a run whose worker is lost (killed, out of memory, job ended) is re-run")
     run.add_argument("--run-timeout", type=float, default=None, help="seconds a cell may run before the run fails")
     run.add_argument("--results", default=str(records.RESULTS_DIR))
     run.add_argument("--book", action="store_true", help="build the book afterwards")
@@ -136,9 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     try:
         return args.func(args)
-    except (ParamsError, ResourceError) as err:
+    except (ParamsError, ResourceError, ClusterError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the cluster was closed on the way out (EXECUTOR=slurm: its jobs cancelled)
+        print("interrupted; finished runs keep their records, the next run resumes", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

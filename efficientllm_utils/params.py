@@ -91,6 +91,7 @@ class SelfTestRun(RunParams):
     mode: Literal["ok", "raise", "kill"] = "ok"
     value: int = 0
     sleep_s: float = Field(0.0, ge=0)
+    gpus: int = Field(0, ge=0)  # GPUs the run asks the scheduler for (not used): checks a cluster's GPU allocation
 
 
 OFFLINE_TOKENIZER = "offline-bpe"  # text_data's byte-level BPE, trained on the offline training split

@@ -91,11 +91,36 @@ def write_record(record: RunRecord, directory: Path) -> Path:
     return path
 
 
+class UnreadableRecord(ValueError):
+    """A record file that exists but cannot be parsed (truncated, edited by hand, an older format)."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"unreadable record {path}: {reason}")
+        self.path = path
+
+
 def read_record(directory: Path) -> RunRecord | None:
+    """The run's record, None when it has none; raises ``UnreadableRecord`` naming the file when it is broken."""
     path = directory / RECORD_NAME
-    if not path.exists():
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
         return None
-    return RunRecord.model_validate_json(path.read_text())
+    except (OSError, UnicodeDecodeError) as err:
+        raise UnreadableRecord(path, str(err)) from None
+    try:
+        return RunRecord.model_validate_json(text)
+    except ValueError as err:  # pydantic's ValidationError: invalid JSON or fields
+        reason = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'file'}: {e['msg']}" for e in err.errors()[:3]) \
+            if hasattr(err, "errors") else str(err)
+        raise UnreadableRecord(path, reason) from None
+
+
+def unreadable_as_failed(err: UnreadableRecord, study: str, profile: str, run_id: str, label: str | None = None,
+                         params: dict[str, Any] | None = None) -> RunRecord:
+    """Stand-in for a broken record: a failed run that says why (``--retry-failed`` re-runs it)."""
+    return RunRecord(run_id=run_id, study=study, profile=profile, label=label or run_id, status="failed",
+                     params=params or {}, error=f"UnreadableRecord: {err}")
 
 
 def _git(*args: str) -> str | None:
@@ -167,12 +192,21 @@ def provenance() -> dict[str, Any]:
         "packages": versions,
         "hardware": hardware(),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),  # a run on a Slurm worker job
     }
 
 
 def load_records(study: str, profile: str, root: Path | None = None) -> list[RunRecord]:
     base = (root or RESULTS_DIR) / study / profile
-    return [r for d in sorted(base.glob("*/")) if (r := read_record(d)) is not None]
+    records = []
+    for directory in sorted(base.glob("*/")):
+        try:
+            record = read_record(directory)
+        except UnreadableRecord as err:  # one broken file must not hide the others
+            record = unreadable_as_failed(err, study, profile, directory.name)
+        if record is not None:
+            records.append(record)
+    return records
 
 
 def aggregate(study: str, profile: str, root: Path | None = None):

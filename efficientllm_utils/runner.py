@@ -5,23 +5,33 @@
 - The local cluster has one single-threaded worker per GPU, each pinned with
   ``CUDA_VISIBLE_DEVICES``, or one worker on a CPU-only machine, so that runs
   never share a device and disturb each other's timings.
-- A run whose record exists is skipped (``force`` re-runs it); a run that raises,
-  loses its kernel or its worker is recorded as failed with its traceback, and
-  the others go on. Records are written atomically, so an interrupted profile
-  resumes where it stopped.
+- Or the runs go to an existing scheduler (``executor="dask"``) or to Slurm jobs
+  (``executor="slurm"``, ``clusters.py``); a run asks for ``gpus`` GPUs (one when
+  ``device="cuda"``) as the Dask resource ``GPU``, which a worker offers when it
+  holds that many devices.
+- A run whose record exists is skipped (``force`` re-runs it); a run that raises or
+  loses its kernel is recorded as failed with its traceback, and the others go on; a
+  run whose worker is lost is retried ``max_retries`` times, then recorded as failed.
+  A record that cannot be read counts as a failed run. Records are written
+  atomically, so an interrupted profile resumes where it stopped, and a run is
+  claimed while it executes (``claims.py``), so two invocations never run it twice.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .claims import claim, holder
 from .params import REPO_ROOT, RunSpec
-from .records import NOTEBOOK_NAME, RunRecord, error_headline, now, provenance, read_record, run_dir, write_record
+from .records import (NOTEBOOK_NAME, RunRecord, UnreadableRecord, error_headline, now, provenance, read_record,
+                      run_dir, unreadable_as_failed, write_record)
 
 PROGRESS_TOPIC = "efficientllm-progress"
+EXECUTORS = ("local", "dask", "slurm")
 
 
 class ResourceError(RuntimeError):
@@ -32,9 +42,10 @@ class ResourceError(RuntimeError):
 class RunOutcome:
     run_id: str
     label: str
-    status: str  # ok | failed | skipped
+    status: str  # ok | failed | skipped | elsewhere (another process holds its claim)
     duration_s: float | None = None  # None: not known (a lost worker)
     error: str | None = None
+    note: str | None = None
 
 
 @dataclass
@@ -89,12 +100,40 @@ def execute_run(spec: RunSpec, results_root: str, timeout_s: float | None = None
         _announce("end", spec)
 
 
+def _finished_since(directory: Path, since: str | None) -> RunRecord | None:
+    """The run's record if it was written after ``since`` (by another invocation, or an orphaned attempt)."""
+    try:
+        record = read_record(directory)
+    except UnreadableRecord:
+        return None
+    if record is None or since is None or record.finished is None or record.finished < since:
+        return None
+    return record
+
+
+def execute_claimed_run(spec: RunSpec, results_root: str, timeout_s: float | None = None,
+                        since: str | None = None) -> RunOutcome:
+    """``execute_run`` under the run's claim; a run claimed elsewhere, or finished since ``since``, is not re-run."""
+    directory = run_dir(spec.study, spec.profile, spec.run_id, Path(results_root))
+    with claim(directory) as owned:
+        if not owned:
+            return RunOutcome(spec.run_id, spec.label, "elsewhere", note=f"being run by {holder(directory)}")
+        done = _finished_since(directory, since)
+        if done is not None:
+            return RunOutcome(spec.run_id, spec.label, "skipped" if done.status == "ok" else "failed",
+                              done.duration_s, done.error, note="finished by another process meanwhile")
+        return execute_run(spec, results_root, timeout_s)
+
+
 def pending_runs(specs: list[RunSpec], results_root: Path, force: bool = False,
                  retry_failed: bool = False) -> tuple[list[RunSpec], list[RunOutcome]]:
-    """Split runs into those to execute and those whose record already exists."""
+    """Split runs into those to execute and those whose record already exists (an unreadable one: failed)."""
     todo, done = [], []
     for spec in specs:
-        record = None if force else read_record(run_dir(spec.study, spec.profile, spec.run_id, results_root))
+        try:
+            record = None if force else read_record(run_dir(spec.study, spec.profile, spec.run_id, results_root))
+        except UnreadableRecord as err:
+            record = unreadable_as_failed(err, spec.study, spec.profile, spec.run_id, spec.label, spec.params)
         if record is None or (retry_failed and record.status == "failed"):
             todo.append(spec)
         else:
@@ -105,13 +144,13 @@ def pending_runs(specs: list[RunSpec], results_root: Path, force: bool = False,
 
 # --- Dask ----------------------------------------------------------------------------------
 
-def local_cluster(n_gpus: int):
+def local_cluster(n_gpus: int, max_retries: int = 2):
     """One single-threaded worker per GPU (pinned), or one worker without a GPU."""
     import dask
     from distributed import Nanny, Scheduler, SpecCluster
 
-    # A run that kills its worker is recorded as failed, not retried on the next worker.
-    dask.config.set({"distributed.scheduler.allowed-failures": 0})
+    # A run whose worker dies (killed, out of memory) is retried this many times, then recorded as failed.
+    dask.config.set({"distributed.scheduler.allowed-failures": max_retries})
     workers = {}
     for i in range(max(n_gpus, 1)):
         options: dict = {"nthreads": 1, "memory_limit": 0, "host": "127.0.0.1"}
@@ -123,14 +162,31 @@ def local_cluster(n_gpus: int):
     return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=40)
 
 
-def check_resources(specs: list[RunSpec], worker_resources: list[dict]) -> None:
-    """Fail fast when a run needs a GPU that no worker offers (instead of waiting forever)."""
+def gpus_of(spec: RunSpec) -> int:
+    """GPUs a run asks for: its ``gpus`` parameter where it has one, and at least one for ``device="cuda"``."""
+    return max(int(spec.params.get("gpus") or 0), 1 if spec.params.get("device") == "cuda" else 0)
+
+
+def check_resources(specs: list[RunSpec], worker_resources: list[dict], exact: bool = False) -> None:
+    """Fail fast when a run needs more GPUs than any worker offers (instead of waiting forever).
+
+    ``exact``: every worker sees all its GPUs (a Slurm job's), so a GPU run must ask for exactly that many.
+    """
     if not worker_resources:
         raise ResourceError("the Dask cluster has no workers")
-    needs_gpu = [s.label for s in specs if s.params.get("device") == "cuda"]
-    if needs_gpu and not any(r.get("GPU", 0) >= 1 for r in worker_resources):
-        raise ResourceError(f"{len(needs_gpu)} run(s) ask for device=cuda (e.g. [{needs_gpu[0]}]) but no Dask "
-                            "worker offers a GPU resource; use a CPU profile or a cluster with GPU workers")
+    most = max(r.get("GPU", 0) for r in worker_resources)
+    fewer = [s for s in specs if exact and 0 < gpus_of(s) < most]
+    if fewer:
+        raise ResourceError(f"{len(fewer)} run(s) ask for {gpus_of(fewer[0])} GPU(s) (e.g. [{fewer[0].label}]) but "
+                            f"each worker job holds {most:g} and its runs see them all; set gpus_per_job to the "
+                            "runs' GPUs")
+    short = [s for s in specs if gpus_of(s) > most]
+    if short:
+        asked = max(gpus_of(s) for s in short)
+        offer = f"the largest Dask worker offers {most:g}" if most else "no Dask worker offers a GPU resource"
+        raise ResourceError(f"{len(short)} run(s) ask for up to {asked} GPU(s) (device=cuda or gpus=N; e.g. "
+                            f"[{short[0].label}]) but {offer}; use a CPU profile or workers with more GPUs "
+                            "(EXECUTOR=slurm: gpus_per_job)")
 
 
 def _gpu_count() -> int:
@@ -139,26 +195,62 @@ def _gpu_count() -> int:
     return len(visible_gpu_indices())
 
 
+@contextlib.contextmanager
+def open_cluster(executor: str, n_pending: int, results_root: Path, *, scheduler_address: str | None = None,
+                 slurm=None, max_retries: int = 2):
+    """Yield ``(client, resources each worker offers or will offer)`` for the chosen executor; close it after."""
+    if executor == "dask":
+        if not scheduler_address:
+            raise ResourceError("EXECUTOR=dask needs the scheduler's address (--scheduler tcp://HOST:8786)")
+        from .clusters import open_scheduler
+
+        with open_scheduler(scheduler_address) as opened:
+            yield opened
+    elif executor == "slurm":
+        from .clusters import load_slurm_profile, open_slurm
+
+        with open_slurm(slurm or load_slurm_profile(), n_pending, results_root / "slurm-logs", max_retries) as opened:
+            yield opened
+    elif executor == "local":
+        from distributed import Client
+
+        with local_cluster(_gpu_count(), max_retries) as cluster, Client(cluster) as client:
+            workers = client.scheduler_info(n_workers=-1)["workers"].values()
+            yield client, [w.get("resources", {}) for w in workers]
+    else:
+        raise ResourceError(f"executor {executor!r} is not one of {list(EXECUTORS)}")
+
+
 def execute(specs: list[RunSpec], results_root: Path, *, force: bool = False, retry_failed: bool = False,
-            scheduler_address: str | None = None, timeout_s: float | None = None, stream=None) -> Summary:
-    """Execute every pending run of ``specs`` and return what happened to each."""
+            executor: str = "local", scheduler_address: str | None = None, slurm=None, max_retries: int = 2,
+            timeout_s: float | None = None, stream=None) -> Summary:
+    """Execute every pending run of ``specs`` and return what happened to each.
+
+    ``executor``: ``local`` (a cluster on this machine), ``dask`` (the scheduler at ``scheduler_address``) or
+    ``slurm`` (workers as Slurm jobs, ``slurm``: a ``clusters.SlurmProfile``, default: the default profile).
+    """
     stream = stream or sys.stderr
+    results_root = Path(results_root).resolve()  # workers elsewhere write there: an absolute, shared path
+    since = now()
     todo, done = pending_runs(specs, results_root, force, retry_failed)
     summary = Summary(outcomes=list(done))
     for outcome in done:
-        print(f"[skip] {outcome.label} ({outcome.status}, record exists; --force re-runs)", file=stream)
+        if outcome.error and outcome.error.startswith("UnreadableRecord"):
+            print(f"[unreadable] {outcome.label}: {error_headline(outcome.error)} (counted as failed; "
+                  "--retry-failed re-runs it)", file=stream)
+        else:
+            print(f"[skip] {outcome.label} ({outcome.status}, record exists; --force re-runs)", file=stream)
     if not todo:
         return summary
-    from distributed import Client, as_completed
+    from distributed import as_completed
 
-    n_gpus = _gpu_count()
-    if any(s.params.get("device") == "cuda" for s in todo) and not n_gpus and not scheduler_address:
-        raise ResourceError("runs ask for device=cuda but this machine has no visible GPU")
-    cluster = None if scheduler_address else local_cluster(n_gpus)
-    client = Client(scheduler_address or cluster)
-    try:
-        workers = client.scheduler_info()["workers"].values()
-        check_resources(todo, [w.get("resources", {}) for w in workers])
+    if scheduler_address and executor == "local":
+        executor = "dask"
+    if executor == "local" and any(gpus_of(s) for s in todo) and not _gpu_count():
+        raise ResourceError("runs ask for a GPU (device=cuda or gpus=N) but this machine has no visible GPU")
+    with open_cluster(executor, len(todo), results_root, scheduler_address=scheduler_address, slurm=slurm,
+                      max_retries=max_retries) as (client, offered):
+        check_resources(todo, offered, exact=executor == "slurm")
         running: dict[str, str] = {}
 
         def on_event(event):
@@ -173,35 +265,43 @@ def execute(specs: list[RunSpec], results_root: Path, *, force: bool = False, re
         t0 = time.perf_counter()
         futures = {}
         for priority, spec in enumerate(todo):  # keep the params file's order
-            resources = {"GPU": 1} if spec.params.get("device") == "cuda" else None
-            future = client.submit(execute_run, spec, str(results_root), timeout_s, key=f"run-{spec.run_id}",
-                                   resources=resources, priority=-priority, pure=False)
+            resources = {"GPU": gpus_of(spec)} if gpus_of(spec) else None
+            future = client.submit(execute_claimed_run, spec, str(results_root), timeout_s, since,
+                                   key=f"run-{spec.run_id}", resources=resources, priority=-priority, pure=False)
             futures[future] = spec
         for future in as_completed(futures):
             spec = futures[future]
             try:
                 outcome = future.result()
-            except Exception as exc:  # the worker died: record it as the run's failure
-                outcome = _record_lost_worker(spec, results_root, exc)
+            except Exception as exc:  # its worker died on every attempt: record it as the run's failure
+                outcome = _record_lost_worker(spec, results_root, exc, since)
             summary.outcomes.append(outcome)
             running.pop(spec.run_id, None)
-            took = "?" if outcome.duration_s is None else f"{outcome.duration_s:.1f}"
-            print(f"[{outcome.status}] {outcome.label} in {took}s"
-                  + (f": {error_headline(outcome.error)}" if outcome.error else ""), file=stream)
+            _print_outcome(stream, outcome)
             _progress_line(stream, len(summary.outcomes) - len(done), len(todo), t0, running)
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
     return summary
 
 
-def _record_lost_worker(spec: RunSpec, results_root: Path, exc: BaseException) -> RunOutcome:
-    error = ("the Dask worker running this run died (killed, or out of memory): "
-             + "".join(traceback.format_exception(exc)))
+def _print_outcome(stream, outcome: RunOutcome) -> None:
+    if outcome.status == "elsewhere":
+        print(f"[elsewhere] {outcome.label}: {outcome.note}; its record will appear there", file=stream)
+        return
+    took = "?" if outcome.duration_s is None else f"{outcome.duration_s:.1f}"
+    print(f"[{outcome.status}] {outcome.label} in {took}s"
+          + (f": {error_headline(outcome.error)}" if outcome.error else "")
+          + (f" ({outcome.note})" if outcome.note else ""), file=stream)
+
+
+def _record_lost_worker(spec: RunSpec, results_root: Path, exc: BaseException, since: str | None) -> RunOutcome:
+    directory = run_dir(spec.study, spec.profile, spec.run_id, results_root)
+    done = _finished_since(directory, since)
+    if done is not None and done.status == "ok":  # an orphaned attempt finished after all
+        return RunOutcome(spec.run_id, spec.label, "ok", done.duration_s, note="finished by an earlier attempt")
+    error = ("the Dask worker running this run died on every attempt (killed, out of memory, or its Slurm job "
+             "ended; Dask's allowed-failures bounds the retries): " + "".join(traceback.format_exception(exc)))
     record = RunRecord(run_id=spec.run_id, study=spec.study, profile=spec.profile, label=spec.label,
                        status="failed", params=spec.params, error=error, provenance=provenance(), finished=now())
-    write_record(record, run_dir(spec.study, spec.profile, spec.run_id, results_root))
+    write_record(record, directory)
     return RunOutcome(spec.run_id, spec.label, "failed", None, error)
 
 

@@ -1,0 +1,32 @@
+"""The book's GPU-hour estimate: measured durations first, then their median, then the labelled FLOPs model."""
+import pytest
+
+from efficientllm_utils.cost import ASSUMED_SUSTAINED_FLOPS, params_in_model_id, run_costs, training_flops
+from efficientllm_utils.params import expand, params_path
+from efficientllm_utils.records import RunRecord, run_dir, write_record
+
+
+@pytest.mark.parametrize("model, params", [("Qwen/Qwen2.5-7B-Instruct", 7e9), ("meta-llama/Llama-3.2-1B-Instruct", 1e9),
+                                           ("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", 1.5e9),
+                                           ("mistralai/Mistral-7B-Instruct-v0.3", 7e9), ("microsoft/phi-4", 14.7e9),
+                                           ("smollm2-135m-instruct", None)])
+def test_parameters_from_the_model_id(model, params):
+    assert params_in_model_id(model) == params
+
+
+def test_measured_durations_win_over_the_flops_model(results_root):
+    specs = expand(params_path("positional_encoding"), "paper")
+    modelled = run_costs("positional_encoding", "paper", results_root)
+    assert {r["how"] for r in modelled} == {"FLOPs model"}
+    first = modelled[0]
+    assert first["hours"] == pytest.approx(training_flops(specs[0]) / ASSUMED_SUSTAINED_FLOPS / 3600)
+    assert 0.01 < first["hours"] < 10  # 1.5B, 33M tokens: a fraction of an hour at 40% of an H200
+
+    spec = specs[0]
+    write_record(RunRecord(run_id=spec.run_id, study=spec.study, profile=spec.profile, label=spec.label,
+                           status="ok", params=spec.params, duration_s=7200.0),
+                 run_dir(spec.study, spec.profile, spec.run_id, results_root))
+    measured = run_costs("positional_encoding", "paper", results_root)
+    assert measured[0]["how"] == "measured" and measured[0]["gpu_hours"] == 2.0
+    assert all(r["how"] == "median of 1 measured" and r["gpu_hours"] == 2.0 for r in measured[1:])
+    assert {r["how"] for r in run_costs("quantization", "paper", results_root)} == {"not estimated"}
