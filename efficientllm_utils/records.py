@@ -199,7 +199,8 @@ class RunContext(BaseModel):
         study = namespace.get("study") or "manual"
         profile = namespace.get("profile") or "manual"
         run_id = namespace.get("run_id") or run_id_for(study, dumped, "manual")
-        result_dir = namespace.get("result_dir") or run_dir(study, profile, run_id)
+        result_dir = Path(namespace.get("result_dir") or run_dir(study, profile, run_id))
+        result_dir = result_dir if result_dir.is_absolute() else RESULTS_DIR / result_dir  # the runner's are relative
         return cls(run_id=run_id, study=study, profile=profile, label=namespace.get("label") or "manual",
                    result_dir=Path(result_dir), params=dumped)
 
