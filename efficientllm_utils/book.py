@@ -7,19 +7,22 @@ they are, outputs and all, and are not executed again.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from .records import NOTEBOOK_NAME, RESULTS_DIR
+from .records import NOTEBOOK_NAME, REPO_ROOT, RESULTS_DIR, RunRecord, read_record
 
 BOOK_DIR = Path(__file__).resolve().parent.parent / "book"
 
 
 def copy_run_notebooks(results_root: Path, book_dir: Path = BOOK_DIR) -> list[Path]:
-    """Copy every executed run notebook to ``book/runs/<study>/<profile>--<run_id>.ipynb``."""
+    """Copy every executed run notebook to ``book/runs/<study>/<profile>--<run_id>.ipynb``, made readable
+    (``readable_run_notebook``)."""
     target_root = book_dir / "runs"
     shutil.rmtree(target_root, ignore_errors=True)
     copied = []
@@ -27,9 +30,86 @@ def copy_run_notebooks(results_root: Path, book_dir: Path = BOOK_DIR) -> list[Pa
         run_id, profile, study = notebook.parent.name, notebook.parent.parent.name, notebook.parent.parent.parent.name
         target = target_root / study / f"{profile}--{run_id}.ipynb"
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(notebook, target)
+        target.write_text(readable_run_notebook(notebook, read_record(notebook.parent), results_root))
         copied.append(target)
     return copied
+
+
+# --- run pages a reader can use -------------------------------------------------------------
+
+# the title of a run page: its grid point (a grid key the template does not name is added in brackets)
+RUN_TITLES = {
+    "quantization": "Quantization: {model} at {precision}",
+    "attention": "Attention: {attention}",
+    "positional_encoding": "Positional encoding: {position}",
+    "moe": "MoE: {variant}",
+    "peft": "PEFT: {method}",
+    "selftest": "Self-test: {mode} {value}",
+}
+# stream output lines that are library chatter, not results (the runner silences most at the source)
+NOISE = re.compile("|".join([
+    r"\d+%\|",  # a tqdm progress bar
+    r"^\s*(Loading weights|Loading checkpoint shards|Converting and de-quantizing GGUF|Writing model shards)\b",
+    r"Failed to load CPU gemm_4bit_forward",  # bitsandbytes without the optional `kernels` package
+    r"site-packages/\S+:\d+: \w*Warning: ",  # a library's warning (and the source line under it, see _quiet)
+]))
+
+
+def _short(value) -> str:
+    """A model given as a hub id or a path shows its last part."""
+    return Path(value).name if isinstance(value, str) and "/" in value else str(value)
+
+
+def run_title(study: str, label: str, params: dict) -> str:
+    grid = dict(part.split("=", 1) for part in label.split(",") if "=" in part)
+    template = RUN_TITLES.get(study)
+    if template is None:
+        return f"{study}: {', '.join(_short(v) for v in grid.values()) or label}"
+    try:
+        title = template.format(**{k: _short(v) for k, v in {**params, **grid}.items()})
+    except KeyError:  # a field the template names is not in this study's records
+        return f"{study}: {label}"
+    others = [f"{k}={_short(v)}" for k, v in grid.items() if "{" + k + "}" not in template]
+    return f"{title} ({', '.join(others)})" if others else title
+
+
+def _quiet(text: str) -> str:
+    lines, after_warning = [], False
+    for line in text.split("\n"):
+        line = line.rsplit("\r", 1)[-1]  # a line redrawn with carriage returns shows its last state
+        if after_warning and line.startswith("  "):  # the source line Python prints under a warning
+            after_warning = False
+            continue
+        after_warning = bool(NOISE.search(line))
+        if not after_warning:
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def readable_run_notebook(notebook: Path, record: RunRecord | None, results_root: Path) -> str:
+    """An executed run notebook as its book page shows it: titled by its grid point, without progress bars or
+    library warnings in its stream outputs, and with no machine path (the results folder and the repository
+    become relative paths)."""
+    text = notebook.read_text()
+    for root in (Path(results_root).resolve(), Path(results_root), REPO_ROOT):  # longest first
+        text = text.replace(json.dumps(f"{root}/")[1:-1], "").replace(json.dumps(str(root))[1:-1], ".")
+    nb = json.loads(text)
+    for cell in nb["cells"]:
+        if "outputs" in cell:
+            for output in cell["outputs"]:
+                if output.get("output_type") == "stream":
+                    output["text"] = _quiet("".join(output["text"]))
+            cell["outputs"] = [o for o in cell["outputs"] if o.get("output_type") != "stream" or o["text"].strip()]
+    if record is not None:
+        title = run_title(record.study, record.label, record.params) + (" (failed)" if record.status != "ok" else "")
+        first = next((c for c in nb["cells"] if c["cell_type"] == "markdown"), None)
+        source = "".join(first["source"]) if first else ""
+        if source.startswith("# "):  # the notebook's generic title stays, as a subtitle
+            heading, _, rest = source.partition("\n")
+            first["source"] = f"# {title}\n\n*{heading[2:].strip()}*\n{rest}"
+        else:
+            nb["cells"].insert(0, {"cell_type": "markdown", "metadata": {}, "source": f"# {title}"})
+    return json.dumps(nb, indent=1, ensure_ascii=False)
 
 
 PACKAGE_DIR = Path(__file__).resolve().parent

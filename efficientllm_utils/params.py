@@ -70,6 +70,9 @@ class QuantizationRun(RunParams):
     n_per_task: int | None = Field(8, ge=1)  # None: the whole task
     ppl_tokens: int = Field(512, ge=16)
     ppl_seq_len: int = Field(256, ge=8)
+    # positions of the perplexity text whose next-token distributions are compared with the reference's (KL, top-1);
+    # None: all of them. The reference's (positions, vocab) float32 distributions are kept in memory and on disk.
+    fidelity_tokens: int | None = Field(None, ge=1)
     prompt_tokens: int = Field(64, ge=1)
     new_tokens: int = Field(32, ge=2)
     batch_size: int = Field(1, ge=1)

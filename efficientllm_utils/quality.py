@@ -196,19 +196,62 @@ def heldout_text(max_chars: int = 200_000) -> str:
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, text: str, seq_len: int = 256, max_tokens: int = 2048, batch_size: int = 4) -> dict:
-    """Perplexity over non-overlapping windows of ``seq_len`` tokens of ``text``."""
+def perplexity(model, tokenizer, text: str, seq_len: int = 256, max_tokens: int = 2048, batch_size: int = 4,
+               keep_distributions: int = 0) -> dict:
+    """Perplexity over non-overlapping windows of ``seq_len`` tokens of ``text``.
+
+    With ``keep_distributions=n``, also returns ``logprobs``: the next-token log-probability distributions at the
+    first ``n`` predicted positions, in window order (``(n, vocab)`` float32 on the CPU), for ``fidelity``.
+    """
     ids = tokenizer(text, add_special_tokens=False).input_ids[:max_tokens]
     windows = [ids[i: i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)]
     if not windows:
         raise ValueError(f"text has {len(ids)} tokens, fewer than one window of {seq_len}")
     device = _model_device(model)
     total_nll, total_tokens = 0.0, 0
+    kept: list[torch.Tensor] = []
     for start in range(0, len(windows), batch_size):
-        batch = torch.tensor(windows[start: start + batch_size], device=device)
-        logits = model(input_ids=batch).logits.float()
+        batch = torch.tensor(windows[start: start + batch_size], device=device)  # (batch, seq_len)
+        logits = model(input_ids=batch).logits.float()  # (batch, seq_len, vocab)
         nll = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
         total_nll += float(nll)
+        if total_tokens < keep_distributions:
+            predicting = logits[:, :-1].reshape(-1, logits.shape[-1])[: keep_distributions - total_tokens]
+            kept.append(torch.log_softmax(predicting, dim=-1).cpu())  # (positions, vocab)
         total_tokens += batch[:, 1:].numel()
-    return {"perplexity": math.exp(total_nll / total_tokens), "tokens": total_tokens, "seq_len": seq_len}
+    result = {"perplexity": math.exp(total_nll / total_tokens), "tokens": total_tokens, "seq_len": seq_len}
+    if keep_distributions:
+        result["logprobs"] = torch.cat(kept)
+    return result
+
+
+# --- fidelity to a reference: what accuracy and perplexity average away --------------------
+
+@torch.no_grad()
+def fidelity(reference: torch.Tensor, logprobs: torch.Tensor, chunk: int = 64) -> dict:
+    """How closely next-token distributions follow a reference's, position by position (llama.cpp's
+    ``perplexity --kl-divergence``): KL(reference || other) in nats and whether the two argmaxes agree.
+
+    ``reference``, ``logprobs``: ``(positions, vocab)`` log-probabilities at the same positions of the same text.
+    """
+    if reference.shape != logprobs.shape:
+        raise ValueError(f"distributions of shape {tuple(logprobs.shape)} do not match the reference's "
+                         f"{tuple(reference.shape)}")
+    kl, agree = [], []
+    for start in range(0, reference.shape[0], chunk):  # float64 sums, a chunk of positions at a time
+        ref, other = reference[start: start + chunk].double(), logprobs[start: start + chunk].double()
+        kl += (ref.exp() * (ref - other)).sum(-1).tolist()
+        agree += (ref.argmax(-1) == other.argmax(-1)).int().tolist()
+    return {"kl_to_reference": sum(kl) / len(kl), "top1_agreement": sum(agree) / len(agree),
+            "fidelity_tokens": len(kl), "kl_per_token": kl, "top1_agree": agree}
+
+
+def flips(reference: dict[str, list[int]], predictions: dict[str, list[int]]) -> dict:
+    """The share of multiple-choice answers (all tasks pooled) whose predicted choice differs from the
+    reference's, whether or not either is right (Dutta et al. 2024, "Accuracy is not all you need")."""
+    if {t: len(v) for t, v in reference.items()} != {t: len(v) for t, v in predictions.items()}:
+        raise ValueError("predictions and reference predictions are not over the same tasks and items")
+    per_task = {t: [int(a != b) for a, b in zip(reference[t], predictions[t])] for t in reference}
+    flipped = [f for task in per_task.values() for f in task]
+    return {"flip_rate": sum(flipped) / len(flipped), "flip_items": len(flipped), "flipped": per_task}

@@ -72,11 +72,15 @@ def run_dir(study: str, profile: str, run_id: str, root: Path | None = None) -> 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write through a temporary file and rename: readers see the old file or the new, never half."""
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -245,7 +249,8 @@ class RunContext(BaseModel):
         study = namespace.get("study") or "manual"
         profile = namespace.get("profile") or "manual"
         run_id = namespace.get("run_id") or run_id_for(study, dumped, "manual")
-        result_dir = namespace.get("result_dir") or run_dir(study, profile, run_id)
+        result_dir = Path(namespace.get("result_dir") or run_dir(study, profile, run_id))
+        result_dir = result_dir if result_dir.is_absolute() else RESULTS_DIR / result_dir  # the runner's are relative
         return cls(run_id=run_id, study=study, profile=profile, label=namespace.get("label") or "manual",
                    result_dir=Path(result_dir), params=dumped)
 

@@ -176,12 +176,16 @@ def tradeoff_plots(table: pd.DataFrame, quality: str, costs: dict[str, str], hue
     return fig
 
 
-def methods_legend(res: StudyResults, columns: list[str]) -> pd.DataFrame:
+def methods_legend(res: StudyResults, columns: list[str]):
     """How each shown metric was obtained (from the records' ``*_method`` columns)."""
     df = res.ok
     rows = [{"metric": c, "how obtained": "; ".join(sorted(set(df[f"{c}_method"].dropna())))}
             for c in columns if f"{c}_method" in df]
-    return pd.DataFrame(rows).set_index("metric") if rows else pd.DataFrame()
+    if not rows:  # no runs yet: a sentence, not an empty table
+        from IPython.display import Markdown
+
+        return Markdown("*No results yet.*")
+    return pd.DataFrame(rows).set_index("metric")
 
 
 def quantization_findings(table: pd.DataFrame) -> str:

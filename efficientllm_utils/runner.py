@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 import traceback
@@ -76,12 +77,16 @@ def execute_run(spec: RunSpec, results_root: str, timeout_s: float | None = None
     (directory / "record.json").unlink(missing_ok=True)  # a forced re-run must not find the old record
     started, t0 = now(), time.perf_counter()
     _announce("start", spec)
+    # result_dir relative to the results folder (the kernel gets the folder in its environment): no machine path
+    # in the executed notebook
     parameters = {**spec.params, "run_id": spec.run_id, "study": spec.study, "profile": spec.profile,
-                  "label": spec.label, "result_dir": str(directory)}
+                  "label": spec.label, "result_dir": str(directory.relative_to(Path(results_root)))}
+    env = {**QUIET_KERNEL_ENV, "EFFICIENTLLM_RESULTS": str(Path(results_root).resolve())}
     try:
         papermill.execute_notebook(str(REPO_ROOT / spec.notebook), str(directory / NOTEBOOK_NAME),
                                    parameters=parameters, cwd=str(REPO_ROOT), progress_bar=False,
                                    execution_timeout=timeout_s, kernel_name="python3",
+                                   kernel_manager_class=kernel_manager(directory / KERNEL_LOG, env),
                                    iopub_timeout=60)  # a loaded machine delays output messages past nbclient's 4 s
         record = read_record(directory)
         if record is None or record.run_id != spec.run_id:
@@ -125,6 +130,33 @@ def execute_claimed_run(spec: RunSpec, results_root: str, timeout_s: float | Non
         return execute_run(spec, results_root, timeout_s)
 
 
+KERNEL_LOG = "kernel.log"  # beside the record: the kernel process's own output (startup, shutdown, crashes)
+# Progress bars and library chatter off in the kernels the runner starts: run pages show what a reader needs
+QUIET_KERNEL_ENV = {
+    "TQDM_DISABLE": "1",  # every tqdm bar (tqdm reads TQDM_* defaults from the environment)
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # huggingface_hub's and transformers' ("Loading weights") bars
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
+}
+
+
+def kernel_manager(log_path: Path, env: dict[str, str]):
+    """A jupyter kernel manager class whose kernels run with ``env`` added to their environment and write their
+    process output to ``log_path`` instead of the runner's terminal (ipykernel's "running over TCP without
+    encryption" warning at every start, its "KeyboardInterrupt caught in kernel" at shutdown). What a cell prints
+    still reaches the executed notebook, through the kernel's messages."""
+    from jupyter_client import AsyncKernelManager
+
+    class RunKernelManager(AsyncKernelManager):
+        async def _async_launch_kernel(self, kernel_cmd, **kw):
+            kw["env"] = {**kw.get("env", os.environ), **env}
+            with open(log_path, "ab") as log:  # the kernel inherits the file; ours closes after the launch
+                return await super()._async_launch_kernel(kernel_cmd, **{**kw, "stdout": log, "stderr": log})
+
+    return RunKernelManager
+
+
 def pending_runs(specs: list[RunSpec], results_root: Path, force: bool = False,
                  retry_failed: bool = False) -> tuple[list[RunSpec], list[RunOutcome]]:
     """Split runs into those to execute and those whose record already exists (an unreadable one: failed)."""
@@ -158,7 +190,9 @@ def local_cluster(n_gpus: int, max_retries: int = 2):
             options["env"] = {"CUDA_VISIBLE_DEVICES": str(i)}
             options["resources"] = {"GPU": 1}
         workers[f"worker-{i}"] = {"cls": Nanny, "options": options}
-    scheduler = {"cls": Scheduler, "options": {"dashboard_address": None, "host": "127.0.0.1"}}
+    # no dashboard; its HTTP server on a free port, so a second cluster on the machine does not warn about 8787
+    scheduler = {"cls": Scheduler, "options": {"dashboard": False, "dashboard_address": "127.0.0.1:0",
+                                               "host": "127.0.0.1"}}
     return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=40)
 
 

@@ -1,5 +1,8 @@
+import contextlib
 import os
 import shutil
+import tempfile
+import types
 from pathlib import Path
 
 import pytest
@@ -45,3 +48,38 @@ def book_copy(tmp_path: Path) -> Path:
     target = tmp_path / "book"
     shutil.copytree(REPO / "book", target, ignore=shutil.ignore_patterns("_build", "runs"))
     return target
+
+
+@contextlib.contextmanager
+def captured_fd2():
+    """Everything written to file descriptor 2 in the block, child processes (Dask workers, kernels) included."""
+    captured: dict[str, str] = {}
+    with tempfile.TemporaryFile() as sink, open(sink.fileno(), "w", closefd=False) as text:
+        saved = os.dup(2)
+        os.dup2(sink.fileno(), 2)
+        try:
+            with contextlib.redirect_stderr(text):  # this process's sys.stderr, which pytest may have replaced
+                yield captured
+        finally:
+            text.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            captured["text"] = sink.read().decode(errors="replace")
+
+
+@pytest.fixture(scope="session")
+def smoke_book(tmp_path_factory):
+    """The README's main command on the smoke profile, once per session: its exit code, what the runner printed,
+    the results folder and the built book's index.html (the end-to-end and the browser tests share it)."""
+    from efficientllm_utils import cli
+    from efficientllm_utils.book import build_book
+
+    tmp = tmp_path_factory.mktemp("smoke")
+    results_root = tmp / "results"
+    with captured_fd2() as output:
+        code = cli.main(["run", "quantization", "--profile", "smoke", "--results", str(results_root)])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EFFICIENTLLM_BOOK_PROFILE", "smoke")
+        index = build_book(results_root, book_copy(tmp))
+    return types.SimpleNamespace(code=code, runner_output=output["text"], results_root=results_root, index=index)

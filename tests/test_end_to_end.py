@@ -1,20 +1,18 @@
 """The README's main command on the smoke profile: papermill runs on Dask, records, aggregate, the book."""
+import json
 import re
 
 import pandas as pd
 import pytest
 
-from efficientllm_utils import cli
-from efficientllm_utils.book import build_book
 from efficientllm_utils.records import load_records
-
-from .conftest import book_copy
 
 pytestmark = pytest.mark.slow
 
 
-def test_smoke_profile_end_to_end(results_root, tmp_path, monkeypatch):
-    assert cli.main(["run", "quantization", "--profile", "smoke", "--results", str(results_root)]) == 0
+def test_smoke_profile_end_to_end(smoke_book):
+    results_root, index = smoke_book.results_root, smoke_book.index
+    assert smoke_book.code == 0
     records = load_records("quantization", "smoke", results_root)
     assert {r.params["precision"] for r in records} == {"fp32", "int4-nf4"}
     assert all(r.status == "ok" for r in records)
@@ -32,9 +30,6 @@ def test_smoke_profile_end_to_end(results_root, tmp_path, monkeypatch):
     assert len(frame) == 2 and frame["model_bytes"].nunique() == 2
     assert frame.set_index("param_precision")["cpu_4bit_kernel"].isna().to_dict() == {"fp32": True, "int4-nf4": False}
 
-    book = book_copy(tmp_path)
-    monkeypatch.setenv("EFFICIENTLLM_BOOK_PROFILE", "smoke")
-    index = build_book(results_root, book)
     page = (index.parent / "quantization.html").read_text()
     text = re.sub(r"<[^>]+>", " ", page)
     assert "Traceback" not in text and "Error" not in text
@@ -42,3 +37,36 @@ def test_smoke_profile_end_to_end(results_root, tmp_path, monkeypatch):
     assert "estimated:cpu-time-x-watts" in text  # the page says how energy was obtained
     runs = list((index.parent / "runs" / "quantization").glob("*.html"))
     assert len(runs) == 2
+
+
+def test_smoke_records_hold_fidelity_to_the_reference(smoke_book):
+    by_precision = {r.params["precision"]: r for r in load_records("quantization", "smoke", smoke_book.results_root)}
+    reference, int4 = by_precision["fp32"].quality, by_precision["int4-nf4"].quality
+    assert (reference["kl_to_reference"], reference["top1_agreement"], reference["flip_rate"]) == (0.0, 1.0, 0.0)
+    assert int4["kl_to_reference"] > 0 and 0 <= int4["top1_agreement"] <= 1 and 0 <= int4["flip_rate"] <= 1
+    assert int4["fidelity_tokens"] == len(by_precision["int4-nf4"].raw["fidelity"]["kl_per_token"]) > 0
+    assert int4["flip_items"] == 2 * 4  # two tasks of four items
+    assert int4["reference_fingerprint"] == reference["reference_fingerprint"]  # the same reference, any run order
+
+
+def test_runner_output_and_run_pages_show_what_a_reader_needs(smoke_book):
+    out = smoke_book.runner_output
+    assert "[ok] precision=int4-nf4" in out  # the runner's own lines are there ...
+    for noise in ("without encryption", "KeyboardInterrupt", "Port 8787 is already in use"):
+        assert noise not in out  # ... the kernels' and Dask's chatter is not
+    machine_path = str(smoke_book.results_root.parent)
+    titles = set()
+    for notebook in (smoke_book.index.parent.parent.parent / "runs" / "quantization").glob("*.ipynb"):
+        text = notebook.read_text()
+        nb = json.loads(text)
+        titles.add("".join(nb["cells"][0]["source"]).splitlines()[0])
+        assert machine_path not in text  # no absolute path of this machine, in sources, outputs or metadata
+        injected = next(c for c in nb["cells"] if "injected-parameters" in c["metadata"].get("tags", []))
+        assert re.search(r'result_dir = "quantization/smoke/precision=[\w-]+"', "".join(injected["source"]))
+        streams = "".join("".join(o["text"]) for c in nb["cells"] for o in c.get("outputs", [])
+                          if o["output_type"] == "stream")
+        for noise in ("Loading weights", "it/s]", "%|", "warnings.warn(", "gemm_4bit_forward"):
+            assert noise not in streams
+    assert titles == {"# Quantization: smollm2-135m-instruct at fp32", "# Quantization: smollm2-135m-instruct at int4-nf4"}
+    html = (smoke_book.index.parent / "runs" / "quantization").glob("*.html")
+    assert all("Quantization: smollm2-135m-instruct at" in re.sub(r"<[^>]+>", " ", p.read_text()) for p in html)

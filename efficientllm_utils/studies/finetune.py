@@ -32,6 +32,7 @@ import psutil
 import torch
 
 from .. import finetune as ft
+from .. import score_cache
 from ..finetune.methods import cleanup, is_4bit
 from ..metrics.tracker import ResourceTracker
 from ..metrics.training import step_latency_metrics
@@ -124,31 +125,11 @@ _SCORING_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes")
 
 
 def base_fingerprint(model, data: Data, p: FinetuneRun) -> str:
-    """A hash of everything the base model's held-out scores depend on: every tensor of its state (names,
-    dtypes, shapes, bytes; 4-bit weights and their quantisation state included), the items, the scoring
-    settings, the scoring code and the package versions."""
-    from importlib import metadata
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous().reshape(-1)  # 1-d: a 0-d tensor cannot be viewed as bytes
-        digest.update(f"{name}:{t.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    package = Path(__file__).resolve().parent.parent
-    digest.update(json.dumps({
-        "items": [(i.context, i.choices, i.gold) for i in data.eval_items],
-        "settings": {k: getattr(p, k) for k in ("eval_batch_tokens", "num_threads", "device")},
-        "code": {f: hashlib.sha256((package / f).read_bytes()).hexdigest() for f in _SCORING_CODE},
-        "packages": {name: _version(metadata, name) for name in _SCORING_PACKAGES},
-    }, sort_keys=True).encode())
-    return digest.hexdigest()
-
-
-def _version(metadata, name: str) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
+    """A hash of everything the base model's held-out scores depend on (``score_cache.fingerprint``): every
+    tensor of its state, the items, the scoring settings, the scoring code and the package versions."""
+    inputs = {"items": [(i.context, i.choices, i.gold) for i in data.eval_items],
+              "settings": {k: getattr(p, k) for k in ("eval_batch_tokens", "num_threads", "device")}}
+    return score_cache.fingerprint(model, inputs, _SCORING_CODE, _SCORING_PACKAGES)
 
 
 def evaluate_base(model, data: Data, p: FinetuneRun, cache_dir: Path | None, run_label: str = "manual") -> dict:
@@ -157,25 +138,8 @@ def evaluate_base(model, data: Data, p: FinetuneRun, cache_dir: Path | None, run
     scoring settings, code and packages) matches: the same deterministic computation, not an assumption. The
     result says which run computed it (``computed_by``) and whether this run did (``reused``); ``cache_dir=None``
     always computes."""
-    from ..records import atomic_write_text, now
-
-    t0 = time.perf_counter()
-    key = base_fingerprint(model, data, p)
-    path = cache_dir / f"{key[:32]}.json" if cache_dir is not None else None
-    if path is not None and path.exists():
-        cached = json.loads(path.read_text())
-        if cached.get("fingerprint") == key:
-            result = cached["result"]
-            result.update(reused=True, computed_by=cached["computed_by"], fingerprint=key,
-                          seconds=time.perf_counter() - t0)
-            return result
-    result = evaluate(model, data, p)
-    result.update(reused=False, computed_by=run_label, fingerprint=key)
-    if path is not None:
-        atomic_write_text(path, json.dumps({"fingerprint": key, "computed_by": run_label, "finished": now(),
-                                            "result": result}))
-    result["seconds"] = time.perf_counter() - t0
-    return result
+    return score_cache.cached(base_fingerprint(model, data, p), lambda: evaluate(model, data, p), cache_dir,
+                              run_label)
 
 
 # --- phase 3: training -----------------------------------------------------------------------

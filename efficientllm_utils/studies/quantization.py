@@ -1,18 +1,26 @@
 """The inference-quantization study: one model at one precision, measured in three phases.
 
 1. size: bytes the loaded model really holds (counted, per dtype), and its layer kinds;
-2. quality: multiple-choice accuracy and held-out perplexity;
+2. quality: multiple-choice accuracy and held-out perplexity, and fidelity to the reference precision
+   (``reference_precision``): the mean per-token KL divergence KL(reference || this precision) of the
+   next-token distributions on the perplexity text, top-1 next-token agreement, and the share of
+   multiple-choice answers that flip. The reference's outputs come from the reference model itself,
+   loaded in this run, or from an earlier run that computed them from the very same weights, inputs,
+   code and packages (``score_cache``), so runs may execute in any order;
 3. inference: timing of fixed-length greedy generation with no sampler running,
    then the same requests again under the resource tracker (memory, utilisation,
    energy), so that instrumentation never disturbs the latency figures.
 """
 from __future__ import annotations
 
+import gc
+import hashlib
 import time
+from pathlib import Path
 
 import torch
 
-from .. import models, quality
+from .. import models, quality, score_cache
 from ..metrics.inference import generation_benchmark, inference_metrics, time_one_request
 from ..metrics.tracker import ResourceTracker
 from ..metrics.values import MetricValue
@@ -36,19 +44,93 @@ def measure_size(model) -> tuple[dict[str, MetricValue], dict]:
     return metrics, {**counted, "linear_layers": models.linear_layer_kinds(model)}
 
 
-def measure_quality(model, tokenizer, p: QuantizationRun) -> dict:
-    """Mean accuracy over the tasks (the study's quality score), per-task results, perplexity."""
+REFERENCE_DIR = ".reference"  # beside the runs of a profile: the reference precision's outputs by fingerprint
+# what the reference's outputs depend on besides its weights and the inputs: this code and these packages
+_SCORING_CODE = ("quality.py", "models.py", "studies/quantization.py")
+_SCORING_PACKAGES = ("torch", "transformers", "bitsandbytes", "accelerate")
+
+
+def score(model, tokenizer, p: QuantizationRun) -> dict:
+    """The model's outputs that quality is computed from: per-task accuracy with each item's predicted choice,
+    perplexity, and the next-token distributions at the first ``fidelity_tokens`` positions of the text."""
     scores = quality.evaluate_tasks(model, tokenizer, p.tasks, p.n_per_task, seed=p.seed)
-    ppl = quality.perplexity(model, tokenizer, quality.heldout_text(), seq_len=p.ppl_seq_len, max_tokens=p.ppl_tokens)
-    return {
+    ppl = quality.perplexity(model, tokenizer, quality.heldout_text(), seq_len=p.ppl_seq_len, max_tokens=p.ppl_tokens,
+                             keep_distributions=p.fidelity_tokens or p.ppl_tokens)
+    return {"scores": scores, "perplexity": ppl}
+
+
+def _reference_part(outputs: dict) -> dict:
+    """What the other precisions are compared with: the predicted choices and the distributions."""
+    return {"predictions": {t: r["predictions"] for t, r in outputs["scores"]["tasks"].items()},
+            "logprobs": outputs["perplexity"]["logprobs"]}
+
+
+def reference_fingerprint(model, p: QuantizationRun) -> str:
+    """``score_cache.fingerprint`` of the reference model's outputs: its weights, the text, the items, the settings."""
+    inputs = {"text_sha256": hashlib.sha256(quality.heldout_text().encode()).hexdigest(),
+              "items": {t: [(i.context, i.choices, i.gold) for i in quality.load_task(t, p.n_per_task, p.seed)]
+                        for t in p.tasks},
+              "settings": {k: getattr(p, k) for k in ("reference_precision", "device", "ppl_seq_len", "ppl_tokens",
+                                                      "fidelity_tokens")}}
+    return score_cache.fingerprint(model, inputs, _SCORING_CODE, _SCORING_PACKAGES)
+
+
+def reference_outputs(p: QuantizationRun, cache_dir: Path | None, run_label: str = "manual") -> dict | None:
+    """The reference precision's predicted choices and distributions, or None when this run is the reference.
+
+    Loads the reference model (then frees it, before this run loads its own), fingerprints it, and reuses the
+    outputs an earlier run stored under the same fingerprint in ``cache_dir``, or computes them and stores them."""
+    if p.precision == p.reference_precision:
+        return None
+    model, tokenizer = models.load_causal_lm(p.model, p.reference_precision, p.device)
+    try:
+        return score_cache.cached(reference_fingerprint(model, p),
+                                  lambda: _reference_part(score(model, tokenizer, p)), cache_dir, run_label)
+    finally:
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def measure_quality(model, tokenizer, p: QuantizationRun, reference: dict | None = None,
+                    cache_dir: Path | None = None, run_label: str = "manual") -> tuple[dict, dict]:
+    """Mean accuracy over the tasks (the study's quality score), per-task results, perplexity, and fidelity to
+    ``reference`` (``reference_outputs``; None: this run is the reference, whose outputs are stored in
+    ``cache_dir`` for the other precisions). Returns (quality, raw per-token and per-item values)."""
+    outputs = score(model, tokenizer, p)
+    scores, ppl = outputs["scores"], outputs["perplexity"]
+    if reference is None:  # this run is the reference: compared with itself, 0 / 1 / 0 by construction
+        stored = score_cache.cached(reference_fingerprint(model, p), lambda: _reference_part(outputs), cache_dir,
+                                    run_label)
+        reference, source = _reference_part(outputs), "this run is the reference"
+        fingerprint = stored["fingerprint"]
+    else:
+        source = (f"reused from run {reference['computed_by']} (same reference weights, inputs, code and packages)"
+                  if reference["reused"] else f"computed in this run from the {p.reference_precision} model")
+        fingerprint = reference["fingerprint"]
+    predictions = {task: r["predictions"] for task, r in scores["tasks"].items()}
+    close = quality.fidelity(reference["logprobs"], ppl["logprobs"])
+    flipped = quality.flips(reference["predictions"], predictions)
+    result = {
         "mean_accuracy": scores["mean_accuracy"],
         "perplexity": ppl["perplexity"],
         "perplexity_tokens": ppl["tokens"],
         **{f"acc_{task}": r["accuracy"] for task, r in scores["tasks"].items()},
         **{f"acc_{task}_stderr": r["stderr"] for task, r in scores["tasks"].items()},
         "n_per_task": p.n_per_task,
-        "predictions": {task: r["predictions"] for task, r in scores["tasks"].items()},
+        "kl_to_reference": close["kl_to_reference"],  # nats/token
+        "top1_agreement": close["top1_agreement"],
+        "flip_rate": flipped["flip_rate"],
+        "fidelity_tokens": close["fidelity_tokens"],
+        "flip_items": flipped["flip_items"],
+        "reference_source": source,
+        "reference_fingerprint": fingerprint,
+        "predictions": predictions,
     }
+    raw = {"kl_per_token": close["kl_per_token"], "top1_agree": close["top1_agree"], "flipped": flipped["flipped"],
+           "reference_predictions": reference["predictions"]}
+    return result, raw
 
 
 def prompt_ids(tokenizer, p: QuantizationRun) -> torch.Tensor:
