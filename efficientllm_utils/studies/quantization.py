@@ -48,6 +48,7 @@ def measure_quality(model, tokenizer, p: QuantizationRun) -> dict:
         **{f"acc_{task}_stderr": r["stderr"] for task, r in scores["tasks"].items()},
         "n_per_task": p.n_per_task,
         "predictions": {task: r["predictions"] for task, r in scores["tasks"].items()},
+        "correct": {task: r["correct"] for task, r in scores["tasks"].items()},  # per item: paired comparisons
     }
 
 
