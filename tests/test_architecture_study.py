@@ -263,7 +263,7 @@ def test_leaderboard_ranks_perplexity_lower_first_and_maps_paper_names():
     ])
     table = ar.pretraining_table(common.StudyResults("attention", "cpu", [], frame))
     assert list(table["variant"]) == ["mha", "gqa", "mqa", "mla"]  # the order the runs were made in
-    assert set(table["model"]) == {"hidden 32, 1 layers"}
+    assert set(table["model"]) == {"hidden 32, 1 layer"}
     board = ar.leaderboard("attention", table)
     ranks = board.set_index(["method", "metric"])["our_rank"]
     assert "mha" not in set(board["method"])  # not in the paper's leaderboard

@@ -186,3 +186,57 @@ def test_findings_are_per_model():
     assert {m for m, _ in found} == {"a", "b"}
     text = common.findings_markdown(list(found.values()))
     assert "**a**" in text and "**b**" in text
+
+
+def _peft_record(model, method, final_loss, seconds):
+    return RunRecord(run_id=f"{model}-{method}", study="peft", profile="t", label=f"method={method}", status="ok",
+                     params={"model": model, "method": method, "timing_warmup_steps": 1, "device": "cpu"},
+                     quality={"final_loss": final_loss, "final_loss_steps": 3},
+                     raw={"steps": [{"seconds": s} for s in seconds]})
+
+
+def test_a_claim_read_from_the_paper_ranks_follows_the_models_size_group():
+    from efficientllm_utils.reports import finetune as fr
+
+    steps = [1.0, 1.0, 1.01, 0.99, 1.0, 1.02, 0.98]
+    records = [_peft_record(m, method, loss, steps) for m in ("small", "mid")
+               for method, loss in (("lora", 1.0), ("rslora", 0.8))]
+    res = common.StudyResults("peft", "t", records, pd.DataFrame([r.flat() for r in records]))
+    table = pd.DataFrame({"model": ["small", "mid"], "total_params": [2e9, 7.5e9]})
+    found = {f.model: f for f in fr.findings(res, table) if f.claim_id == "f-rslora-loss"}
+    # at 1B-3B the paper ranks RSLoRA ahead of LoRA on loss (5 vs 7), at 7B-8B behind (3 vs 2)
+    assert found["small"].verdict == common.AGREES and "1B-3B" in found["small"].sentence
+    assert found["mid"].verdict == common.DISAGREES and "7B-8B" in found["mid"].sentence
+    close = [_peft_record("small", method, loss, steps) for method, loss in (("lora", 1.0), ("rslora", 0.98))]
+    res = common.StudyResults("peft", "t", close, pd.DataFrame([r.flat() for r in close]))
+    (within,) = [f for f in fr.findings(res, table) if f.claim_id == "f-rslora-loss"]
+    assert within.verdict == common.INCONCLUSIVE  # 2% apart: inside the 5% tolerance
+
+
+def _arch_record(attention, seconds, perplexity, hidden=32):
+    metric = lambda v, unit: MetricValue(value=v, unit=unit, method="measured:test")  # noqa: E731
+    return RunRecord(run_id=f"{attention}-{hidden}", study="attention", profile="t", label=f"attention={attention}",
+                     status="ok", params={"attention": attention, "hidden_size": hidden, "n_layers": 1,
+                                          "timing_warmup_steps": 0, "device": "cpu"},
+                     metrics={"amu_gb": metric(1.0, "GB"), "aec_w": metric(1.0, "W"),
+                              "params_total": metric(1e5, "params")},
+                     quality={"perplexity": perplexity}, raw={"steps": [{"seconds": s, "tokens": 64} for s in seconds]})
+
+
+def test_lowest_of_several_needs_every_other_variant_clearly_behind():
+    from efficientllm_utils.reports import architecture as ar
+
+    steps = [1.0, 1.01, 0.99, 1.0, 1.02, 0.98]
+
+    def verdicts(mqa_speed, mla_ppl):
+        records = [_arch_record("mqa", [s * mqa_speed for s in steps], 100.0), _arch_record("gqa", steps, 100.0),
+                   _arch_record("mla", [s * 1.5 for s in steps], mla_ppl)]
+        res = common.StudyResults("attention", "t", records, pd.DataFrame([r.flat() for r in records]))
+        return {f.claim_id: f.verdict for f in ar.findings(res, {"perplexity": 0.05})}
+
+    assert verdicts(0.8, 80.0)["a-mqa-latency"] == common.AGREES  # 20% faster than gqa, 47% than mla
+    assert verdicts(1.2, 80.0)["a-mqa-latency"] == common.DISAGREES  # gqa is clearly faster
+    assert verdicts(1.01, 80.0)["a-mqa-latency"] == common.INCONCLUSIVE  # level with gqa
+    assert verdicts(0.8, 80.0)["a-mla-perplexity"] == common.AGREES  # 20% lower, beyond the 5% noise
+    assert verdicts(0.8, 98.0)["a-mla-perplexity"] == common.INCONCLUSIVE  # 2%: within the noise
+    assert verdicts(0.8, 120.0)["a-mla-perplexity"] == common.DISAGREES

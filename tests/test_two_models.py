@@ -89,7 +89,7 @@ def test_two_model_grids_run_through_the_book(tmp_path, results_root, monkeypatc
     ft_table = fr.results_table(peft)
     assert {b.model for b in fr.leaderboards(ft_table)} == set(WIDTHS)
     assert {f.model for f in fr.findings(peft, ft_table)} == set(WIDTHS)
-    arch_models = {f"hidden {w}, 1 layers" for w in ARCH_WIDTHS}
+    arch_models = {f"hidden {w}, 1 layer" for w in ARCH_WIDTHS}
     for study in ARCH_GRIDS:
         res = common.load_study(study, "two", results_root)
         table = ar.pretraining_table(res)

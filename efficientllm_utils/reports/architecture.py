@@ -163,7 +163,8 @@ def model_key(study: str, params: dict) -> str:
     size = params.get("size")
     if isinstance(size, str) and size:
         return "Qwen2.5 shapes" if study == "moe" else f"Qwen2.5-style {size}"
-    return f"hidden {int(params['hidden_size'])}, {int(params['n_layers'])} layers"
+    layers = int(params["n_layers"])
+    return f"hidden {int(params['hidden_size'])}, {layers} layer{'s' if layers != 1 else ''}"
 
 
 def leaderboard(study: str, table: pd.DataFrame) -> pd.DataFrame:
@@ -334,7 +335,8 @@ def observations(study: str, table: pd.DataFrame) -> list[str]:
 def caveats(res: c.StudyResults, table: pd.DataFrame, tolerances: dict[str, float]) -> list[str]:
     params = (table.groupby("model", sort=False)["params_M"].median() * 1e6).to_dict() if len(table) else {}
     out = c.common_caveats(res, params, 0.5e9)
-    shown = ", ".join(f"{col} {100 * t:.0f}%" for col, t in tolerances.items() if col in ("perplexity", "AMU_GB"))
+    names = {"perplexity": "perplexity", "AMU_GB": "memory (AMU)"}
+    shown = ", ".join(f"{names[col]} {100 * t:.0f}%" for col, t in tolerances.items() if col in names)
     out.append(f"Single values per run (perplexity, memory) count as different only beyond their noise: {shown} (the "
                "larger of a floor and the spread within groups of repeated identical runs, above). Step times are "
                "compared by intervals over the timed steps.")

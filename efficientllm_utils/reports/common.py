@@ -82,8 +82,17 @@ def show(table: pd.DataFrame, columns: dict[str, str], formats: dict[str, str] |
     view = table[list(present)].rename(columns=present)
     formats = {present.get(k, k): v for k, v in (formats or {}).items()}
     numeric = [h for h in view.columns if pd.api.types.is_float_dtype(view[h]) and h not in formats]
-    formats.update({h: f"{{:.{digits}g}}" for h in numeric})
+    formats.update({h: (lambda x, d=digits: readable(x, d)) for h in numeric})
     return view.style.format(formats, na_rep="n/a").hide(axis="index")
+
+
+def readable(x: float, digits: int = 3) -> str:
+    """A number as a reader wants it: ``digits`` significant figures, never in scientific notation above 1."""
+    if pd.isna(x):
+        return "n/a"
+    if abs(x) >= 10 ** digits:
+        return f"{x:,.0f}"
+    return f"{x:.{digits}g}" if abs(x) >= 1e-3 or x == 0 else f"{x:.2e}"
 
 
 def methods_legend(res: StudyResults, columns: dict[str, str]) -> pd.DataFrame:

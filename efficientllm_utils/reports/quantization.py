@@ -55,6 +55,9 @@ def quantization_table(res: c.StudyResults) -> pd.DataFrame:
                 row["accuracy_change_pct"] = 100 * (quality_ratio - 1)
             rows.append(row)
     table = pd.DataFrame(rows)
+    for column in ("compression", "MCR", "accuracy_change_pct"):  # NaN where a model has no reference run
+        if column not in table:
+            table[column] = np.nan
     return table.astype({col: float for col in ("kl", "top1", "flip_rate", "PCU") if col in table})
 
 
