@@ -240,3 +240,11 @@ def test_lowest_of_several_needs_every_other_variant_clearly_behind():
     assert verdicts(0.8, 80.0)["a-mla-perplexity"] == common.AGREES  # 20% lower, beyond the 5% noise
     assert verdicts(0.8, 98.0)["a-mla-perplexity"] == common.INCONCLUSIVE  # 2%: within the noise
     assert verdicts(0.8, 120.0)["a-mla-perplexity"] == common.DISAGREES
+
+
+def test_caveats_appear_only_when_the_records_show_them():
+    cpu = pd.DataFrame({"status": ["ok"], "param_device": ["cpu"], "aec_w_method": ["estimated:cpu-time-x-watts"]})
+    gpu = pd.DataFrame({"status": ["ok"], "param_device": ["cuda"], "aec_w_method": ["measured:nvml-total-energy"]})
+    small = common.common_caveats(common.StudyResults("s", "p", [], cpu), {"m": 135e6}, 1.5e9, 200, 32)
+    assert len(small) == 4 and "CPU" in small[0] and "135M" in small[1] and "estimated" in small[2] and "32" in small[3]
+    assert common.common_caveats(common.StudyResults("s", "p", [], gpu), {"m": 7e9}, 1.5e9, 200, 1000) == []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -440,11 +440,9 @@ class Finding:
     model: str
     verdict: str
     sentence: str
-    notes: list[str] = field(default_factory=list)
 
     def markdown(self) -> str:
-        note = " " + " ".join(self.notes) if self.notes else ""
-        return f"- **{self.verdict}**: {self.sentence}{note}"
+        return f"- **{self.verdict}**: {self.sentence}"
 
 
 def findings_markdown(findings: list[Finding], observations: list[str] | None = None,
@@ -490,8 +488,8 @@ def common_caveats(res: StudyResults, n_params: dict[str, float | None], smalles
         out.append("Model sizes below the paper's smallest (" + format_params(smallest_paper_params) + "): "
                    + ", ".join(f"{m} {format_params(n)}" for m, n in small.items())
                    + "; effects that grow with scale may not show.")
-    estimated = sorted({m.split("/")[0] for c in df.columns if c.endswith("_method") and c.startswith(("aec_w", "energy"))
-                        for m in df[c].dropna() if is_estimate(m)})
+    energy_methods = [col for col in df.columns if col.endswith("_method") and col.startswith(("aec_w", "energy"))]
+    estimated = sorted({m.split("/")[0] for col in energy_methods for m in df[col].dropna() if is_estimate(m)})
     if estimated:
         out.append(f"Energy is estimated ({', '.join(estimated)}), not measured by a counter: it follows how much "
                    "CPU a run got, so no energy claim is decided on it.")
