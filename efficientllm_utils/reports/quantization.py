@@ -215,22 +215,20 @@ def _without_single_model(table: pd.DataFrame, columns: dict[str, str]) -> dict[
 
 
 def show_tables(table: pd.DataFrame):
-    """Quality and size per (model, precision); the fidelity columns only where the records have them."""
+    """Quality per (model, precision); the fidelity columns only where the records have them."""
     if table.empty:
         return c.show(table, {})
-    columns = {**QUALITY_COLUMNS, **{k: v for k, v in SIZE_COLUMNS.items() if k in ("compression", "MCR", "model_MB")}}
-    return c.show(table, _without_single_model(table, columns), FORMATS)
+    return c.show(table, _without_single_model(table, QUALITY_COLUMNS), FORMATS)
 
 
 def show_cost_tables(table: pd.DataFrame) -> None:
-    """Two tables: memory, then latency, throughput and energy."""
+    """Two tables: size and memory, then latency, throughput and energy."""
     from IPython.display import display
 
     if table.empty:
         display(c.show(table, {}))
         return
-    memory = {k: v for k, v in SIZE_COLUMNS.items() if k not in ("compression", "MCR", "model_MB")}
-    for columns in (memory, SPEED_COLUMNS):
+    for columns in (SIZE_COLUMNS, SPEED_COLUMNS):
         display(c.show(table, _without_single_model(table, columns), FORMATS))
 
 
