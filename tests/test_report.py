@@ -97,6 +97,8 @@ def test_paired_accuracy_verdict_changes_with_the_flips():
     assert common.decide(one_flip, "not_lower", 0.01) == common.INCONCLUSIVE
     with pytest.raises(ValueError, match="same items"):
         common.paired_accuracy([1, 0], [1])
+    few = common.paired_accuracy([0] * 10, [1] * 10)  # every answer lost, but 10 items are too few
+    assert common.decide(few, "lower") == common.INCONCLUSIVE and "too few items" in str(few)
 
 
 def test_latency_interval_verdict_changes_with_the_gap_and_the_noise():

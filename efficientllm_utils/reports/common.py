@@ -338,6 +338,7 @@ CONFIDENCE = 0.95
 BOOTSTRAP_DRAWS = 4000
 LATENCY_TOLERANCE = 0.03  # relative: interval bounds within +-3% of "no difference" are not a difference
 MIN_SAMPLES = 5  # fewer timed samples per run than this: no interval (a bootstrap of 2 values means nothing)
+MIN_ITEMS = 30  # fewer scored items than this: no interval for an accuracy difference
 
 
 @dataclass
@@ -354,7 +355,7 @@ class Difference:
         if not np.isfinite([self.low, self.high]).all():
             return f"{100 * self.estimate:+.1f}% ({self.how})"
         if self.low == self.high == self.estimate:
-            return f"{100 * self.estimate:+.1f}%"
+            return f"{100 * self.estimate:+.1f}% ({self.how})"
         return (f"{100 * self.estimate:+.1f}% ({100 * CONFIDENCE:.0f}% interval {100 * self.low:+.1f}% to "
                 f"{100 * self.high:+.1f}%, {self.how})")
 
@@ -377,19 +378,26 @@ def bootstrap_ratio(subject: list[float], baseline: list[float], seed: int = 0) 
 
 def paired_accuracy(subject: list[int], baseline: list[int], seed: int = 0) -> Difference:
     """Relative accuracy difference of two runs scored on the same items (1 = correct), with a paired bootstrap
-    interval over items (relative to the baseline's accuracy)."""
+    interval over items (relative to the baseline's accuracy); no interval under ``MIN_ITEMS`` items, and with no
+    item answered differently the rule of three (a share of at most 3/n) instead of a degenerate bootstrap."""
     a, b = np.asarray(subject, float), np.asarray(baseline, float)
     if len(a) != len(b) or not len(a):
         raise ValueError(f"paired accuracy needs the same items: {len(a)} vs {len(b)}")
     base = b.mean() or 1.0
+    flips, n = int((a != b).sum()), len(a)
+    estimate = (a.mean() - b.mean()) / base
+    if n < MIN_ITEMS:
+        return Difference(estimate, -np.inf, np.inf, f"{n} items, {flips} answered differently: too few items for "
+                                                     f"an interval, fewer than {MIN_ITEMS}")
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(a), (BOOTSTRAP_DRAWS, len(a)))
+    idx = rng.integers(0, n, (BOOTSTRAP_DRAWS, n))
     diffs = (a[idx] - b[idx]).mean(1) / base
     tail = 100 * (1 - CONFIDENCE) / 2
     low, high = np.percentile(diffs, [tail, 100 - tail])
-    flips = int((a != b).sum())
-    return Difference((a.mean() - b.mean()) / base, float(low), float(high),
-                      f"paired bootstrap over {len(a)} items, {flips} answered differently")
+    if flips == 0:  # the bootstrap cannot see a share it never drew: the rule of three bounds it (95%)
+        low, high = -3 / n / base, 3 / n / base
+    return Difference(estimate, float(low), float(high), f"paired bootstrap over {n} items, {flips} answered "
+                                                         "differently")
 
 
 def point_difference(subject: float, baseline: float, tolerance: float, what: str) -> Difference:
