@@ -1,22 +1,16 @@
-"""The architecture-pretraining studies: params, the measurement procedure on a tiny model, the book's helpers,
-and (slow) the three smoke profiles end to end with a book build."""
+"""The architecture-pretraining studies: params, the measurement procedure on a tiny model, the book's helpers
+(the three smoke profiles end to end, on two backbones, are in test_two_models.py)."""
 import math
-import re
 
 import pandas as pd
 import pytest
 import torch
-import yaml
 
-from efficientllm_utils import cli
-from efficientllm_utils.reports import architecture as ar
-from efficientllm_utils.reports import common
 from efficientllm_utils.arch.train import StepSample
 from efficientllm_utils.params import ParamsError, PretrainRun, expand, params_path
-from efficientllm_utils.records import load_records
+from efficientllm_utils.reports import architecture as ar
+from efficientllm_utils.reports import common
 from efficientllm_utils.studies import architecture as arch
-
-from .conftest import book_copy
 
 STUDIES = {"attention": "attention", "positional_encoding": "position", "moe": "variant"}
 # what may differ between the runs of one study's profile: the part under study
@@ -291,45 +285,7 @@ def test_pages_handle_a_study_without_results(tmp_path):
     assert ar.leaderboards("moe", ar.pretraining_table(res)) == []
 
 
-# --- end to end -------------------------------------------------------------------------------
-
-@pytest.mark.slow
-def test_architecture_smoke_profiles_end_to_end(results_root, tmp_path, monkeypatch):
-    from efficientllm_utils.book import build_book
-
-    for study in STUDIES:
-        assert cli.main(["run", study, "--profile", "smoke", "--results", str(results_root)]) == 0
-    for study, field in STUDIES.items():
-        records = load_records(study, "smoke", results_root)
-        assert len(records) == len(expand(params_path(study), "smoke"))
-        for r in records:
-            assert r.status == "ok", r.error
-            for metric in ("perplexity", "final_loss", "initial_loss"):
-                assert math.isfinite(r.quality[metric])
-            for metric in ("al_s", "tt_tokens_per_param_s", "amu_gb", "pcu", "aec_w", "energy_j", "params_total",
-                           "params_active", "flops_per_token", "kv_cache_bytes_per_token",
-                           "kv_cache_bytes_per_token_measured"):
-                assert metric in r.metrics
-            for context in r.params["decode_contexts"]:
-                assert r.metrics[f"decode_ctx{context}_latency_s"].value > 0
-            assert len(r.raw["steps"]) == r.params["steps"] and r.raw["decode"]
-        frame = pd.read_parquet(results_root / study / "smoke" / "runs.parquet")
-        assert frame[f"param_{field}"].nunique() == len(records)
-    moe = {r.params["variant"]: r for r in load_records("moe", "smoke", results_root)}
-    assert moe["moe-8x2"].metrics["params_active"].value < moe["moe-8x2"].metrics["params_total"].value
-
-    book = book_copy(tmp_path)  # only the architecture part: the quantization chapter has its own end-to-end test
-    toc = yaml.safe_load((book / "_toc.yml").read_text())
-    toc["parts"] = [part for part in toc["parts"] if part["caption"] == "Architecture pretraining"]
-    (book / "_toc.yml").write_text(yaml.safe_dump(toc))
-    monkeypatch.setenv("EFFICIENTLLM_BOOK_PROFILE", "smoke")
-    index = build_book(results_root, book)
-    for study in STUDIES:
-        text = re.sub(r"<[^>]+>", " ", (index.parent / f"{study}.html").read_text())
-        assert "Traceback" not in text and "Error" not in text
-        assert "Kendall" in text and "Findings on this run" in text and "perplexity" in text
-        assert len(list((index.parent / "runs" / study).glob("*.html"))) == len(load_records(study, "smoke",
-                                                                                              results_root))
+# --- end to end: tests/test_two_models.py runs every architecture study's smoke variants on two backbones ----------
 
 
 def test_repeated_runs_of_the_reference_model_set_the_noise(tmp_path):

@@ -11,9 +11,9 @@ from efficientllm_utils import finetune as ft
 from efficientllm_utils.metrics.values import MetricValue
 from efficientllm_utils.params import FinetuneRun, ParamsError, expand, params_path
 from efficientllm_utils.records import RunContext, load_records
-from efficientllm_utils.studies import finetune as fts
 from efficientllm_utils.reports import common
 from efficientllm_utils.reports import finetune as fr
+from efficientllm_utils.studies import finetune as fts
 
 TINY = dict(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=8, max_position_embeddings=256, tie_word_embeddings=True,

@@ -2,17 +2,22 @@
 
 The quantization and fine-tuning studies take two tiny Llamas of different widths, saved with save_pretrained (their
 ``model`` field takes a local directory); the architecture studies build their decoders from config, so their two
-"models" are two backbone widths (``hidden_size``) under each study's variants. Each profile is its study's ``smoke``
-profile with the model as a second grid axis, shrunk to two variants, so the test stays smoke-sized.
+"models" are two backbone widths (``hidden_size``) under each study's smoke variants. Each profile is its study's
+``smoke`` profile with the model as a second grid axis (two variants), so the test stays smoke-sized. The architecture
+studies' smoke end-to-end checks (every code path: MLA's latent cache, NSA's branches, relative bias, routed experts)
+live here too, so their runs are not paid twice.
 """
+import math
 import re
 
+import pandas as pd
 import pytest
 import yaml
 
 from efficientllm_utils import cli, models
 from efficientllm_utils.book import build_book
 from efficientllm_utils.params import params_path
+from efficientllm_utils.records import load_records
 from efficientllm_utils.reports import architecture as ar
 from efficientllm_utils.reports import common
 from efficientllm_utils.reports import finetune as fr
@@ -23,9 +28,8 @@ from .conftest import book_copy
 pytestmark = pytest.mark.slow
 
 WIDTHS = {"tiny-llama-a": 32, "tiny-llama-b": 64}
-ARCH_GRIDS = {"attention": {"attention": ["gqa", "mqa"]}, "positional_encoding": {"position": ["rope", "absolute"]},
-              "moe": {"variant": ["dense-small", "moe-8x2"]}}
-ARCH_WIDTHS = [32, 48]
+ARCH_FIELDS = {"attention": "attention", "positional_encoding": "position", "moe": "variant"}
+ARCH_WIDTHS = [32, 64]
 
 
 def _tiny_llamas(root):
@@ -44,6 +48,10 @@ def _tiny_llamas(root):
         tokenizer.save_pretrained(root / name)
         dirs.append(str(root / name))
     return dirs
+
+
+def _smoke_grid(study: str) -> dict:
+    return yaml.safe_load(params_path(study).read_text())["profiles"]["smoke"]["grid"]
 
 
 def _profile(study: str, grid: dict, **fixed) -> dict:
@@ -67,8 +75,8 @@ def test_two_model_grids_run_through_the_book(tmp_path, results_root, monkeypatc
                                  new_tokens=2, warmup=0),
         "peft": _profile("peft", {"model": llamas, "method": ["lora", "freeze"]}, steps=2, batch_size=2, n_train=4,
                          n_heldout=4, max_length=96, timing_warmup_steps=1, final_loss_steps=1),
-        **{study: _profile(study, {**grid, "hidden_size": ARCH_WIDTHS}, steps=4, warmup_steps=1,
-                           timing_warmup_steps=1) for study, grid in ARCH_GRIDS.items()},
+        **{study: _profile(study, {**_smoke_grid(study), "hidden_size": ARCH_WIDTHS}, steps=4, warmup_steps=1,
+                           timing_warmup_steps=1) for study in ARCH_FIELDS},
     }
     for study, spec in profiles.items():
         (params_dir / f"{study}.yaml").write_text(yaml.safe_dump(spec))
@@ -90,7 +98,8 @@ def test_two_model_grids_run_through_the_book(tmp_path, results_root, monkeypatc
     assert {b.model for b in fr.leaderboards(ft_table)} == set(WIDTHS)
     assert {f.model for f in fr.findings(peft, ft_table)} == set(WIDTHS)
     arch_models = {f"hidden {w}, 1 layer" for w in ARCH_WIDTHS}
-    for study in ARCH_GRIDS:
+    for study, field in ARCH_FIELDS.items():
+        _check_architecture_records(study, field, results_root)
         res = common.load_study(study, "two", results_root)
         table = ar.pretraining_table(res)
         assert set(table["model"]) == arch_models
@@ -101,7 +110,7 @@ def test_two_model_grids_run_through_the_book(tmp_path, results_root, monkeypatc
     monkeypatch.setenv("EFFICIENTLLM_BOOK_PROFILE", "two")
     index = build_book(results_root, book)
     for chapter, names in {"quantization": WIDTHS, "peft": WIDTHS,
-                           **{study: arch_models for study in ARCH_GRIDS}}.items():
+                           **{study: arch_models for study in ARCH_FIELDS}}.items():
         page = (index.parent / f"{chapter}.html").read_text()
         text = re.sub(r"<[^>]+>", " ", page)
         assert "Traceback" not in text and "Error" not in text, chapter
@@ -111,3 +120,28 @@ def test_two_model_grids_run_through_the_book(tmp_path, results_root, monkeypatc
             assert re.search(rf"{re.escape(name)}\s+against the paper", text), (chapter, name)  # a board per model
         assert re.search(r"\b(agrees|disagrees|inconclusive)\b", findings)
         assert "Kendall" in text and "<th" in page and 'class="row_heading' not in page  # no index column
+        runs = list((index.parent / "runs" / chapter).glob("*.html"))
+        assert len(runs) == len(load_records(chapter, "two", results_root)), chapter
+    assert "estimated:cpu-time-x-watts" in (index.parent / "quantization.html").read_text()  # how energy was got
+
+
+def _check_architecture_records(study, field, results_root):
+    """Every run of an architecture study succeeded with every metric, from its raw samples."""
+    records = load_records(study, "two", results_root)
+    assert len(records) == 2 * len(ARCH_WIDTHS)
+    for r in records:
+        assert r.status == "ok", r.error
+        for metric in ("perplexity", "final_loss", "initial_loss"):
+            assert math.isfinite(r.quality[metric])
+        for metric in ("al_s", "tt_tokens_per_param_s", "amu_gb", "pcu", "aec_w", "energy_j", "params_total",
+                       "params_active", "flops_per_token", "kv_cache_bytes_per_token",
+                       "kv_cache_bytes_per_token_measured"):
+            assert metric in r.metrics
+        for context in r.params["decode_contexts"]:
+            assert r.metrics[f"decode_ctx{context}_latency_s"].value > 0
+        assert len(r.raw["steps"]) == r.params["steps"] and r.raw["decode"]
+    frame = pd.read_parquet(results_root / study / "two" / "runs.parquet")
+    assert frame[f"param_{field}"].nunique() == 2 and frame["param_hidden_size"].nunique() == 2
+    if study == "moe":
+        moe = [r for r in records if r.params["variant"] == "moe-8x2"]
+        assert all(r.metrics["params_active"].value < r.metrics["params_total"].value for r in moe)

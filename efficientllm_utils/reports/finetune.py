@@ -108,7 +108,7 @@ def data_order_line(table) -> str:
     items."""
     if table.empty:
         return "*No results yet.*"
-    if table["model"].nunique() > 1:
+    if "model" in table and table["model"].nunique() > 1:
         return "\n\n".join(f"**{model}**: " + data_order_line(group.drop(columns="model"))
                              for model, group in table.groupby("model", sort=False))
     orders, items = table["data_order"].unique(), table["heldout_items"].unique()
