@@ -83,7 +83,17 @@ def show(table: pd.DataFrame, columns: dict[str, str], formats: dict[str, str] |
     formats = {present.get(k, k): v for k, v in (formats or {}).items()}
     numeric = [h for h in view.columns if pd.api.types.is_float_dtype(view[h]) and h not in formats]
     formats.update({h: (lambda x, d=digits: readable(x, d)) for h in numeric})
-    return view.style.format(formats, na_rep="n/a").hide(axis="index")
+    return styled(view).format(formats, na_rep="n/a")
+
+
+# cells padded so that neighbouring numbers never touch in the book's theme
+CELL_STYLE = [{"selector": "th, td", "props": "padding: 0.25em 0.7em; text-align: right;"},
+              {"selector": "th", "props": "vertical-align: bottom;"}]
+
+
+def styled(frame: pd.DataFrame):
+    """A frame as a page shows it: no index column, padded cells."""
+    return frame.style.hide(axis="index").set_table_styles(CELL_STYLE)
 
 
 def readable(x: float, digits: int = 3) -> str:
@@ -230,7 +240,7 @@ def show_leaderboards(boards: list[Leaderboard]) -> None:
     for board in boards:
         display(Markdown(f"**{board.model}** against the paper's **{board.size_group}** ranks ({board.why}). "
                          "Each cell: our rank / the paper's rank."))
-        display(board.side.style.hide(axis="index") if len(board.side) else Markdown("*No shared methods.*"))
+        display(styled(board.side) if len(board.side) else Markdown("*No shared methods.*"))
     taus = tau_table(boards)
     display(show(taus, {"model": "model", "paper size group": "paper size group", "metric": "metric",
                         "methods": "methods compared", "kendall_tau": "Kendall's tau-b"}, {"kendall_tau": "{:+.2f}"}))
