@@ -87,7 +87,7 @@ def show(table: pd.DataFrame, columns: dict[str, str], formats: dict[str, str] |
 
 
 # cells padded so that neighbouring numbers never touch in the book's theme
-CELL_STYLE = [{"selector": "th, td", "props": "padding: 0.25em 0.7em; text-align: right;"},
+CELL_STYLE = [{"selector": "th, td", "props": "padding: 0.25em 0.7em;"},
               {"selector": "th", "props": "vertical-align: bottom;"}]
 
 

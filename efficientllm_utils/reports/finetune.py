@@ -238,8 +238,7 @@ def summary(res, table) -> str:
 # --- what the page shows: table column -> header with its unit, split into tables a 1280 px page holds ----------
 
 QUALITY_COLUMNS = {"model": "model", "method": "method", "lr": "peak lr", "final_loss": "final loss (nats/token)",
-                   "acc_before": "accuracy before", "acc_before_se": "standard error before",
-                   "acc_after": "accuracy after", "acc_after_se": "standard error after",
+                   "accuracy_before": "accuracy before (± s.e.)", "accuracy_after": "accuracy after (± s.e.)",
                    "answer_mass_before": "yes/no mass before", "answer_mass_after": "yes/no mass after"}
 COST_COLUMNS = {"model": "model", "method": "method", "AL_s": "AL (s/step)", "AL_p90_s": "p90 step (s)",
                 "ST": "ST (samples/param/s)", "AMU_GB": "AMU (GB)", "PCU": "PCU (%)", "AEC_W": "AEC (W)",
@@ -257,6 +256,10 @@ def show_tables(table) -> None:
     """Quality, costs and sizes per (model, method), as three tables."""
     from IPython.display import display
 
+    if len(table):  # accuracy with its standard error in one column: fewer, narrower columns
+        table = table.assign(**{f"accuracy_{when}": [f"{a:.2f} ± {se:.2f}" for a, se in
+                                                     zip(table[f"acc_{when}"], table[f"acc_{when}_se"])]
+                                for when in ("before", "after")})
     for columns in (QUALITY_COLUMNS, COST_COLUMNS, SIZE_COLUMNS):
         if len(table) and table["model"].nunique() == 1:
             columns = {k: v for k, v in columns.items() if k != "model"}
