@@ -413,7 +413,7 @@ def paired_accuracy(subject: list[int], baseline: list[int], seed: int = 0) -> D
 def point_difference(subject: float, baseline: float, tolerance: float, what: str) -> Difference:
     """One value per run: the relative difference, its interval the noise ``tolerance`` on either side."""
     est = subject / baseline - 1
-    return Difference(est, est - tolerance, est + tolerance, f"+-{100 * tolerance:.0f}% {what}")
+    return Difference(est, est - tolerance, est + tolerance, f"+-{100 * tolerance:.0f}% {what}" if tolerance else what)
 
 
 def estimated_difference(subject: float, baseline: float) -> Difference:
