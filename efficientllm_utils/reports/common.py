@@ -71,12 +71,14 @@ def model_label(source: str) -> str:
 
 # --- tables -------------------------------------------------------------------------------------
 
-def show(table: pd.DataFrame, columns: dict[str, str], formats: dict[str, str] | None = None, digits: int = 3):
+def show(table: pd.DataFrame, columns: dict[str, str], formats: dict[str, str] | None = None, digits: int = 3,
+         keep_empty: bool = False):
     """A table for a page: only ``columns`` (column -> header with its unit), in that order, without the index,
-    numbers rounded to ``digits`` significant figures unless ``formats`` (header or column -> format) says."""
+    numbers rounded to ``digits`` significant figures unless ``formats`` (header or column -> format) says. Columns
+    without a value are left out (a metric the records lack) unless ``keep_empty``."""
     from IPython.display import Markdown
 
-    present = {c: h for c, h in columns.items() if c in table and table[c].notna().any()}
+    present = {c: h for c, h in columns.items() if c in table and (keep_empty or table[c].notna().any())}
     if table.empty or not present:
         return Markdown("*No results yet.*")
     view = table[list(present)].rename(columns=present)
@@ -224,14 +226,18 @@ def leaderboards(ours: pd.DataFrame, axis: str, group: str, params_by_model: dic
 
 
 def tau_table(boards: list[Leaderboard]) -> pd.DataFrame:
-    """Kendall's tau-b of every model and metric in one table: model, size group, metric, methods, tau."""
-    rows = [{"model": b.model, "paper size group": b.size_group, **t}
-            for b in boards for t in b.taus.to_dict("records")]
+    """Kendall's tau-b of every model in one table: one row per model (its size group, the methods compared), one
+    column per metric."""
+    rows = []
+    for b in boards:
+        row = {"model": b.model, "paper size group": b.size_group,
+               "methods compared": int(b.taus["methods"].max()) if len(b.taus) else 0}
+        rows.append(row | dict(zip(b.taus["metric"], b.taus["kendall_tau"])))
     return pd.DataFrame(rows)
 
 
 def show_leaderboards(boards: list[Leaderboard]) -> None:
-    """Display each model's ranks and its Kendall's tau (for a chapter page)."""
+    """Display each model's ranks, then Kendall's tau of every model (for a chapter page)."""
     from IPython.display import Markdown, display
 
     if not boards:
@@ -242,8 +248,12 @@ def show_leaderboards(boards: list[Leaderboard]) -> None:
                          "Each cell: our rank / the paper's rank."))
         display(styled(board.side) if len(board.side) else Markdown("*No shared methods.*"))
     taus = tau_table(boards)
-    display(show(taus, {"model": "model", "paper size group": "paper size group", "metric": "metric",
-                        "methods": "methods compared", "kendall_tau": "Kendall's tau-b"}, {"kendall_tau": "{:+.2f}"}))
+    metrics = [col for col in taus.columns if col not in ("model", "paper size group", "methods compared")]
+    display(Markdown("Kendall's tau-b per metric (+1: the paper's order, -1: reversed; n/a: fewer than two methods "
+                     "shared):"))
+    display(show(taus, {"model": "model", "paper size group": "paper size group",
+                        "methods compared": "methods compared", **{m: m for m in metrics}},
+                 {m: "{:+.2f}" for m in metrics}, keep_empty=True))
 
 
 # --- plots --------------------------------------------------------------------------------------
