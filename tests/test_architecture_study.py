@@ -1,20 +1,16 @@
-"""The architecture-pretraining studies: params, the measurement procedure on a tiny model, the book's helpers,
-and (slow) the three smoke profiles end to end with a book build."""
+"""The architecture-pretraining studies: params, the measurement procedure on a tiny model, the book's helpers
+(the three smoke profiles end to end, on two backbones, are in test_two_models.py)."""
 import math
-import re
 
 import pandas as pd
 import pytest
 import torch
-import yaml
 
-from efficientllm_utils import cli, report
 from efficientllm_utils.arch.train import StepSample
 from efficientllm_utils.params import ParamsError, PretrainRun, expand, params_path
-from efficientllm_utils.records import load_records
+from efficientllm_utils.reports import architecture as ar
+from efficientllm_utils.reports import common
 from efficientllm_utils.studies import architecture as arch
-
-from .conftest import book_copy
 
 STUDIES = {"attention": "attention", "positional_encoding": "position", "moe": "variant"}
 # what may differ between the runs of one study's profile: the part under study
@@ -256,7 +252,8 @@ def _frame(rows):
             "kv_cache_bytes_per_token_measured": 512.0, "amu_gb": 0.5, "peak_memory_gb": 0.6, "pcu": None,
             "al_p90_s": 0.3, "al_cv": 0.1, "tt_tokens_per_param_s": 0.004, "train_tokens_per_s": 4000.0,
             "aec_w": 10.0, "energy_j": 100.0, "decode_ctx64_latency_s": 0.1, "decode_ctx64_tpot_s": 0.01,
-            "decode_ctx64_ttft_s": 0.02, "decode_ctx64_tokens_per_s": 100.0}
+            "decode_ctx64_ttft_s": 0.02, "decode_ctx64_tokens_per_s": 100.0, "param_hidden_size": 32,
+            "param_n_layers": 1}
     return pd.DataFrame([{**base, "started": f"2026-01-01T00:00:0{i}", **r} for i, r in enumerate(rows)])
 
 
@@ -267,73 +264,37 @@ def test_leaderboard_ranks_perplexity_lower_first_and_maps_paper_names():
         {"param_attention": "mqa", "quality_perplexity": 120.0, "al_s": 0.1},
         {"param_attention": "mla", "quality_perplexity": 90.0, "al_s": 0.4},
     ])
-    table = report.pretraining_table(report.StudyResults("attention", "cpu", [], frame))
+    table = ar.pretraining_table(common.StudyResults("attention", "cpu", [], frame))
     assert list(table["variant"]) == ["mha", "gqa", "mqa", "mla"]  # the order the runs were made in
-    board = report.architecture_leaderboard("attention", table)
+    assert set(table["model"]) == {"hidden 32, 1 layer"}
+    board = ar.leaderboard("attention", table)
     ranks = board.set_index(["method", "metric"])["our_rank"]
     assert "mha" not in set(board["method"])  # not in the paper's leaderboard
     assert (ranks["MLA", "Perf"], ranks["GQA", "Perf"], ranks["MQA", "Perf"]) == (1, 2, 3)
     assert (ranks["MQA", "AL"], ranks["MLA", "AL"]) == (1, 3)
-    paper = report.paper_ranks("architecture_pretraining", "attention", "0.5B-3B")
+    paper = common.paper_ranks("architecture_pretraining", "attention", "0.5B-3B")
     assert not paper.duplicated().any() and set(paper["method"]) == {"MQA", "GQA", "MLA", "NSA"}
-    side, taus = report.compare_ranks(board, paper)
-    assert taus.set_index("metric").loc["Perf", "kendall_tau"] == pytest.approx(1.0)  # MLA < GQA < MQA, as the paper
-    findings = report.architecture_findings("attention", table)
-    assert "MLA, the best perplexity" in findings and "**agrees**" in findings
+    (only,) = ar.leaderboards("attention", table)
+    assert only.size_group == "0.5B-3B" and "fewer than every group" in only.why  # 1M parameters
+    taus = only.taus.set_index("metric")
+    assert taus.loc["Perf", "kendall_tau"] == pytest.approx(1.0)  # MLA < GQA < MQA, as the paper
 
 
 def test_pareto_front_with_lower_is_better_quality():
     costs = pd.Series([1.0, 2.0, 3.0]).to_numpy()
     perplexity = pd.Series([10.0, 12.0, 8.0]).to_numpy()
-    assert report.pareto_front(costs, perplexity, higher_is_better=False).tolist() == [True, False, True]
+    assert common.pareto_front(costs, perplexity, higher_is_better=False).tolist() == [True, False, True]
 
 
 def test_pages_handle_a_study_without_results(tmp_path):
-    res = report.load_study("moe", "cpu", root=tmp_path)
-    assert report.pretraining_table(res).empty and report.decode_curves(res).empty
-    assert report.loss_curves(res).empty and "No results yet" in report.methods_legend(res, ["al_s"]).data
-    assert report.architecture_findings("moe", report.pretraining_table(res)) == "*No results yet.*"
+    res = common.load_study("moe", "cpu", root=tmp_path)
+    assert ar.pretraining_table(res).empty and ar.decode_curves(res).empty
+    assert ar.loss_curves(res).empty and common.methods_legend(res, {"al_s": "AL"}).empty
+    assert ar.findings_text(res, ar.pretraining_table(res)) == "*No results yet.*"
+    assert ar.leaderboards("moe", ar.pretraining_table(res)) == []
 
 
-# --- end to end -------------------------------------------------------------------------------
-
-@pytest.mark.slow
-def test_architecture_smoke_profiles_end_to_end(results_root, tmp_path, monkeypatch):
-    from efficientllm_utils.book import build_book
-
-    for study in STUDIES:
-        assert cli.main(["run", study, "--profile", "smoke", "--results", str(results_root)]) == 0
-    for study, field in STUDIES.items():
-        records = load_records(study, "smoke", results_root)
-        assert len(records) == len(expand(params_path(study), "smoke"))
-        for r in records:
-            assert r.status == "ok", r.error
-            for metric in ("perplexity", "final_loss", "initial_loss"):
-                assert math.isfinite(r.quality[metric])
-            for metric in ("al_s", "tt_tokens_per_param_s", "amu_gb", "pcu", "aec_w", "energy_j", "params_total",
-                           "params_active", "flops_per_token", "kv_cache_bytes_per_token",
-                           "kv_cache_bytes_per_token_measured"):
-                assert metric in r.metrics
-            for context in r.params["decode_contexts"]:
-                assert r.metrics[f"decode_ctx{context}_latency_s"].value > 0
-            assert len(r.raw["steps"]) == r.params["steps"] and r.raw["decode"]
-        frame = pd.read_parquet(results_root / study / "smoke" / "runs.parquet")
-        assert frame[f"param_{field}"].nunique() == len(records)
-    moe = {r.params["variant"]: r for r in load_records("moe", "smoke", results_root)}
-    assert moe["moe-8x2"].metrics["params_active"].value < moe["moe-8x2"].metrics["params_total"].value
-
-    book = book_copy(tmp_path)  # only the architecture part: the quantization chapter has its own end-to-end test
-    toc = yaml.safe_load((book / "_toc.yml").read_text())
-    toc["parts"] = [part for part in toc["parts"] if part["caption"] == "Architecture pretraining"]
-    (book / "_toc.yml").write_text(yaml.safe_dump(toc))
-    monkeypatch.setenv("EFFICIENTLLM_BOOK_PROFILE", "smoke")
-    index = build_book(results_root, book)
-    for study in STUDIES:
-        text = re.sub(r"<[^>]+>", " ", (index.parent / f"{study}.html").read_text())
-        assert "Traceback" not in text and "Error" not in text
-        assert "kendall_tau" in text and "Findings on this run" in text and "perplexity" in text
-        assert len(list((index.parent / "runs" / study).glob("*.html"))) == len(load_records(study, "smoke",
-                                                                                              results_root))
+# --- end to end: tests/test_two_models.py runs every architecture study's smoke variants on two backbones ----------
 
 
 def test_repeated_runs_of_the_reference_model_set_the_noise(tmp_path):
@@ -343,7 +304,10 @@ def test_repeated_runs_of_the_reference_model_set_the_noise(tmp_path):
     base = PretrainRun(hidden_size=32, n_layers=1, n_heads=4, intermediate_size=64).model_dump(mode="json")
     runs = [("attention", "attention=gqa", {**base, "compress_block": 16}, 0.20),  # NSA field: ignored by gqa
             ("attention", "attention=mla", {**base, "attention": "mla"}, 0.90),  # another model
-            ("moe", "variant=dense-small", {**base, "variant": "dense-small"}, 0.30)]
+            ("moe", "variant=dense-small", {**base, "variant": "dense-small"}, 0.30),
+            # a second group of identical runs, far from the first: its spread is 10%, not 0.9 / 0.2
+            ("positional_encoding", "position=absolute", {**base, "position": "absolute"}, 0.99),
+            ("attention", "attention=gqa-again", {**base, "position": "absolute", "seed": 0}, 0.90)]
     for i, (study, label, params, al) in enumerate(runs):
         metrics = {"al_s": MetricValue.measured(al, "s/iter", "perf-counter"),
                    "amu_gb": MetricValue.measured(0.5, "GB", "rss"), "aec_w": MetricValue.estimated(4.0, "W", "x"),
@@ -351,22 +315,17 @@ def test_repeated_runs_of_the_reference_model_set_the_noise(tmp_path):
                    "decode_ctx64_latency_s": MetricValue.measured(0.1, "s/request", "perf-counter")}
         write_record(RunRecord(run_id=f"r{i}", study=study, profile="cpu", label=label, status="ok", params=params,
                                metrics=metrics, quality={"perplexity": 100.0}), tmp_path / study / "cpu" / f"r{i}")
-    repeats = report.repeated_runs("cpu", tmp_path)
-    assert sorted(repeats["run"]) == ["attention=gqa", "variant=dense-small"]
-    tolerances = report.noise_tolerances("cpu", tmp_path)
-    assert tolerances["AL_s"] == pytest.approx(0.5)  # 0.30 / 0.20 - 1
-    assert tolerances["AMU_GB"] == report.TIE_TOLERANCE["AMU_GB"]  # no spread: the floor
-    assert report.noise_tolerances("smoke", tmp_path) == report.TIE_TOLERANCE
+    repeats = ar.repeated_runs("cpu", tmp_path)
+    assert sorted(repeats["run"]) == ["attention=gqa", "attention=gqa-again", "position=absolute",
+                                      "variant=dense-small"]
+    assert repeats["group"].nunique() == 2
+    tolerances = ar.noise_tolerances("cpu", tmp_path)
+    assert tolerances["AL_s"] == pytest.approx(0.5)  # within the first group: 0.30 / 0.20 - 1
+    assert tolerances["AMU_GB"] == ar.TIE_TOLERANCE["AMU_GB"]  # no spread: the floor
+    assert ar.noise_tolerances("smoke", tmp_path) == ar.TIE_TOLERANCE
 
 
-def test_verdicts_count_ties_as_inconclusive():
-    table = pd.DataFrame({"variant": ["a", "b", "c"], "AL_s": [1.00, 1.02, 2.0]})
-    a = report.standing(table, "AL_s", "a", ["a", "b", "c"], tolerance=0.05)
-    assert (a.rank, a.first, a.last) == (1, None, False)  # b is within 5%: a tie
-    c = report.standing(table, "AL_s", "c", ["a", "b", "c"], tolerance=0.05)
-    assert (c.rank, c.first, c.last) == (3, False, True)
-    assert report.standing(table, "AL_s", "a", ["a", "b", "c"], tolerance=0.0).first is True
-    import numpy as np
-    assert report._verdict(np.bool_(False)) == "**does not agree**"
-    assert report._verdict(True, None) == "**partly agrees**"
-    assert report._verdict(None) == "**inconclusive** (a tie at this noise)"
+def test_noise_is_the_spread_within_groups_not_across_them():
+    frame = pd.DataFrame({"group": [1, 1, 2, 2], "AL_s": [1.0, 1.02, 2.0, 2.06]})
+    assert common.within_group_spread(frame, "group", "AL_s") == pytest.approx(0.03)  # not 2.06 / 1.0 - 1
+    assert common.within_group_spread(frame.iloc[[0, 2]], "group", "AL_s") is None  # no group of two

@@ -33,7 +33,7 @@ def test_smoke_profile_end_to_end(smoke_book):
     page = (index.parent / "quantization.html").read_text()
     text = re.sub(r"<[^>]+>", " ", page)
     assert "Traceback" not in text and "Error" not in text
-    assert "int4-nf4" in text and "MCR" in text and "kendall_tau" in text
+    assert "int4-nf4" in text and "MCR" in text and "Kendall" in text
     assert "estimated:cpu-time-x-watts" in text  # the page says how energy was obtained
     runs = list((index.parent / "runs" / "quantization").glob("*.html"))
     assert len(runs) == 2

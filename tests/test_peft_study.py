@@ -7,13 +7,14 @@ import pandas as pd
 import pytest
 import torch
 
-from efficientllm_utils import cli, cpu_4bit, models, report
+from efficientllm_utils import cli, cpu_4bit, models
 from efficientllm_utils import finetune as ft
 from efficientllm_utils.metrics.values import MetricValue
 from efficientllm_utils.params import FinetuneRun, ParamsError, expand, params_path
 from efficientllm_utils.records import RunContext, load_records
+from efficientllm_utils.reports import common
+from efficientllm_utils.reports import finetune as fr
 from efficientllm_utils.studies import finetune as fts
-from efficientllm_utils.studies import finetune_report as fr
 
 TINY = dict(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=8, max_position_embeddings=256, tie_word_embeddings=True,
@@ -258,7 +259,7 @@ def _merged_scores_equal_unmerged(tiny_dir, method):
 
 def test_book_helpers_read_the_records(tiny_runs):
     root, runs = tiny_runs
-    res = report.load_study("peft", "tiny", root)
+    res = common.load_study("peft", "tiny", root)
     table = fr.results_table(res)
     assert list(table["method"]) == ["lora", "freeze"]  # the params file's order
     assert table.loc[0, "AL_s"] == runs["lora"]["record"].metrics["al_s"].value
@@ -271,19 +272,22 @@ def test_book_helpers_read_the_records(tiny_runs):
     perf = ranks[ranks["metric"] == "Perf"].set_index("method")["our_rank"]
     better = "LoRA" if table.loc[0, "final_loss"] < table.loc[1, "final_loss"] else "Freeze"
     assert perf[better] == 1  # lower loss ranks first
-    side, taus = report.compare_ranks(ranks, report.paper_ranks("fine_tuning", "peft", "1B-3B"))
-    assert set(taus["metric"]) == {"Perf", "AMU", "AL", "ST", "AEC"}
-    text = fr.findings(table)
-    assert "Freeze has the lowest latency" in text and "Held-out accuracy" in text
+    (board,) = fr.leaderboards(table)
+    assert board.size_group == "1B-3B" and "fewer than every group" in board.why  # a tiny model: the smallest
+    assert set(board.taus["metric"]) == {"Perf", "AMU", "AL", "ST", "AEC"}
+    text = fr.findings_text(res, table)
+    assert "Freeze has the lowest training latency" in text and "held-out accuracy on 4 items" in text
+    (freeze,) = [f for f in fr.findings(res, table) if f.claim_id == "f-freeze-latency"]
+    assert freeze.verdict in (common.AGREES, common.DISAGREES, common.INCONCLUSIVE) and "interval" in freeze.sentence
     mixed = table.assign(data_order=["a", "b"])
     assert "did not all see the same data" in fr.data_order_line(mixed)
 
 
 def test_pages_handle_a_study_without_results(tmp_path):
-    res = report.load_study("peft", "cpu", tmp_path)
+    res = common.load_study("peft", "cpu", tmp_path)
     table = fr.results_table(res)
-    assert table.empty and fr.loss_curves(res).empty
-    assert fr.findings(table) == fr.data_order_line(table) == "*No results yet.*"
+    assert table.empty and fr.loss_curves(res).empty and fr.leaderboards(table) == []
+    assert fr.findings_text(res, table) == fr.data_order_line(table) == "*No results yet.*"
 
 
 # --- end to end ---------------------------------------------------------------------------------

@@ -1,8 +1,12 @@
+"""The report layer: tables, ranks per model and size group, and the verdict rules on each side of every rule."""
 import numpy as np
 import pandas as pd
 import pytest
 
-from efficientllm_utils import report
+from efficientllm_utils.metrics.values import MetricValue
+from efficientllm_utils.records import RunRecord
+from efficientllm_utils.reports import common
+from efficientllm_utils.reports import quantization as qr
 
 
 def _frame(rows):
@@ -17,18 +21,44 @@ def test_mcr_is_size_ratio_times_quality_ratio():
         {"param_precision": "fp32", "model_bytes": 400.0, "quality_mean_accuracy": 0.50},
         {"param_precision": "int4-nf4", "model_bytes": 100.0, "quality_mean_accuracy": 0.45},
     ])
-    res = report.StudyResults("quantization", "cpu", [], frame)
-    table = report.quantization_table(res).set_index("precision")
+    table = qr.quantization_table(common.StudyResults("quantization", "cpu", [], frame)).set_index("precision")
     assert table.loc["int4-nf4", "compression"] == pytest.approx(4.0)
     assert table.loc["int4-nf4", "MCR"] == pytest.approx(4.0 * 0.9)
-    assert table.loc["int4-nf4", "accuracy_drop_pct"] == pytest.approx(10.0)
+    assert table.loc["int4-nf4", "accuracy_change_pct"] == pytest.approx(-10.0)
     assert table.loc["fp32", "MCR"] == pytest.approx(1.0)
+
+
+def test_two_models_get_their_own_reference_ranks_and_size_group():
+    frame = _frame([
+        {"param_model": "small", "param_precision": p, "model_bytes": b, "quality_mean_accuracy": a, "al_s": al}
+        for p, b, a, al in [("fp32", 4e9, 0.5, 1.0), ("bf16", 2e9, 0.5, 2.0), ("fp16", 2e9, 0.4, 3.0)]
+    ] + [
+        {"param_model": "big", "param_precision": p, "model_bytes": b, "quality_mean_accuracy": a, "al_s": al}
+        for p, b, a, al in [("fp32", 32e9, 0.7, 1.0), ("bf16", 16e9, 0.6, 3.0), ("fp16", 16e9, 0.7, 2.0)]
+    ])
+    table = qr.quantization_table(common.StudyResults("quantization", "cpu", [], frame))
+    assert table.groupby("model")["MCR"].apply(lambda s: s.notna().all()).all()  # each against its own fp32
+    assert qr.parameter_counts(table) == pytest.approx({"small": 1e9, "big": 8e9})
+    boards = {b.model: b for b in qr.leaderboards(table)}
+    assert boards["small"].size_group == "1.5B-3.8B" and "fewer than every group" in boards["small"].why
+    assert boards["big"].size_group == "7B-8B" and "lie in" in boards["big"].why
+    side = boards["big"].side.set_index("method")
+    assert side.loc["float16", "AL"].startswith("1 /") and side.loc["bfloat16", "AL"].startswith("2 /")
+    assert boards["small"].side.set_index("method").loc["bfloat16", "AL"].startswith("1 /")
+    assert set(common.tau_table(list(boards.values()))["model"]) == {"small", "big"}
+
+
+@pytest.mark.parametrize("count, group, why", [(2e9, "1.5B-3.8B", "lie in"), (135e6, "1.5B-3.8B", "fewer"),
+                                               (6.5e9, "7B-8B", "between"), (70e9, "14B-34B", "more")])
+def test_size_group_holds_the_count_or_says_which_was_used(count, group, why):
+    chosen, reason = common.size_group("inference", "quantization", count)
+    assert chosen == group and why in reason
 
 
 def test_pareto_front_keeps_only_undominated_points():
     costs = np.array([1.0, 2.0, 3.0, 2.5])
     quality = np.array([0.5, 0.7, 0.9, 0.6])
-    assert report.pareto_front(costs, quality).tolist() == [True, True, True, False]
+    assert common.pareto_front(costs, quality).tolist() == [True, True, True, False]
 
 
 def test_kendall_tau_against_paper_ranks():
@@ -36,11 +66,187 @@ def test_kendall_tau_against_paper_ranks():
                          "our_rank": [1, 2, 3, 1, 2, 3]})
     paper = pd.DataFrame({"method": ["a", "b", "c"] * 2, "metric": ["AL"] * 3 + ["AMU"] * 3,
                           "paper_rank": [1, 2, 3, 3, 2, 1]})
-    _, taus = report.compare_ranks(ours, paper)
+    side, taus = common.kendall_taus(ours, paper)
     assert taus.set_index("metric")["kendall_tau"].to_dict() == pytest.approx({"AL": 1.0, "AMU": -1.0})
+    assert side.set_index("method").loc["a", "AMU"] == "1 / 3"
 
 
-def test_paper_leaderboard_ships_with_the_book():
-    ranks = report.paper_ranks("inference", "quantization", "1.5B-3.8B")
+def test_paper_leaderboard_and_claims_ship_with_the_book():
+    ranks = common.paper_ranks("inference", "quantization", "1.5B-3.8B")
     assert set(ranks["method"]) == {"bfloat16", "float16", "int4"}
     assert set(ranks["metric"]) >= {"Perf", "AMU", "AL", "IT", "AEC", "MCR"}
+    for chapter in ("quantization", "attention", "positional_encoding", "moe", "peft"):
+        assert len(common.claims(chapter)) >= 2
+    assert "71.33 GB" in common.paper_quote("Qwen2.5-32B/bfloat16/AMU;Qwen2.5-32B/int4/AMU", "inference")
+
+
+# --- the verdict rules, on each side -------------------------------------------------------------
+
+def test_paired_accuracy_verdict_changes_with_the_flips():
+    base = [1] * 50 + [0] * 50
+    same = common.paired_accuracy(base, base)
+    assert same.estimate == 0 and common.decide(same, "lower") == common.INCONCLUSIVE
+    one_flip = common.paired_accuracy([0] + base[1:], base)  # one item of 100: noise
+    assert common.decide(one_flip, "lower") == common.INCONCLUSIVE
+    many = common.paired_accuracy([0] * 30 + base[30:], base)  # 30 items lost, none gained
+    assert many.high < 0 and common.decide(many, "lower") == common.AGREES
+    assert common.decide(many, "higher") == common.DISAGREES
+    # non-inferiority: a drop within the margin agrees, a drop clearly beyond it disagrees
+    assert common.decide(same, "not_lower", 0.10) == common.AGREES
+    assert common.decide(many, "not_lower", 0.10) == common.DISAGREES
+    assert common.decide(one_flip, "not_lower", 0.01) == common.INCONCLUSIVE
+    with pytest.raises(ValueError, match="same items"):
+        common.paired_accuracy([1, 0], [1])
+    few = common.paired_accuracy([0] * 10, [1] * 10)  # every answer lost, but 10 items are too few
+    assert common.decide(few, "lower") == common.INCONCLUSIVE and "too few items" in str(few)
+
+
+def test_latency_interval_verdict_changes_with_the_gap_and_the_noise():
+    rng = np.random.default_rng(0)
+    base = list(1.0 + 0.01 * rng.standard_normal(30))
+    faster = [x * 0.8 for x in base]
+    close = [x * 0.99 for x in base]  # 1% faster: within the 3% tolerance
+    noisy = [0.3, 1.5, 0.4, 1.4, 0.5]  # 18% faster on average, but the interval is wide
+    assert common.decide(common.bootstrap_ratio(faster, base), "lower", common.LATENCY_TOLERANCE) == common.AGREES
+    assert common.decide(common.bootstrap_ratio(base, faster), "lower", common.LATENCY_TOLERANCE) == common.DISAGREES
+    assert common.decide(common.bootstrap_ratio(close, base), "lower", common.LATENCY_TOLERANCE) == common.INCONCLUSIVE
+    assert common.decide(common.bootstrap_ratio(noisy, base), "lower", common.LATENCY_TOLERANCE) == common.INCONCLUSIVE
+    two = common.bootstrap_ratio(faster[:2], base[:2])  # 20% faster, but two samples are no interval
+    assert common.decide(two, "lower", common.LATENCY_TOLERANCE) == common.INCONCLUSIVE and "too few" in str(two)
+
+
+def test_single_values_count_only_beyond_their_noise():
+    assert common.decide(common.point_difference(90, 100, 0.05, "noise"), "lower") == common.AGREES
+    assert common.decide(common.point_difference(97, 100, 0.05, "noise"), "lower") == common.INCONCLUSIVE
+    assert common.decide(common.point_difference(110, 100, 0.05, "noise"), "lower") == common.DISAGREES
+
+
+def test_two_estimates_are_never_evidence():
+    diff = common.estimated_difference(50.0, 100.0)  # half, but both estimated
+    assert common.decide(diff, "lower") == common.decide(diff, "higher") == common.INCONCLUSIVE
+    assert common.is_estimate("estimated:cpu-time-x-watts") and not common.is_estimate("measured:rapl")
+
+
+def test_a_claim_of_several_parts():
+    assert common.combine([common.AGREES, common.AGREES]) == common.AGREES
+    assert common.combine([common.AGREES, common.INCONCLUSIVE]) == common.INCONCLUSIVE
+    assert common.combine([common.AGREES, common.DISAGREES]) == common.DISAGREES
+    assert common.combine([]) == common.INCONCLUSIVE
+
+
+# --- findings generated from records --------------------------------------------------------------
+
+def _quant_record(precision, correct, latencies, energy=1.0, energy_method="estimated:cpu-time-x-watts",
+                  model="tiny", size=4e6):
+    metric = lambda v, unit, how: MetricValue(value=v, unit=unit, method=how)  # noqa: E731
+    return RunRecord(
+        run_id=precision, study="quantization", profile="t", label=f"precision={precision}", status="ok",
+        params={"model": model, "precision": precision, "reference_precision": "fp32", "tasks": ["boolq"],
+                "n_per_task": len(correct), "batch_size": 1, "new_tokens": 8, "device": "cpu"},
+        metrics={"model_bytes": metric(size, "bytes", "measured:counted-tensor-bytes"), "aec_w": metric(energy, "W", energy_method),
+                 "energy_per_token_j": metric(energy, "J/token", energy_method)},
+        quality={"correct": {"boolq": correct}}, raw={"requests": [{"latency_s": x} for x in latencies]})
+
+
+def _findings(records):
+    res = common.StudyResults("quantization", "t", records, pd.DataFrame([r.flat() for r in records]))
+    return {(f.model, f.claim_id): f for f in qr.findings(res)}
+
+
+def test_quantization_findings_follow_the_numbers():
+    base = [1] * 100 + [0] * 100
+    fast = [1.0, 1.01, 0.99, 1.0, 1.02, 0.98]
+    found = _findings([_quant_record("fp32", base, fast), _quant_record("int4-nf4", base, fast, energy=0.5, size=1e6),
+                       _quant_record("bf16", base, [x * 0.5 for x in fast], size=2e6),
+                       _quant_record("fp16", base, fast, size=2e6)])
+    assert found["tiny", "q-int4-size"].verdict == common.AGREES  # counted bytes: exact
+    assert found["tiny", "q-int4-accuracy"].verdict == common.AGREES  # the very same answers
+    energy = found["tiny", "q-int4-energy"]
+    assert energy.verdict == common.INCONCLUSIVE and "no evidence" in energy.sentence  # two estimates
+    assert found["tiny", "q-bf16-speed"].verdict == common.AGREES  # twice the tokens/s, tight interval
+    assert "paper: DeepSeek-R1-Distill-Qwen-1.5B bfloat16 IT 39.68 tokens/s" in found["tiny", "q-bf16-speed"].sentence
+
+    worse = [0] * 60 + base[60:]  # int4 loses 60 of 100 correct answers
+    measured = "measured:rapl-counter"
+    found = _findings([_quant_record("fp32", base, fast, energy_method=measured),
+                       _quant_record("int4-nf4", worse, fast, energy=0.5, energy_method=measured, size=1e6),
+                       _quant_record("bf16", base, [x * 2 for x in fast], size=2e6),
+                       _quant_record("fp16", base, fast, size=2e6)])
+    assert found["tiny", "q-int4-accuracy"].verdict == common.DISAGREES
+    assert found["tiny", "q-int4-energy"].verdict == common.AGREES  # measured, half
+    assert found["tiny", "q-bf16-speed"].verdict == common.DISAGREES
+    found = _findings([_quant_record("fp32", base, fast), _quant_record("int4-nf4", base, fast, energy=0.5,
+                                                                          energy_method=measured, size=1e6)])
+    assert found["tiny", "q-int4-energy"].verdict == common.INCONCLUSIVE  # one of the two is an estimate
+
+
+def test_findings_are_per_model():
+    base = [1] * 20 + [0] * 20
+    records = [_quant_record(p, base, [1.0, 1.0], model=m, size=s * k)
+               for m, s in (("a", 4e6), ("b", 8e6)) for p, k in (("fp32", 1.0), ("int4-nf4", 0.25))]
+    found = _findings(records)
+    assert {m for m, _ in found} == {"a", "b"}
+    text = common.findings_markdown(list(found.values()))
+    assert "**a**" in text and "**b**" in text
+
+
+def _peft_record(model, method, final_loss, seconds):
+    return RunRecord(run_id=f"{model}-{method}", study="peft", profile="t", label=f"method={method}", status="ok",
+                     params={"model": model, "method": method, "timing_warmup_steps": 1, "device": "cpu"},
+                     quality={"final_loss": final_loss, "final_loss_steps": 3},
+                     raw={"steps": [{"seconds": s} for s in seconds]})
+
+
+def test_a_claim_read_from_the_paper_ranks_follows_the_models_size_group():
+    from efficientllm_utils.reports import finetune as fr
+
+    steps = [1.0, 1.0, 1.01, 0.99, 1.0, 1.02, 0.98]
+    records = [_peft_record(m, method, loss, steps) for m in ("small", "mid")
+               for method, loss in (("lora", 1.0), ("rslora", 0.8))]
+    res = common.StudyResults("peft", "t", records, pd.DataFrame([r.flat() for r in records]))
+    table = pd.DataFrame({"model": ["small", "mid"], "total_params": [2e9, 7.5e9]})
+    found = {f.model: f for f in fr.findings(res, table) if f.claim_id == "f-rslora-loss"}
+    # at 1B-3B the paper ranks RSLoRA ahead of LoRA on loss (5 vs 7), at 7B-8B behind (3 vs 2)
+    assert found["small"].verdict == common.AGREES and "1B-3B" in found["small"].sentence
+    assert found["mid"].verdict == common.DISAGREES and "7B-8B" in found["mid"].sentence
+    close = [_peft_record("small", method, loss, steps) for method, loss in (("lora", 1.0), ("rslora", 0.98))]
+    res = common.StudyResults("peft", "t", close, pd.DataFrame([r.flat() for r in close]))
+    (within,) = [f for f in fr.findings(res, table) if f.claim_id == "f-rslora-loss"]
+    assert within.verdict == common.INCONCLUSIVE  # 2% apart: inside the 5% tolerance
+
+
+def _arch_record(attention, seconds, perplexity, hidden=32):
+    metric = lambda v, unit: MetricValue(value=v, unit=unit, method="measured:test")  # noqa: E731
+    return RunRecord(run_id=f"{attention}-{hidden}", study="attention", profile="t", label=f"attention={attention}",
+                     status="ok", params={"attention": attention, "hidden_size": hidden, "n_layers": 1,
+                                          "timing_warmup_steps": 0, "device": "cpu"},
+                     metrics={"amu_gb": metric(1.0, "GB"), "aec_w": metric(1.0, "W"),
+                              "params_total": metric(1e5, "params")},
+                     quality={"perplexity": perplexity}, raw={"steps": [{"seconds": s, "tokens": 64} for s in seconds]})
+
+
+def test_lowest_of_several_needs_every_other_variant_clearly_behind():
+    from efficientllm_utils.reports import architecture as ar
+
+    steps = [1.0, 1.01, 0.99, 1.0, 1.02, 0.98]
+
+    def verdicts(mqa_speed, mla_ppl):
+        records = [_arch_record("mqa", [s * mqa_speed for s in steps], 100.0), _arch_record("gqa", steps, 100.0),
+                   _arch_record("mla", [s * 1.5 for s in steps], mla_ppl)]
+        res = common.StudyResults("attention", "t", records, pd.DataFrame([r.flat() for r in records]))
+        return {f.claim_id: f.verdict for f in ar.findings(res, {"perplexity": 0.05})}
+
+    assert verdicts(0.8, 80.0)["a-mqa-latency"] == common.AGREES  # 20% faster than gqa, 47% than mla
+    assert verdicts(1.2, 80.0)["a-mqa-latency"] == common.DISAGREES  # gqa is clearly faster
+    assert verdicts(1.01, 80.0)["a-mqa-latency"] == common.INCONCLUSIVE  # level with gqa
+    assert verdicts(0.8, 80.0)["a-mla-perplexity"] == common.AGREES  # 20% lower, beyond the 5% noise
+    assert verdicts(0.8, 98.0)["a-mla-perplexity"] == common.INCONCLUSIVE  # 2%: within the noise
+    assert verdicts(0.8, 120.0)["a-mla-perplexity"] == common.DISAGREES
+
+
+def test_caveats_appear_only_when_the_records_show_them():
+    cpu = pd.DataFrame({"status": ["ok"], "param_device": ["cpu"], "aec_w_method": ["estimated:cpu-time-x-watts"]})
+    gpu = pd.DataFrame({"status": ["ok"], "param_device": ["cuda"], "aec_w_method": ["measured:nvml-total-energy"]})
+    small = common.common_caveats(common.StudyResults("s", "p", [], cpu), {"m": 135e6}, 1.5e9, 200, 32)
+    assert len(small) == 4 and "CPU" in small[0] and "135M" in small[1] and "estimated" in small[2] and "32" in small[3]
+    assert common.common_caveats(common.StudyResults("s", "p", [], gpu), {"m": 7e9}, 1.5e9, 200, 1000) == []

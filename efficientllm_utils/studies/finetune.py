@@ -237,7 +237,8 @@ def quality(before: dict, after: dict, result: ft.TrainResult, data: Data, p: Fi
     for when, ev in (("before", before), ("after", after)):
         out.update({f"accuracy_{when}": ev["accuracy"], f"accuracy_{when}_stderr": ev["stderr"],
                     f"gold_logprob_{when}": ev["gold_logprob"], f"answer_mass_{when}": ev["answer_mass"],
-                    f"yes_share_{when}": ev["first_choice_share"], f"predictions_{when}": ev["predictions"]})
+                    f"yes_share_{when}": ev["first_choice_share"], f"predictions_{when}": ev["predictions"],
+                    f"correct_{when}": ev["correct"]})  # per item: paired comparisons between runs
     out["accuracy_change"] = after["accuracy"] - before["accuracy"]
     return out
 

@@ -127,6 +127,7 @@ def measure_quality(model, tokenizer, p: QuantizationRun, reference: dict | None
         "reference_source": source,
         "reference_fingerprint": fingerprint,
         "predictions": predictions,
+        "correct": {task: r["correct"] for task, r in scores["tasks"].items()},  # per item: paired comparisons
     }
     raw = {"kl_per_token": close["kl_per_token"], "top1_agree": close["top1_agree"], "flipped": flipped["flipped"],
            "reference_predictions": reference["predictions"]}

@@ -1,0 +1,416 @@
+"""The architecture-pretraining studies' report (attention, positional encoding, MoE): what their book pages show,
+computed from the records, per model (backbone size)."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from ..records import load_records
+from . import common as c
+
+AXIS = "architecture_pretraining"
+# the run parameter that names a run within its study (the MoE study's runs differ in several fields: `variant`)
+STUDY_FIELD = {"attention": "attention", "positional_encoding": "position", "moe": "variant"}
+
+# our variant names -> the paper's leaderboard names (book/paper/leaderboard_ranks.csv, axis architecture_pretraining);
+# the MoE study's CPU variants stand in for the paper's four models (see params/moe.yaml)
+PAPER_ARCH_NAMES = {
+    "attention": {"mqa": "MQA", "gqa": "GQA", "mla": "MLA", "nsa": "NSA"},
+    "positional_encoding": {"rope": "RoPE", "absolute": "Absolute", "learnable": "Learnable Absolute",
+                            "relative": "Relative"},
+    "moe": {"dense-small": "Dense 1.5B", "moe-8x2": "MoE 1.5Bx8", "dense-large": "Dense 3B",
+            "moe-8x2-small": "MoE 0.5Bx8", "dense-1.5B": "Dense 1.5B", "moe-1.5Bx8": "MoE 1.5Bx8",
+            "dense-3B": "Dense 3B", "moe-0.5Bx8": "MoE 0.5Bx8"},
+}
+# leaderboard metric -> pretraining_table column; quality is perplexity, lower is better
+PRETRAINING_METRICS = {"Perf": "perplexity", "AMU": "AMU_GB", "AL": "AL_s", "TT": "TT", "AEC": "AEC_W"}
+_DECODE_COLUMN = re.compile(r"^decode_ctx(\d+)_(latency_s|ttft_s|tpot_s|tokens_per_s)$")
+
+
+def _variant_column(res: c.StudyResults, frame: pd.DataFrame) -> pd.Series:
+    field = STUDY_FIELD.get(res.study, "variant")
+    column = f"param_{field}"
+    return frame[column] if column in frame else frame["label"]
+
+
+def decode_contexts(frame: pd.DataFrame) -> list[int]:
+    """Context lengths with decode timings in a study's flat frame, shortest first."""
+    return sorted({int(m.group(1)) for c in frame.columns if (m := _DECODE_COLUMN.match(c))})
+
+
+def pretraining_table(res: c.StudyResults) -> pd.DataFrame:
+    """One row per run of an architecture study: quality, sizes, analytical costs, training metrics, decoding
+    at the longest context. Rows keep the order the runs were made in (the params file's)."""
+    df = res.ok.sort_values("started") if len(res.ok) else res.ok
+    if df.empty:
+        return pd.DataFrame()
+    contexts = decode_contexts(df)
+    longest = contexts[-1] if contexts else None
+    table = pd.DataFrame({
+        "model": [model_key(res.study, r) for r in _params(df)],
+        "variant": _variant_column(res, df).to_numpy(),
+        "size": df["param_size"].to_numpy() if "param_size" in df else None,
+        "perplexity": df["quality_perplexity"].to_numpy(),
+        "initial_loss": df["quality_initial_loss"].to_numpy(),
+        "final_loss": df["quality_final_loss"].to_numpy(),
+        "params_M": df["params_total"].to_numpy() / 1e6,
+        "active_params_M": df["params_active"].to_numpy() / 1e6,
+        "MFLOP_per_token": df["flops_per_token"].to_numpy() / 1e6,
+        "KV_bytes_per_token": df["kv_cache_bytes_per_token"].to_numpy(),
+        "KV_measured": df["kv_cache_bytes_per_token_measured"].to_numpy(),
+        "AMU_GB": df["amu_gb"].to_numpy(),
+        "peak_GB": df["peak_memory_gb"].to_numpy(),
+        "PCU": df["pcu"].to_numpy(),
+        "AL_s": df["al_s"].to_numpy(),
+        "AL_p90_s": df["al_p90_s"].to_numpy(),
+        "AL_CV": df["al_cv"].to_numpy(),
+        "TT": df["tt_tokens_per_param_s"].to_numpy(),
+        "TT_active": (df["train_tokens_per_s"] / df["params_active"]).to_numpy(),
+        "tokens_per_s": df["train_tokens_per_s"].to_numpy(),
+        "AEC_W": df["aec_w"].to_numpy(),
+        "energy_J": df["energy_j"].to_numpy(),
+    })
+    if table["size"].isna().all():
+        table = table.drop(columns="size")
+    if longest is not None:
+        table["decode_context"] = longest
+        table["decode_s"] = df[f"decode_ctx{longest}_latency_s"].to_numpy()
+        table["TPOT_s"] = df[f"decode_ctx{longest}_tpot_s"].to_numpy()
+        table["TTFT_s"] = df[f"decode_ctx{longest}_ttft_s"].to_numpy()
+    return table.reset_index(drop=True)
+
+
+def decode_curves(res: c.StudyResults) -> pd.DataFrame:
+    """Decode timings per run and context length, long form: variant, (size), context, latency_s, ttft_s, ..."""
+    df = res.ok.sort_values("started") if len(res.ok) else res.ok
+    if df.empty:
+        return pd.DataFrame()
+    rows = []
+    for (_, r), variant, params in zip(df.iterrows(), _variant_column(res, df), _params(df)):
+        for context in decode_contexts(df):
+            row = {"model": model_key(res.study, params), "variant": variant, "context": context}
+            if "param_size" in df and pd.notna(r["param_size"]):
+                row["size"] = r["param_size"]
+            for name in ("latency_s", "ttft_s", "tpot_s", "tokens_per_s"):
+                row[name] = r.get(f"decode_ctx{context}_{name}")
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def loss_curves(res: c.StudyResults, smooth: int = 5) -> pd.DataFrame:
+    """Training loss per step of every run (from the records' raw step samples), with a centred rolling mean."""
+    frames = []
+    for record in sorted((r for r in res.records if r.status == "ok"), key=lambda r: r.started or ""):
+        steps = pd.DataFrame(record.raw.get("steps", []))
+        if steps.empty:
+            continue
+        variant = record.params.get(STUDY_FIELD.get(res.study, "variant")) or record.label
+        steps["variant"] = variant
+        steps["model"] = model_key(res.study, record.params)
+        steps["smoothed_loss"] = steps["lm_loss"].rolling(smooth, center=True, min_periods=1).mean()
+        frames.append(steps)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def loss_plot(curves: pd.DataFrame):
+    """Training loss against step, one line per variant (rolling mean; the raw steps are in the records)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid")
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    style = "model" if curves["model"].nunique() > 1 else None
+    sns.lineplot(data=curves, x="step", y="smoothed_loss", hue="variant", style=style, ax=ax, lw=1.3)
+    ax.set(xlabel="training step", ylabel="training loss (nats/token, rolling mean)")
+    sns.move_legend(ax, "upper left", bbox_to_anchor=(1, 1))
+    fig.tight_layout()
+    return fig
+
+
+def context_plot(curves: pd.DataFrame, panels: dict[str, str] | None = None):
+    """Decode cost against context length, one line per variant (and size), one panel per timing."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    panels = panels or {"latency_s": "decode latency (s/request)", "tpot_s": "TPOT, median (s/output token)"}
+    sns.set_theme(style="whitegrid")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
+    style = "model" if curves["model"].nunique() > 1 else None
+    contexts = sorted(curves["context"].unique())
+    for ax, (column, label) in zip(axes[0], panels.items()):
+        sns.lineplot(data=curves, x="context", y=column, hue="variant", style=style, markers=bool(style),
+                     marker=None if style else "o", ax=ax, legend=ax is axes[0][-1])
+        ax.set(xscale="log", xticks=contexts, xticklabels=contexts, xlabel="context (prompt tokens)", ylabel=label)
+        ax.minorticks_off()
+    if axes[0][-1].get_legend():
+        sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1, 1))
+    fig.tight_layout()
+    return fig
+
+
+def _params(frame: pd.DataFrame) -> list[dict]:
+    """Each row's run parameters (``param_*`` columns) as a dict."""
+    columns = [col for col in frame.columns if col.startswith("param_")]
+    return [{col[len("param_"):]: v for col, v in zip(columns, row)} for row in frame[columns].itertuples(index=False)]
+
+
+def model_key(study: str, params: dict) -> str:
+    """Which model (backbone) a run trained, beside the part under study: its paper shape, or its hidden size and
+    depth. The MoE study's variants set the shape themselves, so its paper shapes are one group."""
+    size = params.get("size")
+    if isinstance(size, str) and size:
+        return "Qwen2.5 shapes" if study == "moe" else f"Qwen2.5-style {size}"
+    layers = int(params["n_layers"])
+    return f"hidden {int(params['hidden_size'])}, {layers} layer{'s' if layers != 1 else ''}"
+
+
+def leaderboard(study: str, table: pd.DataFrame) -> pd.DataFrame:
+    """Our per-metric ranks, per model, of the variants the paper also trained (paper names)."""
+    names = PAPER_ARCH_NAMES.get(study, {})
+    ours = table[table["variant"].isin(names)]
+    columns = [col for col in PRETRAINING_METRICS.values() if col in ours]
+    ours = ours.groupby(["model", "variant"], sort=False)[columns].mean().reset_index()
+    ours["method"] = ours["variant"].map(names)
+    return c.rank_methods(ours, PRETRAINING_METRICS, {"Perf": False})
+
+
+def leaderboards(study: str, table: pd.DataFrame) -> list[c.Leaderboard]:
+    if table.empty:
+        return []
+    params = (table.groupby("model", sort=False)["params_M"].median() * 1e6).to_dict()
+    return c.leaderboards(leaderboard(study, table), AXIS, study, params)
+
+
+# Relative gaps this small are ties: one run on a shared 2-core CPU does not resolve them. These are floors; repeated
+# runs of the same model on a profile raise them (``noise_tolerances``). Perplexity: the spread over seeds 0, 1, 2
+# (initialisation and data order) of the attention study's cpu profile, measured 2026-11-26: GQA 347.5 / 378.5 /
+# 361.7 (8.9%), MLA 293.2 / 308.9 / 291.2 (6.1%), MQA 382.3 / 409.4 / 382.2 (7.1%).
+TIE_TOLERANCE = {"AL_s": 0.05, "TT": 0.05, "decode_s": 0.05, "AEC_W": 0.05, "AMU_GB": 0.02, "perplexity": 0.09}
+
+# settings that only one kind of architecture reads: two runs that differ only in these trained the same model
+_ONLY_FOR = {"mla": ("kv_lora_rank",), "nsa": ("compress_block", "compress_stride", "select_block", "n_selected",
+                                               "window"),
+             "moe": ("n_experts", "moe_top_k", "moe_intermediate_size")}
+
+
+def _effective_settings(params: dict) -> str:
+    """A run's settings without its name and without the fields its architecture ignores."""
+    ignored = {"variant"}
+    for kind, fields in _ONLY_FOR.items():
+        if kind not in (params.get("attention"), params.get("ffn")):
+            ignored.update(fields)
+    return json.dumps({k: v for k, v in params.items() if k not in ignored}, sort_keys=True)
+
+
+def repeated_runs(profile: str, root: Path | None = None) -> pd.DataFrame:
+    """Runs of the architecture studies that trained the very same model with the same settings (the GQA, RoPE,
+    dense-FFN reference appears in all three studies), one row per run, with their costs and perplexity; ``group``
+    numbers the sets of identical settings."""
+    rows = []
+    for study in STUDY_FIELD:
+        for record in load_records(study, profile, root):
+            if record.status != "ok":
+                continue
+            contexts = decode_contexts(pd.DataFrame(columns=list(record.metrics)))
+            m = record.metrics
+            rows.append({"study": study, "run": record.label, "settings": _effective_settings(record.params),
+                         "perplexity": record.quality.get("perplexity"), "AL_s": m["al_s"].value,
+                         "AMU_GB": m["amu_gb"].value, "AEC_W": m["aec_w"].value, "TT": m["tt_tokens_per_param_s"].value,
+                         "decode_s": m[f"decode_ctx{contexts[-1]}_latency_s"].value if contexts else None})
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    repeated = frame[frame.groupby("settings")["run"].transform("size") > 1].copy()
+    if repeated.empty:
+        return pd.DataFrame()
+    repeated.insert(0, "group", repeated.groupby("settings", sort=False).ngroup() + 1)
+    return repeated.drop(columns="settings").reset_index(drop=True)
+
+
+def noise_tolerances(profile: str, root: Path | None = None) -> dict[str, float]:
+    """Tie tolerances: ``TIE_TOLERANCE``, raised to the largest relative spread (max / min - 1) that repeated runs
+    of the very same model showed *within* a group of identical settings on this profile (two different models
+    differ by more than noise, so their spread is never counted)."""
+    tolerances = dict(TIE_TOLERANCE)
+    repeats = repeated_runs(profile, root)
+    for column in tolerances:
+        if column in repeats:
+            spread = c.within_group_spread(repeats, "group", column)
+            if spread is not None:
+                tolerances[column] = max(tolerances[column], spread)
+    return tolerances
+
+
+# --- findings -----------------------------------------------------------------------------------
+
+METRIC_WORDS = {"AL_s": "the training step time (AL)", "TT": "the training throughput (TT)",
+                "AMU_GB": "the memory in use (AMU)", "AEC_W": "the average power (AEC)",
+                "perplexity": "the held-out perplexity"}
+
+
+def _timed_steps(record) -> list[dict]:
+    return record.raw.get("steps", [])[record.params.get("timing_warmup_steps", 0):]
+
+
+def compare(record_a, record_b, metric: str, tolerance: float) -> c.Difference | None:
+    """The difference of two runs on one metric: step times (AL) and per-step throughput (TT) by a bootstrap
+    interval over their timed steps; perplexity and memory by the noise tolerance; estimated energy never."""
+    if metric == "AL_s":
+        a, b = (_timed_steps(r) for r in (record_a, record_b))
+        return c.bootstrap_ratio([s["seconds"] for s in a], [s["seconds"] for s in b]) if a and b else None
+    if metric == "TT":
+        a, b = (_timed_steps(r) for r in (record_a, record_b))
+        if not (a and b):
+            return None
+        per_param = [[s["tokens"] / s["seconds"] / r.metrics["params_total"].value for s in steps]
+                     for r, steps in ((record_a, a), (record_b, b))]
+        return c.bootstrap_ratio(*per_param)
+    if metric == "perplexity":
+        return c.point_difference(record_a.quality["perplexity"], record_b.quality["perplexity"], tolerance,
+                                  "noise tolerance (seeds and repeated runs)")
+    key = {"AMU_GB": "amu_gb", "AEC_W": "aec_w"}[metric]
+    ma, mb = record_a.metrics[key], record_b.metrics[key]
+    if ma.value is None or mb.value is None:
+        return None
+    if c.is_estimate(ma.method) or c.is_estimate(mb.method):
+        return c.estimated_difference(ma.value, mb.value)
+    return c.point_difference(ma.value, mb.value, tolerance, "tolerance: one tracked phase per run")
+
+
+def _records_by(res: c.StudyResults) -> dict[tuple[str, str], object]:
+    """(model, variant) -> record; repeated runs of one (model, variant): the latest."""
+    field = STUDY_FIELD.get(res.study, "variant")
+    runs = sorted(res.ok_records, key=lambda r: r.started or "")
+    return {(model_key(res.study, r.params), r.params.get(field) or r.label): r for r in runs}
+
+
+def findings(res: c.StudyResults, tolerances: dict[str, float] | None = None) -> list[c.Finding]:
+    """The chapter's claims (``book/paper/claims.csv``) on every model; ``tolerances`` (relative, per column;
+    default ``noise_tolerances`` of the profile) are the noise of single values."""
+    tol = {**TIE_TOLERANCE, **(tolerances if tolerances is not None else noise_tolerances(res.profile))}
+    runs = _records_by(res)
+    variants: dict[str, list[str]] = {}
+    for model, variant in runs:
+        variants.setdefault(model, []).append(variant)
+
+    def run_compare(claim, model, subject, baseline):
+        given = claim["tolerance"]
+        tolerance = tol.get(claim["metric"], 0.0) if given == "noise" else max(float(given or 0),
+                                                                                tol.get(claim["metric"], 0.0))
+        if claim["metric"] in ("AL_s", "TT"):
+            tolerance = 0.0  # decided on intervals from the raw steps
+        return compare(runs[model, subject], runs[model, baseline], claim["metric"], tolerance)
+
+    return c.test_claims(res.study, AXIS, variants, run_compare, METRIC_WORDS)
+
+
+def observations(study: str, table: pd.DataFrame) -> list[str]:
+    """Numbers beside the claims that the paper does not state (no verdict)."""
+    out = []
+    for model, group in table.groupby("model", sort=False):
+        by = group.groupby("variant", sort=False).mean(numeric_only=True)
+        prefix = f"{model}: " if table["model"].nunique() > 1 else ""
+        if study == "positional_encoding" and {"none", "rope"} <= set(by.index):
+            gap = 100 * (by.loc["none", "perplexity"] / by.loc["rope", "perplexity"] - 1)
+            out.append(f"{prefix}no positions (NoPE, not in the paper): perplexity {by.loc['none', 'perplexity']:.1f}, "
+                       f"{gap:+.1f}% against RoPE's {by.loc['rope', 'perplexity']:.1f}.")
+        if study == "attention" and "KV_bytes_per_token" in by:
+            kv = by["KV_bytes_per_token"].sort_values()
+            out.append(f"{prefix}KV cache per token (analytical, all layers): "
+                       + ", ".join(f"{v} {b:,.0f} B" for v, b in kv.items()) + ".")
+        if study == "moe":
+            moe = [v for v in by.index if v.startswith("moe")]
+            dense = [v for v in by.index if v.startswith("dense")]
+            for m in moe[:1]:
+                for d in dense[:1]:
+                    out.append(f"{prefix}{m} holds {by.loc[m, 'params_M'] / by.loc[d, 'params_M']:.2f}x {d}'s "
+                               f"parameters at {by.loc[m, 'active_params_M'] / by.loc[d, 'active_params_M']:.2f}x its "
+                               f"active ones; its step takes {by.loc[m, 'AL_s'] / by.loc[d, 'AL_s']:.2f}x as long.")
+    return out
+
+
+def caveats(res: c.StudyResults, table: pd.DataFrame, tolerances: dict[str, float]) -> list[str]:
+    params = (table.groupby("model", sort=False)["params_M"].median() * 1e6).to_dict() if len(table) else {}
+    out = c.common_caveats(res, params, 0.5e9)
+    names = {"perplexity": "perplexity", "AMU_GB": "memory (AMU)"}
+    shown = ", ".join(f"{names[col]} {100 * t:.0f}%" for col, t in tolerances.items() if col in names)
+    out.append(f"Single values per run (perplexity, memory) count as different only beyond their noise: {shown} (the "
+               "larger of a floor and the spread within groups of repeated identical runs, above). Step times are "
+               "compared by intervals over the timed steps.")
+    return out
+
+
+def findings_text(res: c.StudyResults, table: pd.DataFrame, tolerances: dict[str, float] | None = None) -> str:
+    if table.empty:
+        return "*No results yet.*"
+    tol = {**TIE_TOLERANCE, **(tolerances if tolerances is not None else noise_tolerances(res.profile))}
+    return c.findings_markdown(findings(res, tol), observations(res.study, table), caveats(res, table, tol))
+
+
+def summary(res: c.StudyResults, table: pd.DataFrame) -> str:
+    """The chapter's opening lines: what this run found, per model, from the records."""
+    if table.empty:
+        return f"*No results yet: run `make reproduce AXIS={res.study}`.*"
+    found = findings(res)
+    lines = [f"This run pretrained {table['variant'].nunique()} variant(s) on {table['model'].nunique()} model "
+             f"shape(s). The paper's claims: {c.verdict_counts(found)}."]
+    for model, group in table.groupby("model", sort=False):
+        by = group.groupby("variant", sort=False).mean(numeric_only=True)
+        lines.append(f"- **{model}** ({by['params_M'].median():.2f}M parameters): the lowest perplexity is "
+                     f"{by['perplexity'].idxmin()}'s ({by['perplexity'].min():.1f}), the fastest step "
+                     f"{by['AL_s'].idxmin()}'s ({by['AL_s'].min():.3g} s/step), the slowest "
+                     f"{by['AL_s'].idxmax()}'s ({by['AL_s'].max():.3g} s/step).")
+    return "\n".join(lines)
+
+
+# --- what the pages show: table column -> header with its unit, split into tables a 1280 px page holds ---------
+
+QUALITY_COLUMNS = {"model": "model", "variant": "variant", "size": "shape", "perplexity": "perplexity",
+                   "final_loss": "final loss (nats/token)", "params_M": "parameters (M)",
+                   "active_params_M": "active parameters (M)", "MFLOP_per_token": "forward (MFLOP/token)",
+                   "KV_bytes_per_token": "KV cache (bytes/token)", "KV_measured": "KV cache measured (bytes/token)"}
+TRAINING_COLUMNS = {"model": "model", "variant": "variant", "AL_s": "AL (s/step)", "AL_p90_s": "p90 step (s)",
+                    "AL_CV": "step time CV", "TT": "TT (tokens/param/s)", "TT_active": "TT active (tokens/param/s)",
+                    "AMU_GB": "AMU (GB)", "PCU": "PCU (%)", "AEC_W": "AEC (W)", "energy_J": "energy (J)"}
+DECODE_COLUMNS = {"model": "model", "variant": "variant", "decode_context": "prompt (tokens)",
+                  "decode_s": "decode (s/request)", "TTFT_s": "TTFT (s)", "TPOT_s": "TPOT (s/token)"}
+LEGEND = {"params_total": "parameters", "params_active": "active parameters", "flops_per_token": "forward FLOPs",
+          "kv_cache_bytes_per_token": "KV cache", "kv_cache_bytes_per_token_measured": "KV cache measured",
+          "amu_gb": "AMU", "pcu": "PCU", "al_s": "AL", "tt_tokens_per_param_s": "TT", "aec_w": "AEC"}
+REPEAT_COLUMNS = {"group": "group of identical runs", "study": "study", "run": "run", "perplexity": "perplexity",
+                  "AL_s": "AL (s/step)", "AMU_GB": "AMU (GB)", "AEC_W": "AEC (W)", "TT": "TT (tokens/param/s)",
+                  "decode_s": "decode (s/request)"}
+
+
+def show_tables(table: pd.DataFrame) -> None:
+    """The chapter's result tables: quality and size, training costs, decoding (one model column only when the
+    runs trained several)."""
+    from IPython.display import display
+
+    drop = {"model"} if len(table) and table["model"].nunique() == 1 else set()
+    for columns in (QUALITY_COLUMNS, TRAINING_COLUMNS, DECODE_COLUMNS):
+        display(c.show(table, {k: v for k, v in columns.items() if k not in drop},
+                       {"decode_context": "{:.0f}", "KV_bytes_per_token": "{:,.0f}", "KV_measured": "{:,.0f}"}))
+
+
+def legend(res: c.StudyResults):
+    return c.show(c.methods_legend(res, {**LEGEND, **{f"decode_ctx{ctx}_latency_s": "decode"
+                                                      for ctx in decode_contexts(res.ok)[-1:]}}),
+                  {"metric": "metric", "how obtained": "how obtained"})
+
+
+def show_repeats(profile: str):
+    repeats = repeated_runs(profile)
+    if repeats.empty:
+        from IPython.display import Markdown
+        return Markdown("*No repeated runs on this profile.*")
+    return c.show(repeats, REPEAT_COLUMNS)
+
+
+def perplexity_plots(table: pd.DataFrame, costs: dict[str, str]):
+    """Perplexity against each cost (``costs``: column -> axis label with its unit)."""
+    return c.tradeoff_plots(table, "perplexity", costs, hue="variant", higher_is_better=False,
+                            quality_label="held-out perplexity", style="model")

@@ -1,0 +1,236 @@
+"""The quantization study's report: what ``book/quantization.md`` shows, computed from the records, per model."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from . import common as c
+
+AXIS, GROUP = "inference", "quantization"
+# Paper leaderboard names of our precisions; int4 is compared through bitsandbytes nf4.
+PAPER_PRECISION_NAMES = {"bf16": "bfloat16", "fp16": "float16", "int4-nf4": "int4"}
+LEADERBOARD_METRICS = {"Perf": "accuracy", "AMU": "AMU_GB", "AL": "AL_s", "IT": "IT_tok_s", "AEC": "AEC_W", "MCR": "MCR"}
+BYTES_PER_PARAM = {"fp32": 4, "bf16": 2, "fp16": 2}  # float precisions: counted bytes -> parameters
+MIN_ITEMS = 200  # fewer scored items per run than this: the chapter says accuracy resolves only large differences
+
+# table column -> header (with unit), in the order shown; split into tables a 1280 px page holds
+QUALITY_COLUMNS = {"model": "model", "precision": "precision", "accuracy": "accuracy (mean over tasks)",
+                   "accuracy_change_pct": "accuracy change (%)", "perplexity": "perplexity",
+                   "kl": "KL to reference (nats/token)", "top1": "top-1 agreement (fraction)",
+                   "flip_rate": "answer flip rate (fraction)"}
+SIZE_COLUMNS = {"model": "model", "precision": "precision", "model_MB": "model size (MB)",
+                "linear_weights_MB": "linear weights (MB)", "compression": "compression (x)", "MCR": "MCR",
+                "AMU_GB": "AMU (GB)", "PCU": "PCU (%)"}
+SPEED_COLUMNS = {"model": "model", "precision": "precision", "AL_s": "AL (s/request)", "p90_s": "p90 latency (s)",
+                 "TTFT_s": "TTFT (s)", "TPOT_s": "TPOT (s/token)", "IT_tok_s": "IT (tokens/s)",
+                 "AEC_W": "AEC (W)", "J_per_token": "energy (J/token)"}
+
+
+def quantization_table(res: c.StudyResults) -> pd.DataFrame:
+    """One row per (model, precision): quality, counted size, MCR against the model's reference precision, costs."""
+    df = res.ok
+    if df.empty:
+        return pd.DataFrame()
+    rows = []
+    for source, group in df.groupby("param_model", sort=False):
+        ref_name = group["param_reference_precision"].iloc[0]
+        ref = group[group["param_precision"] == ref_name]
+        for _, r in group.iterrows():
+            row = {
+                "model": c.model_label(source), "source": source, "precision": r["param_precision"],
+                "accuracy": r["quality_mean_accuracy"], "perplexity": r["quality_perplexity"],
+                "kl": r.get("quality_kl_to_reference"), "top1": r.get("quality_top1_agreement"),
+                "flip_rate": r.get("quality_flip_rate"),
+                "model_MB": r["model_bytes"] / 1e6, "linear_weights_MB": r["linear_weight_bytes"] / 1e6,
+                "AMU_GB": r["amu_gb"], "PCU": r["pcu"], "AL_s": r["al_s"], "p90_s": r["latency_p90_s"],
+                "TTFT_s": r["ttft_p50_s"], "TPOT_s": r.get("tpot_p50_s"), "IT_tok_s": r["it_tokens_per_s"],
+                "AEC_W": r["aec_w"], "J_per_token": r["energy_per_token_j"], "reference": ref_name,
+            }
+            if len(ref):
+                ref_row = ref.iloc[0]
+                size_ratio = ref_row["model_bytes"] / r["model_bytes"]
+                quality_ratio = r["quality_mean_accuracy"] / ref_row["quality_mean_accuracy"]
+                row["compression"] = size_ratio
+                row["MCR"] = size_ratio * quality_ratio
+                row["accuracy_change_pct"] = 100 * (quality_ratio - 1)
+            rows.append(row)
+    table = pd.DataFrame(rows)
+    for column in ("compression", "MCR", "accuracy_change_pct"):  # NaN where a model has no reference run
+        if column not in table:
+            table[column] = np.nan
+    return table.astype({col: float for col in ("kl", "top1", "flip_rate", "PCU") if col in table})
+
+
+def parameter_counts(table: pd.DataFrame) -> dict[str, float | None]:
+    """Parameters of each model, from the counted bytes of a float-precision run (bytes / bytes per parameter)."""
+    counts: dict[str, float | None] = {}
+    for model, group in table.groupby("model", sort=False):
+        floats = group[group["precision"].isin(BYTES_PER_PARAM)]
+        counts[model] = (float(floats["model_MB"].iloc[0] * 1e6 / BYTES_PER_PARAM[floats["precision"].iloc[0]])
+                         if len(floats) else None)
+    return counts
+
+
+def leaderboard(table: pd.DataFrame) -> pd.DataFrame:
+    """Our per-metric ranks, per model, of the precisions the paper compared (paper names)."""
+    ours = table[table["precision"].isin(PAPER_PRECISION_NAMES)].copy()
+    ours["method"] = ours["precision"].map(PAPER_PRECISION_NAMES)
+    return c.rank_methods(ours, LEADERBOARD_METRICS)
+
+
+def leaderboards(table: pd.DataFrame) -> list[c.Leaderboard]:
+    return c.leaderboards(leaderboard(table), AXIS, GROUP, parameter_counts(table)) if len(table) else []
+
+
+# --- findings -----------------------------------------------------------------------------------
+
+def _records_by(res: c.StudyResults) -> dict[tuple[str, str], object]:
+    return {(c.model_label(r.params["model"]), r.params["precision"]): r for r in res.ok_records}
+
+
+def _correct(record) -> list[int] | None:
+    """Per-item correctness over every task, in task order (None: the record predates per-item correctness)."""
+    per_task = record.quality.get("correct")
+    if not per_task:
+        return None
+    return [x for task in record.params["tasks"] for x in per_task.get(task, [])]
+
+
+def _latencies(record) -> list[float]:
+    return [s["latency_s"] for s in record.raw.get("requests", [])]
+
+
+def _tokens_per_s(record) -> list[float]:
+    """Throughput of each timed request (tokens/s): IT's raw samples."""
+    tokens = record.params["batch_size"] * record.params["new_tokens"]
+    return [tokens / s for s in _latencies(record)]
+
+
+def compare(metric: str, subject, baseline, tolerance: float) -> c.Difference | None:
+    """The difference of two runs on a claim's metric, by the rule that suits it (see ``common``)."""
+    if metric == "accuracy":
+        a, b = _correct(subject), _correct(baseline)
+        return c.paired_accuracy(a, b) if a is not None and b is not None and len(a) == len(b) else None
+    if metric == "model_bytes":  # counted: exact, no noise
+        return c.point_difference(subject.metrics["model_bytes"].value, baseline.metrics["model_bytes"].value, 0.0,
+                                  "counted bytes, exact")
+    if metric == "it_tokens_per_s":
+        return c.bootstrap_ratio(_tokens_per_s(subject), _tokens_per_s(baseline))
+    if metric == "al_s":
+        return c.bootstrap_ratio(_latencies(subject), _latencies(baseline))
+    m_s, m_b = subject.metrics[metric], baseline.metrics[metric]
+    if m_s.value is None or m_b.value is None:
+        return None
+    if c.is_estimate(m_s.method) or c.is_estimate(m_b.method):
+        return c.estimated_difference(m_s.value, m_b.value)
+    return c.point_difference(m_s.value, m_b.value, tolerance, "tolerance: one tracked phase per run")
+
+
+METRIC_WORDS = {"accuracy": "accuracy", "model_bytes": "counted model size", "it_tokens_per_s": "throughput (IT)",
+                "al_s": "latency (AL)", "aec_w": "average power (AEC)", "energy_per_token_j": "energy per token"}
+
+
+def _paper_margin(claim) -> float:
+    """The non-inferiority margin of an accuracy claim (``tolerance: paper``): the largest relative drop of int4
+    against bfloat16 in the paper's own figures that the claim quotes."""
+    if claim["tolerance"] != "paper":
+        return float(claim["tolerance"] or 0)
+    by_model: dict[str, dict[str, float]] = {}
+    for f in c.paper_figures(claim["paper_figures"], AXIS):
+        by_model.setdefault(f["model"], {})[f["method"]] = f["value"]
+    drops = [1 - v["int4"] / v["bfloat16"] for v in by_model.values() if {"int4", "bfloat16"} <= set(v)]
+    return max(drops) if drops else 0.0
+
+
+def findings(res: c.StudyResults) -> list[c.Finding]:
+    """Every claim of ``book/paper/claims.csv`` for this chapter, tested on every model that has the runs."""
+    runs = _records_by(res)
+    variants: dict[str, list[str]] = {}
+    for model, precision in runs:
+        variants.setdefault(model, []).append(precision)
+    references = {m: r.params["reference_precision"] for (m, _), r in runs.items()}
+
+    def run_compare(claim, model, subject, baseline):
+        return compare(claim["metric"], runs[model, subject], runs[model, baseline], _paper_margin(claim))
+
+    return c.test_claims("quantization", AXIS, variants, run_compare, METRIC_WORDS,
+                         resolve=lambda model, name: references[model] if name == "reference" else name,
+                         margin=_paper_margin)
+
+
+def caveats(res: c.StudyResults, table: pd.DataFrame) -> list[str]:
+    counts = parameter_counts(table) if len(table) else {}
+    # scored items per run: the per-item record, else n_per_task x tasks (None: every item of every task)
+    sizes = [len(_correct(r) or []) or (r.params["n_per_task"] or 10 ** 9) * len(r.params["tasks"])
+             for r in res.ok_records]
+    items = min(sizes) if sizes else None
+    out = c.common_caveats(res, counts, 1.5e9, MIN_ITEMS, items)
+    gguf = sorted({m for m in res.ok.get("param_model", pd.Series(dtype=str)) if _ships_as_gguf(m)})
+    if gguf:
+        out.append(f"{', '.join(gguf)} ships as 4-bit GGUF weights dequantised on load: its reference precision "
+                   "already carries 4-bit rounding, which flatters int4's quality drop.")
+    return out
+
+
+def _ships_as_gguf(model: str) -> bool:
+    from ..models import OFFLINE_MODELS  # every offline model ships as GGUF (models.py)
+
+    return model in OFFLINE_MODELS
+
+
+def findings_text(res: c.StudyResults, table: pd.DataFrame) -> str:
+    if table.empty:
+        return "*No results yet.*"
+    return c.findings_markdown(findings(res), caveats=caveats(res, table))
+
+
+def summary(res: c.StudyResults, table: pd.DataFrame) -> str:
+    """The chapter's opening lines: what this run found, per model, from the records."""
+    if table.empty:
+        return "*No results yet: run `make reproduce AXIS=quantization`.*"
+    found = findings(res)
+    lines = [f"This run measured {table['model'].nunique()} model(s) at {table['precision'].nunique()} precision(s) "
+             f"({', '.join(dict.fromkeys(table['precision']))}). The paper's claims: {c.verdict_counts(found)}."]
+    for model, group in table.groupby("model", sort=False):
+        g = group.dropna(subset=["compression"])
+        if g.empty:
+            continue
+        small, best = g.loc[g["model_MB"].idxmin()], g.loc[g["accuracy"].idxmax()]
+        fast = g.loc[g["AL_s"].idxmin()]
+        lines.append(f"- **{model}**: the smallest is {small['precision']} at {small['model_MB']:.0f} MB "
+                     f"({small['compression']:.1f}x smaller than {small['reference']}, accuracy "
+                     f"{small['accuracy_change_pct']:+.1f}%); the most accurate {best['precision']} "
+                     f"({best['accuracy']:.3f}); the fastest {fast['precision']} ({fast['AL_s']:.3g} s/request).")
+    return "\n".join(lines)
+
+
+LEGEND = {"model_bytes": "model size", "amu_gb": "AMU", "pcu": "PCU", "al_s": "AL", "it_tokens_per_s": "IT",
+          "aec_w": "AEC", "energy_per_token_j": "energy per token"}
+FORMATS = {"accuracy_change_pct": "{:+.1f}", "model_MB": "{:.1f}", "linear_weights_MB": "{:.1f}",
+           "compression": "{:.2f}", "MCR": "{:.2f}", "kl": "{:.4f}", "top1": "{:.3f}", "flip_rate": "{:.3f}"}
+
+
+def _without_single_model(table: pd.DataFrame, columns: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in columns.items() if not (k == "model" and table["model"].nunique() == 1)}
+
+
+def show_tables(table: pd.DataFrame):
+    """Quality per (model, precision); the fidelity columns only where the records have them."""
+    if table.empty:
+        return c.show(table, {})
+    return c.show(table, _without_single_model(table, QUALITY_COLUMNS), FORMATS)
+
+
+def show_cost_tables(table: pd.DataFrame) -> None:
+    """Two tables: size and memory, then latency, throughput and energy."""
+    from IPython.display import display
+
+    if table.empty:
+        display(c.show(table, {}))
+        return
+    for columns in (SIZE_COLUMNS, SPEED_COLUMNS):
+        display(c.show(table, _without_single_model(table, columns), FORMATS))
+
+
+def legend(res: c.StudyResults):
+    return c.show(c.methods_legend(res, LEGEND), {"metric": "metric", "how obtained": "how obtained"})
