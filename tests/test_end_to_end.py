@@ -34,6 +34,7 @@ def test_smoke_profile_end_to_end(smoke_book):
     text = re.sub(r"<[^>]+>", " ", page)
     assert "Traceback" not in text and "Error" not in text
     assert "int4-nf4" in text and "MCR" in text and "Kendall" in text
+    assert "4-bit kernels" in text and "repacked for the fused kernel" in text  # which kernel int4 ran, from the record
     assert "estimated:cpu-time-x-watts" in text  # the page says how energy was obtained
     runs = list((index.parent / "runs" / "quantization").glob("*.html"))
     assert len(runs) == 2

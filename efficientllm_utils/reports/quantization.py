@@ -234,3 +234,31 @@ def show_cost_tables(table: pd.DataFrame) -> None:
 
 def legend(res: c.StudyResults):
     return c.show(c.methods_legend(res, LEGEND), {"metric": "metric", "how obtained": "how obtained"})
+
+
+KERNEL_WORDS = {
+    "dequantize": "dequantising kernel (weights dequantised to the compute dtype, then an ordinary matmul)",
+    "fused-bf16": "fused bf16 kernel of CPUs with AVX512-BF16 (weights repacked, scales and arithmetic in bf16)",
+}
+
+
+def kernel_note(res: c.StudyResults) -> str:
+    """Which bitsandbytes CPU kernel each 4-bit run used, from its record's provenance (``cpu_4bit.py``); empty
+    when no 4-bit run ran on a CPU."""
+    lines = []
+    for r in res.records:
+        kernel = r.provenance.get("cpu_4bit")
+        if r.status != "ok" or not kernel:
+            continue
+        cpu = "with" if kernel["cpu_has_avx512bf16"] else "without"
+        narrow = kernel.get("layers_too_narrow_for_repack", 0)
+        lines.append(f"- {c.model_label(r.params['model'])} at {r.params['precision']}: bitsandbytes' "
+                     f"{KERNEL_WORDS.get(kernel['kernel'], kernel['kernel'])}; {kernel['layers_packed']} of "
+                     f"{kernel['layers_4bit']} 4-bit layers repacked for the fused kernel"
+                     + (f", {narrow} too narrow for it" if narrow else "")
+                     + f"; CPU {cpu} AVX512-BF16 (`cpu_4bit_kernel: {r.params.get('cpu_4bit_kernel', 'auto')}`).")
+    if not lines:
+        return ""
+    return ("**4-bit kernels.** On a CPU, bitsandbytes runs 4-bit layers by one of two kernels; the study pins one "
+            "per run and records it. The two agree within bf16 rounding of the scales (tested), so int4 figures from "
+            "CPUs with and without AVX512-BF16 compare, but not to the last digit:\n\n" + "\n".join(lines))
