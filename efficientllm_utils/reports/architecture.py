@@ -272,12 +272,7 @@ def compare(record_a, record_b, metric: str, tolerance: float) -> c.Difference |
         return c.point_difference(record_a.quality["perplexity"], record_b.quality["perplexity"], tolerance,
                                   "noise tolerance (seeds and repeated runs)")
     key = {"AMU_GB": "amu_gb", "AEC_W": "aec_w"}[metric]
-    ma, mb = record_a.metrics[key], record_b.metrics[key]
-    if ma.value is None or mb.value is None:
-        return None
-    if c.is_estimate(ma.method) or c.is_estimate(mb.method):
-        return c.estimated_difference(ma.value, mb.value)
-    return c.point_difference(ma.value, mb.value, tolerance, "tolerance: one tracked phase per run")
+    return c.tracked_difference(record_a.metrics[key], record_b.metrics[key], tolerance)
 
 
 def _records_by(res: c.StudyResults) -> dict[tuple[str, str], object]:

@@ -435,6 +435,16 @@ def is_estimate(method: object) -> bool:
     return isinstance(method, str) and method.startswith("estimated:")
 
 
+def tracked_difference(subject, baseline, tolerance: float) -> Difference | None:
+    """Two runs' values of one tracker metric (``MetricValue``s): None when either is missing, an estimate's
+    difference (never evidence) when either is estimated, else the difference within ``tolerance``."""
+    if subject.value is None or baseline.value is None:
+        return None
+    if is_estimate(subject.method) or is_estimate(baseline.method):
+        return estimated_difference(subject.value, baseline.value)
+    return point_difference(subject.value, baseline.value, tolerance, "tolerance: one tracked phase per run")
+
+
 def decide(diff: Difference, expect: str, tolerance: float = 0.0) -> str:
     """The verdict on a claim that the subject is ``lower`` / ``higher`` than the baseline, or ``not_lower``
     (at most ``tolerance`` lower: a non-inferiority margin), from the interval of the difference."""

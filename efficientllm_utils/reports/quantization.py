@@ -118,12 +118,7 @@ def compare(metric: str, subject, baseline, tolerance: float) -> c.Difference | 
         return c.bootstrap_ratio(_tokens_per_s(subject), _tokens_per_s(baseline))
     if metric == "al_s":
         return c.bootstrap_ratio(_latencies(subject), _latencies(baseline))
-    m_s, m_b = subject.metrics[metric], baseline.metrics[metric]
-    if m_s.value is None or m_b.value is None:
-        return None
-    if c.is_estimate(m_s.method) or c.is_estimate(m_b.method):
-        return c.estimated_difference(m_s.value, m_b.value)
-    return c.point_difference(m_s.value, m_b.value, tolerance, "tolerance: one tracked phase per run")
+    return c.tracked_difference(subject.metrics[metric], baseline.metrics[metric], tolerance)
 
 
 METRIC_WORDS = {"accuracy": "accuracy", "model_bytes": "counted model size", "it_tokens_per_s": "throughput (IT)",
