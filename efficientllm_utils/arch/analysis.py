@@ -73,7 +73,7 @@ def param_counts(model_or_config: nn.Module | DecoderConfig) -> dict[str, int]:
             "embedding": model.get_input_embeddings().weight.numel()}
 
 
-def _compressed_blocks(config: DecoderConfig, context_len: int) -> int:
+def _compressed_blocks(config: DecoderConfig, context_len: float) -> float:
     if context_len < config.compress_block:
         return 0
     return (context_len - config.compress_block) // config.compress_stride + 1
@@ -109,15 +109,20 @@ def flops_per_token(config: DecoderConfig, context_len: int) -> float:
                          - sum(m.compress_key.weight.numel() + m.compress_value.weight.numel() for m in compressors))
     flops = 2.0 * per_token_weights
 
+    return flops + config.n_layers * attention_flops_per_token(config, context_len)
+
+
+def attention_flops_per_token(config: DecoderConfig, context_len: float, window_keys: float | None = None) -> float:
+    """One layer's attention FLOPs for one query over ``context_len`` keys (scores, weighted sum, and NSA's
+    compression), as counted by ``flops_per_token``. ``window_keys``: keys in NSA's window branch
+    (default ``min(window, context_len)``, the causal window; a centred one holds ``2 * (window // 2) + 1``)."""
     heads = config.n_heads
     if config.attention == "mla":
-        attention = 2 * heads * (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim) * context_len
-    elif config.attention == "nsa":
+        return 2 * heads * (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim) * context_len
+    if config.attention == "nsa":
+        window = min(config.window, context_len) if window_keys is None else min(window_keys, context_len)
         keys = (_compressed_blocks(config, context_len)
-                + min(config.n_selected * config.select_block, context_len)
-                + min(config.window, context_len))
-        attention = 2 * heads * 2 * config.head_dim * keys
-        attention += 2 * 2 * config.n_kv_heads * config.compress_block * config.head_dim ** 2 / config.compress_stride
-    else:
-        attention = 2 * heads * 2 * config.head_dim * context_len
-    return flops + config.n_layers * attention
+                + min(config.n_selected * config.select_block, context_len) + window)
+        return (2 * heads * 2 * config.head_dim * keys
+                + 2 * 2 * config.n_kv_heads * config.compress_block * config.head_dim ** 2 / config.compress_stride)
+    return 2 * heads * 2 * config.head_dim * context_len

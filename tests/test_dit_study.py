@@ -1,0 +1,93 @@
+"""The DiT axis: the offline CIFAR-10 split, the FD feature network, params validation, and the smoke profile of
+both studies end to end through papermill and Dask, with the chapter's report on its records."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from efficientllm_utils import cli
+from efficientllm_utils.dit import data as dit_data
+from efficientllm_utils.params import DiTRun, ParamsError, expand, params_path
+from efficientllm_utils.records import load_records
+
+
+def test_cifar10_split_is_fixed_shuffled_and_disjoint():
+    images, labels = dit_data.load_cifar10_test()
+    assert images.shape == (10000, 32, 32, 3) and images.dtype == np.uint8
+    assert np.bincount(labels).tolist() == [1000] * 10
+    assert (labels[:1000] == 0).all()  # the file is sorted by class: the split must shuffle
+    a, b = dit_data.splits(512), dit_data.splits(512)
+    assert torch.equal(a.heldout_images, b.heldout_images)  # fixed whatever the run's seed
+    assert len(set(a.heldout_labels.tolist())) == 10  # shuffled: every class is held out
+    assert len(a.train_images) == 9488 and a.train_images.min() >= -1 and a.train_images.max() <= 1
+    first = next(dit_data.train_batches(a, 16, seed=3))
+    again = next(dit_data.train_batches(a, 16, seed=3))
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+def test_efficientnet_lite0_recognises_a_cat():
+    """The FD network carries real ImageNet weights: skimage's cat photo is classed as a cat (281-285)."""
+    skimage_data = pytest.importorskip("skimage.data")
+    from efficientllm_utils.vision import fd
+
+    cat = torch.from_numpy(skimage_data.chelsea()).permute(2, 0, 1).float()[None] / 127.5 - 1
+    probs = fd.classify(cat)[0]
+    assert 281 <= int(probs.argmax()) <= 285 and float(probs[281:286].sum()) > 0.5
+
+
+def test_fd_separates_real_images_from_noise(tmp_path):
+    from efficientllm_utils.vision import fd
+
+    real = dit_data.splits(512).heldout_images
+    a, b = fd.cached_features(real[:256], 32, tmp_path), fd.cached_features(real[256:], 32, tmp_path)
+    noise = fd.cached_features(torch.rand(256, 3, 32, 32) * 2 - 1, 32, tmp_path)
+    assert len(list(tmp_path.glob("*.npy"))) == 3
+    assert np.array_equal(fd.cached_features(real[:256], 32, tmp_path), a)  # read back from the cache
+    floor = fd.frechet_distance(a, b)
+    assert 0 < floor < fd.frechet_distance(noise, b) / 2
+
+
+def test_dit_params_fail_early_with_the_allowed_values():
+    base = dict(hidden_size=16, n_layers=1, n_heads=2, patch_size=8)
+    with pytest.raises(ValueError, match="n_samples"):
+        DiTRun(**base, n_samples=100)
+    with pytest.raises(ValueError, match="heldout_size=512 must be >= 2 \\* n_samples"):
+        DiTRun(**base, n_samples=300)
+    with pytest.raises(ValueError, match="DiT-B/4, DiT-L/8, DiT-XL/2"):
+        DiTRun(model="DiT-S/4")
+    with pytest.raises(ValueError, match="patch_size=5 must divide"):
+        DiTRun(**{**base, "patch_size": 5})
+    with pytest.raises(ValueError, match="'mha', 'gqa', 'mqa', 'mla' or 'nsa'"):
+        DiTRun(**base, attention="linear")
+    assert DiTRun(model="DiT-XL/2", attention="gqa").dit_config().n_tokens == 256
+    for study, runs in (("dit_attention", 5), ("dit_moe", 2)):
+        assert len(expand(params_path(study), "cpu")) == runs
+        assert all(s.params["n_samples"] >= 256 for s in expand(params_path(study), "paper"))
+    with pytest.raises(ParamsError, match="n_samples"):
+        expand(params_path("dit_moe"), "smoke", {"n_samples": 8})
+
+
+@pytest.mark.slow
+def test_dit_smoke_profile_end_to_end(results_root):
+    assert cli.main(["run", "dit", "--profile", "smoke", "--results", str(results_root)]) == 0
+    from efficientllm_utils.reports import dit as dit_report
+    from efficientllm_utils.reports.common import load_study
+
+    for study, variant in (("dit_attention", "nsa"), ("dit_moe", "moe-8x2")):
+        records = load_records(study, "smoke", results_root)
+        assert len(records) == 1 and records[0].status == "ok"
+        record = records[0]
+        for metric in ("params_total", "params_active", "flops_per_step", "al_s", "tt_tokens_per_param_s",
+                       "amu_gb", "aec_w", "sample_latency_s_per_image"):
+            assert metric in record.metrics
+        assert record.quality["n_samples"] >= 256 and record.quality["fd_noise_floor"] > 0
+        assert "not-inception-FID" in record.quality["fd_metric"]
+        res = load_study(study, "smoke", results_root)
+        table = dit_report.dit_table(res)
+        assert table["variant"].tolist() == [variant]
+        assert [v for v, path in dit_report.sample_grids(res, results_root) if path.stat().st_size > 0] == [variant]
+        assert "Every variant learned" in dit_report.findings(study, table)
+    moe = load_records("dit_moe", "smoke", results_root)[0]
+    assert moe.metrics["params_active"].value < moe.metrics["params_total"].value
+    assert moe.quality["final_aux_loss"] is not None
