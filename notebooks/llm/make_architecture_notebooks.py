@@ -8,13 +8,11 @@ point), so a notebook run by hand reproduces one run of the CPU profile.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import nbformat
-import yaml
 
-from efficientllm_utils.params import PretrainRun, params_path
+from efficientllm_utils.params import PretrainRun, notebook_parameters_source
 
 HERE = Path(__file__).resolve().parent
 
@@ -79,29 +77,10 @@ right.set(xscale="log", xticks=contexts, xticklabels=contexts, xlabel="context l
 fig.tight_layout()"""
 
 
-def parameters_source(study: str) -> str:
-    """Every PretrainRun field at the default profile's first grid point, then the runner's fields."""
-    raw = yaml.safe_load(params_path(study).read_text())
-    profile = raw["profiles"][raw["default_profile"]]
-    point = {k: v[0] for k, v in profile.get("grid", {}).items()}
-    values = {**profile.get("fixed", {}), **profile.get("variants", {}).get(point.get("variant"), {}), **point}
-    params = PretrainRun.model_validate(values).model_dump(mode="json")
-    lines = [f"# Parameters (papermill replaces this cell's values; names match PretrainRun's fields).",
-             f"# Defaults: the first run of params/{study}.yaml's {raw['default_profile']!r} profile."]
-    lines += [f"{name} = {_python(value)}" for name, value in params.items()]
-    lines += ["# Set by the runner; a manual run writes under results/manual/manual/",
-              "run_id = None", "study = None", "profile = None", "label = None", "result_dir = None"]
-    return "\n".join(lines)
-
-
-def _python(value) -> str:
-    return "None" if value is None else repr(value) if isinstance(value, (str, float, int)) else json.dumps(value)
-
-
 def notebook(study: str) -> nbformat.NotebookNode:
     title, field, swapped = INTRO[study]
     md, code = nbformat.v4.new_markdown_cell, nbformat.v4.new_code_cell
-    parameters = code(parameters_source(study))
+    parameters = code(notebook_parameters_source(study, PretrainRun))
     parameters.metadata["tags"] = ["parameters"]
     cells = [
         md(f"# {title}\n\nOne grid point of the `{study}` study: a small Qwen2.5-style decoder pretrained from "

@@ -8,13 +8,11 @@ each run's values and ``study`` (``dit_attention`` or ``dit_moe``).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import nbformat
-import yaml
 
-from efficientllm_utils.params import DiTRun, params_path
+from efficientllm_utils.params import DiTRun, notebook_parameters_source
 
 HERE = Path(__file__).resolve().parent
 
@@ -77,27 +75,9 @@ plt.show()
 Image(filename=str(run.result_dir / dit.GRID_FILE))  # one row per class: airplane, automobile, ..., truck"""
 
 
-def parameters_source(study: str = "dit_attention") -> str:
-    raw = yaml.safe_load(params_path(study).read_text())
-    profile = raw["profiles"][raw["default_profile"]]
-    point = {k: v[0] for k, v in profile.get("grid", {}).items()}
-    values = {**profile.get("fixed", {}), **profile.get("variants", {}).get(point.get("variant"), {}), **point}
-    params = DiTRun.model_validate(values).model_dump(mode="json")
-    lines = ["# Parameters (papermill replaces this cell's values; names match DiTRun's fields).",
-             f"# Defaults: the first run of params/{study}.yaml's {raw['default_profile']!r} profile."]
-    lines += [f"{name} = {_python(value)}" for name, value in params.items()]
-    lines += ["# Set by the runner; a manual run writes under results/manual/manual/",
-              "run_id = None", "study = None", "profile = None", "label = None", "result_dir = None"]
-    return "\n".join(lines)
-
-
-def _python(value) -> str:
-    return "None" if value is None else repr(value) if isinstance(value, (str, float, int)) else json.dumps(value)
-
-
 def notebook() -> nbformat.NotebookNode:
     md, code = nbformat.v4.new_markdown_cell, nbformat.v4.new_code_cell
-    parameters = code(parameters_source())
+    parameters = code(notebook_parameters_source("dit_attention", DiTRun))
     parameters.metadata["tags"] = ["parameters"]
     cells = [md(INTRO), parameters, code(SETUP),
              md("## 1. Data: the training images, the held-out halves and the FD noise floor"), code(DATA),
