@@ -88,6 +88,8 @@ def test_dit_smoke_profile_end_to_end(results_root):
         assert table["variant"].tolist() == [variant]
         assert [v for v, path in dit_report.sample_grids(res, results_root) if path.stat().st_size > 0] == [variant]
         assert "Every variant learned" in dit_report.findings(study, table)
+        assert f"{record.params['steps']} steps of {record.params['batch_size']} images" in dit_report.scale_note(res)
+    assert "(8.93 and 8.71 against 19.47)" in dit_report.paper_claims()  # from book/paper/published_figures.csv
     moe = load_records("dit_moe", "smoke", results_root)[0]
     assert moe.metrics["params_active"].value < moe.metrics["params_total"].value
     assert moe.quality["final_aux_loss"] is not None

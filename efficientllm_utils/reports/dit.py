@@ -70,6 +70,34 @@ def paper_figures(study: str) -> pd.DataFrame:
     return rows[["model", "method", "metric", "value", "unit", "source", "confidence"]].reset_index(drop=True)
 
 
+def _paper_value(study: str, method: str, metric: str) -> float:
+    rows = paper_figures(study)
+    return float(rows[(rows["method"] == method) & (rows["metric"] == metric)]["value"].iloc[0])
+
+
+def paper_claims() -> str:
+    """The paper's DiT claims this chapter tests, its figures read from ``book/paper/published_figures.csv``."""
+    a, m = "dit_attention", "dit_moe"
+    return (f"In its Table 10 (as summarised in our sources) **MQA and GQA reached far better FID than MHA at "
+            f"DiT-XL/2** ({_paper_value(a, 'MQA', 'FID'):g} and {_paper_value(a, 'GQA', 'FID'):g} against "
+            f"{_paper_value(a, 'MHA', 'FID'):g}); in Table 11 **an 8-expert DiT-B/4 beat the dense one** (FID "
+            f"{_paper_value(m, 'MoE', 'FID'):g} against {_paper_value(m, 'Dense', 'FID'):g}) **at more memory** (AMU "
+            f"{_paper_value(m, 'MoE', 'AMU'):g} against {_paper_value(m, 'Dense', 'AMU'):g} GB).")
+
+
+def scale_note(res: StudyResults) -> str:
+    """What the runs' scale is, from their records: parameters, steps, images seen, held-out split."""
+    ok = res.ok_records
+    if not ok:
+        return ""
+    r = ok[0]
+    p, params = r.params, r.metrics.get("params_total")
+    seen = p.get("steps", 0) * p.get("batch_size", 0)
+    size = f"about {params.value / 1e6:.2g}M parameters" if params is not None and params.value else "a small DiT"
+    return (f"This profile (**{res.profile}**) trains a DiT of {size} for {p.get('steps')} steps of "
+            f"{p.get('batch_size')} images ({seen:,} images seen), from the run's record.")
+
+
 def leaderboard(study: str, table: pd.DataFrame) -> pd.DataFrame:
     """Our FD and AMU with ranks (1 = best) beside the paper's FID and AMU for the same methods."""
     if not len(table):
