@@ -186,16 +186,20 @@ def summary(res: c.StudyResults, table: pd.DataFrame) -> str:
     found = findings(res)
     lines = [f"This run measured {table['model'].nunique()} model(s) at {table['precision'].nunique()} precision(s) "
              f"({', '.join(dict.fromkeys(table['precision']))}). The paper's claims: {c.verdict_counts(found)}."]
+    records = _records_by(res)
     for model, group in table.groupby("model", sort=False):
         g = group.dropna(subset=["compression"])
         if g.empty:
             continue
-        small, best = g.loc[g["model_MB"].idxmin()], g.loc[g["accuracy"].idxmax()]
-        fast = g.loc[g["AL_s"].idxmin()]
-        lines.append(f"- **{model}**: the smallest is {small['precision']} at {small['model_MB']:.0f} MB "
-                     f"({small['compression']:.1f}x smaller than {small['reference']}, accuracy "
-                     f"{small['accuracy_change_pct']:+.1f}%); the most accurate {best['precision']} "
-                     f"({best['accuracy']:.3f}); the fastest {fast['precision']} ({fast['AL_s']:.3g} s/request).")
+        small, fast = g.loc[g["model_MB"].idxmin()], g.loc[g["AL_s"].idxmin()]
+        items = _correct(records[(model, small["precision"])]) if (model, small["precision"]) in records else None
+        on_items = f" on {len(items)} scored items" if items else ""
+        kl = f", next-token KL to {small['reference']} {small['kl']:.3g} nats/token" if pd.notna(small.get("kl")) else ""
+        lines.append(f"- **{model}**: the smallest is {small['precision']} at {small['model_MB']:.0f} MB (counted; "
+                     f"{small['compression']:.1f}x smaller than {small['reference']}); its accuracy changed by "
+                     f"{small['accuracy_change_pct']:+.1f}%{on_items}{kl}; the lowest mean latency was "
+                     f"{fast['precision']}'s ({fast['AL_s']:.3g} s/request). Whether such gaps exceed the noise is "
+                     f"decided under *Findings* below.")
     return "\n".join(lines)
 
 
