@@ -11,6 +11,8 @@ from efficientllm_utils.arch.attention import AttentionContext
 from efficientllm_utils.arch.nsa import NativeSparseAttention
 from efficientllm_utils.arch.position import RotaryEmbedding, apply_rotary
 
+from .nsa_reference import attend, nsa_projections
+
 NSA_SHAPE = dict(hidden_size=32, n_heads=4, n_kv_heads=2, head_dim=8, attention="nsa", compress_block=4,
                  compress_stride=2, select_block=4, n_selected=4, window=5)
 
@@ -20,23 +22,13 @@ def rope_at(vector: torch.Tensor, position: int, rotary: RotaryEmbedding) -> tor
     return apply_rotary(vector.view(1, 1, -1), cos, sin).view(-1)
 
 
-def attend(query: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
-    weights = torch.softmax(torch.stack([query @ k for k in keys]) / math.sqrt(query.numel()), dim=0)
-    return sum(w * v for w, v in zip(weights, values, strict=True))
-
-
 def naive_nsa(module: NativeSparseAttention, x: torch.Tensor, rotary: RotaryEmbedding) -> torch.Tensor:
     """NSA written from the paper's equations, one batch row, head and query at a time."""
     b, total, _ = x.shape
     heads, kv_heads, hd = module.n_heads, module.n_kv_heads, module.head_dim
     group = heads // kv_heads
-    size, stride, l_sel, n, w = module.block, module.stride, module.select_block, module.n_selected, module.window
-    q = module.q_proj(x).view(b, total, heads, hd)
-    k = module.k_proj(x).view(b, total, kv_heads, hd)
-    v = module.v_proj(x).view(b, total, kv_heads, hd)
-    gates = torch.sigmoid(module.branch_gate(x)).view(b, total, heads, 3)
-    starts = list(range(0, total - size + 1, stride))
-    n_blocks = math.ceil(total / l_sel)
+    size, l_sel, n, w = module.block, module.select_block, module.n_selected, module.window
+    q, k, v, gates, starts, n_blocks = nsa_projections(module, x)
     out = torch.zeros(b, total, heads, hd)
     for bi in range(b):
         keys = [[rope_at(k[bi, s, g], s, rotary) for s in range(total)] for g in range(kv_heads)]

@@ -17,6 +17,8 @@ from efficientllm_utils.dit.analysis import dit_costs
 from efficientllm_utils.dit.flow import flow_matching_loss, sample
 from efficientllm_utils.vision.fd import frechet_distance
 
+from .nsa_reference import attend, nsa_projections
+
 TINY = dict(image_size=16, patch_size=4, hidden_size=32, n_layers=2, n_heads=4, n_classes=5)
 
 
@@ -130,17 +132,8 @@ def naive_bidirectional_nsa(module: NativeSparseAttention, x: torch.Tensor) -> t
     b, total, _ = x.shape
     heads, kv_heads, hd = module.n_heads, module.n_kv_heads, module.head_dim
     group = heads // kv_heads
-    size, stride, l_sel, n, w = module.block, module.stride, module.select_block, module.n_selected, module.window
-    q = module.q_proj(x).view(b, total, heads, hd)
-    k = module.k_proj(x).view(b, total, kv_heads, hd)
-    v = module.v_proj(x).view(b, total, kv_heads, hd)
-    gates = torch.sigmoid(module.branch_gate(x)).view(b, total, heads, 3)
-    starts = list(range(0, total - size + 1, stride))
-    n_blocks = math.ceil(total / l_sel)
-
-    def attend(query, keys, values):
-        weights = torch.softmax(torch.stack([query @ key for key in keys]) / math.sqrt(hd), dim=0)
-        return sum(weight * value for weight, value in zip(weights, values, strict=True))
+    size, l_sel, n, w = module.block, module.select_block, module.n_selected, module.window
+    q, k, v, gates, starts, n_blocks = nsa_projections(module, x)
 
     out = torch.zeros(b, total, heads, hd)
     for bi in range(b):
