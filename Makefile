@@ -33,8 +33,8 @@ env: $(VENV)/.installed  ## create the Python environment (.venv)
 assets: env  ## fetch and verify the offline model and data packages
 	$(BIN)/python -m efficientllm_utils.assets
 
-reproduce: assets  ## run AXIS's grid (PROFILE, default: the CPU profile; EXECUTOR), build the book, print a summary
-	$(BIN)/python -m efficientllm_utils run $(AXIS) $(RUN_FLAGS) --book
+reproduce: assets  ## run AXIS's grid (PROFILE, default: the CPU profile; EXECUTOR), build the book, refresh published/, print a summary
+	$(BIN)/python -m efficientllm_utils run $(AXIS) $(RUN_FLAGS) --book --publish
 
 run: assets  ## run AXIS's grid without building the book
 	$(BIN)/python -m efficientllm_utils run $(AXIS) $(RUN_FLAGS)

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .published import PUBLISHED_DIR, SOURCES_FILE, book_view
 from .records import NOTEBOOK_NAME, REPO_ROOT, RESULTS_DIR, RunRecord, read_record
 
 BOOK_DIR = Path(__file__).resolve().parent.parent / "book"
@@ -86,11 +87,9 @@ def _quiet(text: str) -> str:
     return "\n".join(lines)
 
 
-def readable_run_notebook(notebook: Path, record: RunRecord | None, results_root: Path) -> str:
-    """An executed run notebook as its book page shows it: titled by its grid point, without progress bars or
-    library warnings in its stream outputs, and with no machine path (the results folder and the repository
-    become relative paths)."""
-    text = notebook.read_text()
+def portable_notebook(text: str, results_root: Path) -> str:
+    """An executed notebook's JSON without progress bars or library warnings in its stream outputs and without
+    machine paths (the results folder and the repository become relative paths): what the published copy keeps."""
     for root in (Path(results_root).resolve(), Path(results_root), REPO_ROOT):  # longest first
         text = text.replace(json.dumps(f"{root}/")[1:-1], "").replace(json.dumps(str(root))[1:-1], ".")
     nb = json.loads(text)
@@ -100,6 +99,13 @@ def readable_run_notebook(notebook: Path, record: RunRecord | None, results_root
                 if output.get("output_type") == "stream":
                     output["text"] = _quiet("".join(output["text"]))
             cell["outputs"] = [o for o in cell["outputs"] if o.get("output_type") != "stream" or o["text"].strip()]
+    return json.dumps(nb, indent=1, ensure_ascii=False)
+
+
+def readable_run_notebook(notebook: Path, record: RunRecord | None, results_root: Path) -> str:
+    """An executed run notebook as its book page shows it: portable (``portable_notebook``) and titled by its grid
+    point."""
+    nb = json.loads(portable_notebook(notebook.read_text(), results_root))
     if record is not None:
         title = run_title(record.study, record.label, record.params) + (" (failed)" if record.status != "ok" else "")
         first = next((c for c in nb["cells"] if c["cell_type"] == "markdown"), None)
@@ -116,11 +122,13 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def fingerprint(results_root: Path, book_dir: Path) -> str:
-    """Changes whenever a result, a book source or the package's code changes."""
-    paths = [*Path(results_root).glob("*/*/*/record.json"),
+    """Changes whenever a result (of the view: local or published), a book source or the package's code changes."""
+    paths = [*(p.resolve() for p in Path(results_root).glob("*/*/*/record.json")),
              *(p for p in book_dir.rglob("*") if p.is_file() and "_build" not in p.parts and "runs" not in p.parts),
              *PACKAGE_DIR.rglob("*.py")]
     digest = hashlib.sha256(str(Path(results_root).resolve()).encode())
+    sources = Path(results_root) / SOURCES_FILE  # a view's: rewritten at every build, so its text counts
+    digest.update(sources.read_bytes() if sources.exists() else b"")
     for path in sorted(paths):
         stat = path.stat()
         digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode())
@@ -128,19 +136,22 @@ def fingerprint(results_root: Path, book_dir: Path) -> str:
 
 
 def build_book(results_root: Path = RESULTS_DIR, book_dir: Path = BOOK_DIR, quiet: bool = True,
-               force: bool = False) -> Path:
+               force: bool = False, published_root: Path | None = PUBLISHED_DIR) -> Path:
     """Build the HTML book; returns the path of its ``index.html``. Raises if a page fails.
 
-    Skipped when nothing it reads changed since the last successful build (``force`` rebuilds).
+    Each study's profiles come from ``results_root`` where it has records, else from the published copy
+    (``published.book_view``; ``published_root=None``: local results only). Skipped when nothing it reads changed
+    since the last successful build (``force`` rebuilds).
     """
     index = book_dir / "_build" / "html" / "index.html"
     stamp = book_dir / "_build" / ".fingerprint"
-    current = fingerprint(results_root, book_dir)
+    view = book_view(results_root, book_dir / "_build" / "results_view", published_root)
+    current = fingerprint(view, book_dir)
     if not force and index.exists() and stamp.exists() and stamp.read_text() == current:
         print("book: up to date (no result, page or code changed since the last build)", file=sys.stderr)
         return index
-    copy_run_notebooks(results_root, book_dir)
-    env = {**os.environ, "EFFICIENTLLM_RESULTS": str(Path(results_root).resolve())}
+    copy_run_notebooks(view, book_dir)
+    env = {**os.environ, "EFFICIENTLLM_RESULTS": str(view)}
     jb = Path(sys.executable).parent / "jupyter-book"
     # -W: a page whose code fails is a failed build, not a page with a traceback in it.
     # --all: chapter pages read results/, which Sphinx does not track, so every page is rebuilt.

@@ -13,6 +13,7 @@ from pathlib import Path
 from . import records
 from .clusters import ClusterError
 from .params import PARAMS_DIR, ParamsError, expand, params_path
+from .published import PUBLISHED_PROFILES, publish
 from .runner import EXECUTORS, ResourceError, Summary, execute
 
 # An axis of the study is one or more studies, each with its params file and notebook.
@@ -75,6 +76,10 @@ def cmd_run(args) -> int:
                           timeout_s=args.run_timeout, **executor)
         total.outcomes += summary.outcomes
         tables.append((study, specs[0].profile, records.aggregate(study, specs[0].profile, results_root)))
+        if args.publish and specs[0].profile in PUBLISHED_PROFILES:
+            target = publish(study, specs[0].profile, results_root, run_ids={s.run_id for s in specs})
+            print(f"published: {target.relative_to(records.REPO_ROOT) if target.is_relative_to(records.REPO_ROOT) else target}"
+                  f" (commit it to share these results)", file=sys.stderr)
     index = None
     if args.book:
         from .book import build_book
@@ -112,6 +117,18 @@ def cmd_book(args) -> int:
     return 0
 
 
+def cmd_publish(args) -> int:
+    """Copy existing results of the current grid into the published copy (what ``run --publish`` does)."""
+    for study in studies_of(args.axis):
+        profile = args.profile or expand(params_path(study))[0].profile
+        try:
+            print(f"published: {publish(study, profile, Path(args.results))}")
+        except FileNotFoundError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    return 0
+
+
 def cmd_gpu_check(args) -> int:
     from .gpu_check import main as gpu_main
 
@@ -146,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--run-timeout", type=float, default=None, help="seconds a cell may run before the run fails")
     run.add_argument("--results", default=str(records.RESULTS_DIR))
     run.add_argument("--book", action="store_true", help="build the book afterwards")
+    run.add_argument("--publish", action="store_true",
+                     help=f"replace the published copy (published/) with this profile's runs when it is one of "
+                          f"{', '.join(PUBLISHED_PROFILES)} (make reproduce does)")
     run.set_defaults(func=cmd_run)
 
     lst = sub.add_parser("list", help="validate a profile and list its runs without running them")
@@ -155,6 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     book = sub.add_parser("book", help="build the Jupyter Book from existing results")
     book.add_argument("--results", default=str(records.RESULTS_DIR))
     book.set_defaults(func=cmd_book)
+
+    pub = sub.add_parser("publish", help="copy a profile's results of the current grid into published/ (the "
+                                         "copy the book falls back to)")
+    add_selection(pub)
+    pub.add_argument("--results", default=str(records.RESULTS_DIR))
+    pub.set_defaults(func=cmd_publish)
 
     gpu = sub.add_parser("gpu-check", help="NVML sampling, energy counter and int4 on CUDA (skips without a GPU)")
     gpu.set_defaults(func=cmd_gpu_check)

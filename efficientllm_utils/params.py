@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .arch.config import ATTENTION_KINDS, FFN_KINDS, PAPER_SHAPES, POSITION_KINDS, DecoderConfig, paper_config
 from .cpu_4bit import KERNELS as CPU_4BIT_KERNELS
 from .finetune.config import METHOD_NAMES, DataSettings, MethodSettings, TrainSettings
-from .models import OFFLINE_MODELS, PRECISIONS
+from .models import OFFLINE_MODELS, PRECISIONS, SHAPE_MODELS, SHAPE_PREFIX, is_shape_model
 from .quality import TASKS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -50,10 +50,14 @@ class RunParams(BaseModel):
         return cls.model_validate({k: namespace[k] for k in cls.model_fields if k in namespace})
 
 
-def _check_model_source(value: str) -> str:
+def _check_model_source(value: str, shapes: bool = False) -> str:
     if value in OFFLINE_MODELS or HUB_ID.match(value) or Path(value).is_dir():
         return value
-    raise ValueError(f"model {value!r} is not an offline model {sorted(OFFLINE_MODELS)}, "
+    if shapes and value in {SHAPE_PREFIX + name for name in SHAPE_MODELS}:
+        return value
+    shape_text = f", a paper model's shape with random weights {sorted(SHAPE_PREFIX + n for n in SHAPE_MODELS)}" \
+        if shapes else ""
+    raise ValueError(f"model {value!r} is not an offline model {sorted(OFFLINE_MODELS)}{shape_text}, "
                      "a hub id like 'Qwen/Qwen2.5-7B', or an existing local directory")
 
 
@@ -85,7 +89,12 @@ class QuantizationRun(RunParams):
     @field_validator("model")
     @classmethod
     def _known_model(cls, value: str) -> str:
-        return _check_model_source(value)
+        return _check_model_source(value, shapes=True)
+
+    @property
+    def scores_quality(self) -> bool:
+        """False for a ``shape:`` model: its random weights give efficiency figures only."""
+        return not is_shape_model(self.model)
 
 
 class SelfTestRun(RunParams):

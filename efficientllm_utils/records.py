@@ -197,7 +197,18 @@ def provenance() -> dict[str, Any]:
         "hardware": hardware(),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),  # a run on a Slurm worker job
+        "load_average": load_average(),
     }
+
+
+def load_average() -> dict[str, float] | None:
+    """The machine's load averages when the record is written: above its core count, other work shared the CPUs
+    during the run (the book says so beside the run's times)."""
+    try:
+        one, five, fifteen = os.getloadavg()
+    except (OSError, AttributeError):  # not on every platform
+        return None
+    return {"1m": round(one, 2), "5m": round(five, 2), "15m": round(fifteen, 2)}
 
 
 def load_records(study: str, profile: str, root: Path | None = None) -> list[RunRecord]:

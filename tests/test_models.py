@@ -60,3 +60,31 @@ def test_quantized_model_still_predicts_like_the_reference(loaded):
 def test_unknown_precision_is_refused():
     with pytest.raises(ValueError, match="not one of"):
         models.load_causal_lm("smollm2-135m-instruct", "int3")
+
+
+def test_a_paper_shape_is_built_once_with_its_exact_shape_and_no_quality(tmp_path, monkeypatch):
+    """``shape:<name>``: random weights of a paper model's config, cached; studies measure no quality on them."""
+    from efficientllm_utils import assets
+    from efficientllm_utils.params import QuantizationRun
+    from efficientllm_utils.studies import quantization as q
+
+    tokenizer_dir = models.converted_checkpoint("smollm2-135m-instruct")
+    monkeypatch.setattr(assets, "cache_dir", lambda: tmp_path / "assets")
+    monkeypatch.setattr(models, "converted_checkpoint", lambda name: tokenizer_dir)
+    tiny = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=50000, tie_word_embeddings=False)
+    monkeypatch.setitem(models.SHAPE_MODELS, "tiny-qwen2", tiny)
+    model, _ = models.load_causal_lm("shape:tiny-qwen2", "bf16")
+    expected = 2 * 50000 * 64 + 2 * (64 * 64 * 2 + 64 * 32 * 2 + 64 + 32 * 2 + 3 * 64 * 128 + 2 * 64) + 64
+    assert sum(p.numel() for p in model.parameters()) == expected  # q/k/v biases, untied head, norms
+    built = tmp_path / "models" / "shape-tiny-qwen2-seed0" / "model.safetensors"
+    stamp = built.stat().st_mtime_ns
+    models.load_causal_lm("shape:tiny-qwen2", "fp32")
+    assert built.stat().st_mtime_ns == stamp  # built once, then reused
+
+    p = QuantizationRun(model="shape:qwen2.5-7b", precision="int4-nf4", reference_precision="bf16")
+    assert not p.scores_quality and q.reference_outputs(p, None) is None
+    quality, raw = q.measure_quality(None, None, p)
+    assert raw == {} and "random weights" in quality["not_measured"]
+    with pytest.raises(ValueError, match="shape:qwen2.5-1.5b"):
+        QuantizationRun(model="shape:qwen3", precision="bf16")

@@ -48,6 +48,27 @@ def test_two_models_get_their_own_reference_ranks_and_size_group():
     assert set(common.tau_table(list(boards.values()))["model"]) == {"small", "big"}
 
 
+def test_a_model_without_quality_keeps_its_costs_and_ranks_and_says_why():
+    """A ``shape:`` model (random weights of a paper shape) has no quality columns: its sizes, MCR-free costs and
+    non-quality ranks still show, next to a real model whose quality was measured."""
+    rows = [{"param_model": "shape:qwen2.5-7b", "param_precision": p, "model_bytes": b, "al_s": al,
+             "param_reference_precision": "bf16"}
+            for p, b, al in [("bf16", 15e9, 1.0), ("fp16", 15e9, 1.1), ("int4-nf4", 5e9, 2.0)]]
+    alone = qr.quantization_table(common.StudyResults("quantization", "gpu", [], _frame(rows)))
+    assert alone["accuracy"].isna().all() and alone["MCR"].isna().all()
+    assert alone.set_index("precision").loc["int4-nf4", "compression"] == pytest.approx(3.0)
+    board = qr.leaderboards(alone)[0]
+    assert board.model == "shape:qwen2.5-7b" and board.size_group == "7B-8B" and "Perf" not in board.side.columns
+    assert "AL" in board.side.columns
+
+    real = [{"param_precision": p, "model_bytes": b, "quality_mean_accuracy": a, "param_reference_precision": "bf16"}
+            for p, b, a in [("bf16", 2.7e8, 0.5), ("int4-nf4", 1e8, 0.45)]]
+    both = qr.quantization_table(common.StudyResults("quantization", "gpu", [], _frame(rows + real)))
+    assert both.set_index(["model", "precision"]).loc[("m", "int4-nf4"), "accuracy_change_pct"] == pytest.approx(-10)
+    text = qr.summary(common.StudyResults("quantization", "gpu", [], _frame(rows + real)), both)
+    assert "no quality was measured (random weights" in text and "accuracy changed by -10.0%" in text
+
+
 @pytest.mark.parametrize("count, group, why", [(2e9, "1.5B-3.8B", "lie in"), (135e6, "1.5B-3.8B", "fewer"),
                                                (6.5e9, "7B-8B", "between"), (70e9, "14B-34B", "more")])
 def test_size_group_holds_the_count_or_says_which_was_used(count, group, why):

@@ -25,6 +25,7 @@ class StudyResults:
     profile: str
     records: list[RunRecord]
     frame: pd.DataFrame  # flat rows, one per run
+    root: Path = RESULTS_DIR  # the results folder (the book's: a view of local and published results)
 
     @property
     def ok(self) -> pd.DataFrame:
@@ -37,14 +38,16 @@ class StudyResults:
         return [r for r in self.records if r.status == "ok"]
 
     def describe(self) -> str:
-        """One sentence that says where these numbers came from."""
+        """Where these numbers came from: the profile, how many runs succeeded, local results or the published
+        copy, the commit, machine and dates of the runs, and runs whose parameters no longer match the params
+        file (``published.results_note``)."""
+        from ..published import results_note
+
         if not self.records:
             return f"No results for `{self.study}` yet: run `make reproduce AXIS={self.study}`."
-        hw = {r.provenance.get("hardware", {}).get("summary") for r in self.records} - {None}
-        commits = {(r.provenance.get("git_commit") or "uncommitted")[:10] for r in self.records}
         n_ok = sum(r.status == "ok" for r in self.records)
-        return (f"Profile **{self.profile}**: {n_ok} of {len(self.records)} runs succeeded, on "
-                f"{'; '.join(sorted(hw)) or 'unknown hardware'}, code {', '.join(sorted(commits))}.")
+        return (f"Profile **{self.profile}**: {n_ok} of {len(self.records)} runs succeeded. "
+                + results_note(self.study, self.profile, self.records, self.root))
 
 
 def available_profiles(study: str, root: Path | None = None) -> list[str]:
@@ -61,7 +64,7 @@ def load_study(study: str, profile: str | None = None, root: Path | None = None)
         candidates = {p: r for p, r in candidates.items() if r}
         profile = max(candidates, key=lambda p: max(r.finished or "" for r in candidates[p])) if candidates else "cpu"
     recs = load_records(study, profile, root)
-    return StudyResults(study, profile, recs, pd.DataFrame([r.flat() for r in recs]))
+    return StudyResults(study, profile, recs, pd.DataFrame([r.flat() for r in recs]), root or RESULTS_DIR)
 
 
 def model_label(source: str) -> str:

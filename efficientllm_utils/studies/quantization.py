@@ -79,8 +79,9 @@ def reference_outputs(p: QuantizationRun, cache_dir: Path | None, run_label: str
     """The reference precision's predicted choices and distributions, or None when this run is the reference.
 
     Loads the reference model (then frees it, before this run loads its own), fingerprints it, and reuses the
-    outputs an earlier run stored under the same fingerprint in ``cache_dir``, or computes them and stores them."""
-    if p.precision == p.reference_precision:
+    outputs an earlier run stored under the same fingerprint in ``cache_dir``, or computes them and stores them.
+    None too for a model whose quality is not measured (random weights of a paper shape)."""
+    if p.precision == p.reference_precision or not p.scores_quality:
         return None
     model, tokenizer = models.load_causal_lm(p.model, p.reference_precision, p.device)
     try:
@@ -97,7 +98,12 @@ def measure_quality(model, tokenizer, p: QuantizationRun, reference: dict | None
                     cache_dir: Path | None = None, run_label: str = "manual") -> tuple[dict, dict]:
     """Mean accuracy over the tasks (the study's quality score), per-task results, perplexity, and fidelity to
     ``reference`` (``reference_outputs``; None: this run is the reference, whose outputs are stored in
-    ``cache_dir`` for the other precisions). Returns (quality, raw per-token and per-item values)."""
+    ``cache_dir`` for the other precisions). Returns (quality, raw per-token and per-item values).
+
+    A ``shape:`` model's random weights have no quality to measure: the record says so instead of a number."""
+    if not p.scores_quality:
+        return {"not_measured": f"{p.model} has random weights of the paper model's shape: efficiency figures only; "
+                                "quality comes from the real models of the profile"}, {}
     outputs = score(model, tokenizer, p)
     scores, ppl = outputs["scores"], outputs["perplexity"]
     if reference is None:  # this run is the reference: compared with itself, 0 / 1 / 0 by construction
