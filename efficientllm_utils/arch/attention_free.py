@@ -12,8 +12,9 @@ What each model keeps per sequence while decoding (batch 1, ``context`` tokens):
 
 * transformer (ours): keys and values of every token, ``arch.analysis.kv_cache_bytes_per_token * context``;
 * Pythia: keys and values of every token, ``2 * n_layers * hidden_size * dtype_bytes * context``;
-* Mamba: per layer a convolution window (d_inner, conv_kernel) and an SSM state (d_inner, state_size), in the
-  model's dtype, whatever the context: ``n_layers * d_inner * (conv_kernel + state_size) * dtype_bytes``;
+* Mamba: per layer a convolution window (d_inner, conv_kernel) in the model's dtype and an SSM state
+  (d_inner, state_size) in float32 (transformers' torch path discretises in float32), whatever the context:
+  ``n_layers * d_inner * (conv_kernel * dtype_bytes + state_size * 4)``;
 * RWKV-4: per layer two token-shift vectors (hidden) in the model's dtype and three WKV accumulators (hidden) in
   float32: ``n_layers * hidden_size * (2 * dtype_bytes + 3 * 4)``.
 
@@ -86,8 +87,8 @@ def build(config: PretrainedConfig, seed: int, device: str = "cpu", dtype: torch
 def state_bytes(config: PretrainedConfig, context: int, dtype_bytes: int) -> int:
     """Analytical bytes an attention-free model (or Pythia) keeps for one sequence after ``context`` tokens."""
     if config.model_type == "mamba":
-        return config.num_hidden_layers * config.intermediate_size * (config.conv_kernel + config.state_size) \
-            * dtype_bytes
+        return config.num_hidden_layers * config.intermediate_size * (config.conv_kernel * dtype_bytes
+                                                                      + config.state_size * 4)
     if config.model_type == "rwkv":
         return config.num_hidden_layers * config.hidden_size * (2 * dtype_bytes + 3 * 4)
     if config.model_type == "gpt_neox":
