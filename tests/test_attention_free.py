@@ -200,3 +200,10 @@ def test_smoke_profile_end_to_end(tmp_path):
     assert "measured cache sizes equal their formula exactly" in text
     board = ar.leaderboards("attention_free", table)
     assert board and set(board[0].side["method"]) >= {"Transformer", "Mamba", "RWKV"}
+
+
+def test_every_paper_run_has_a_cost_estimate(tmp_path):
+    from efficientllm_utils.cost import run_costs
+
+    rows = run_costs("attention_free", "paper", root=tmp_path)  # no records: every run by the FLOPs model
+    assert len(rows) == 12 and all(r["how"] == "FLOPs model" and r["hours"] > 0 for r in rows)

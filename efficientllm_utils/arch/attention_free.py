@@ -45,6 +45,7 @@ PAPER_SHAPES: dict[str, dict[str, dict[str, int]]] = {
 }
 MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {"mamba": MambaForCausalLM, "rwkv": RwkvForCausalLM,
                                                    "pythia": GPTNeoXForCausalLM}
+KINDS = {"mamba": "mamba", "rwkv": "rwkv", "gpt_neox": "pythia"}  # transformers' model_type -> our name
 PYTHIA_ROTARY_PCT = 0.25  # Pythia rotates a quarter of each head's dimensions
 
 
@@ -74,7 +75,7 @@ def hf_config(architecture: str, *, vocab_size: int, hidden_size: int, n_layers:
 def build(config: PretrainedConfig, seed: int, device: str = "cpu", dtype: torch.dtype = torch.float32,
           eos_token_id: int | None = None) -> PreTrainedModel:
     """A seeded model of ``config``'s kind; ``eos_token_id`` also pads and starts (as for our decoder)."""
-    kind = {"mamba": "mamba", "rwkv": "rwkv", "gpt_neox": "pythia"}[config.model_type]
+    kind = KINDS[config.model_type]
     if eos_token_id is not None:
         config.eos_token_id = config.pad_token_id = config.bos_token_id = eos_token_id
     torch.manual_seed(seed)
@@ -82,6 +83,12 @@ def build(config: PretrainedConfig, seed: int, device: str = "cpu", dtype: torch
     if eos_token_id is not None:
         model.generation_config.eos_token_id = model.generation_config.pad_token_id = eos_token_id
     return model
+
+
+def meta_param_count(config: PretrainedConfig) -> int:
+    """Parameters of ``config``'s model (tied weights once), counted on the meta device: no memory, no init."""
+    with torch.device("meta"):
+        return sum(t.numel() for t in MODEL_CLASSES[KINDS[config.model_type]](config).parameters())
 
 
 def state_bytes(config: PretrainedConfig, context: int, dtype_bytes: int) -> int:

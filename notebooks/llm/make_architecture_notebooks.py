@@ -42,6 +42,11 @@ tracker (sampling every `sample_interval_s`, 1 s as in the paper), keeping every
 fixed-length greedy decoding after prompts of each `decode_contexts` length, with no sampler running. Every metric
 records how it was obtained."""
 
+OWN_METHOD = """ The model is our decoder (`architecture: transformer`) or `transformers`' Mamba, RWKV-4 or Pythia
+(no FLOPs model for those: recorded as unavailable). After building it, the cache or recurrent state one sequence
+holds after a prefill of each `decode_contexts` length is read from the model's real cache object and set beside its
+formula."""
+
 SETUP = """from efficientllm_utils.params import {run_model}
 from efficientllm_utils.records import RunContext, metrics_table
 from efficientllm_utils.studies import {module} as arch
@@ -97,11 +102,12 @@ def notebook(study: str) -> nbformat.NotebookNode:
     parameters = code(notebook_parameters_source(study, run_model))
     parameters.metadata["tags"] = ["parameters"]
     cells = [
-        md(f"# {title}\n\nOne grid point of the `{study}` study: a small Qwen2.5-style decoder pretrained from "
-           "scratch, "
+        md(f"# {title}\n\nOne grid point of the `{study}` study: "
+           f"{'a small language model' if own else 'a small Qwen2.5-style decoder'} pretrained from scratch, "
            f"where the runs differ only in {swapped} (parameter `{field}`). The runner (`make reproduce "
            f"AXIS={study}`, or `AXIS=architecture` for the four studies) executes this notebook once per grid point "
-           f"of `params/{study}.yaml` with papermill; you can also run it by hand with other values.\n\n{METHOD}"),
+           f"of `params/{study}.yaml` with papermill; you can also run it by hand with other values.\n\n{METHOD}"
+           + (OWN_METHOD if own else "")),
         parameters,
         code(SETUP.format(run_model=run_model.__name__, module=module,
                           threads="arch.set_threads(p)  # torch threads for the whole run (num_threads)\n" if own else "")),
