@@ -169,6 +169,7 @@ def test_params_and_state_tables_compare_with_the_transformer():
     assert state["equals_formula"].to_dict() == {"transformer": True, "mamba": False}
     notes = afr.observations(table, curves)
     assert "transformer 100 B -> 3,200 B (32x)" in notes[0] and "mamba 50 B -> 51 B (1.02x)" in notes[0]
+    assert "transformer 1 s -> 2 s (2.00x)" in notes[1] and "mamba 1 s -> 1.1 s (1.10x)" in notes[1]
     assert notes[-1] == "3 of 4 measured cache sizes equal their formula exactly."
 
 

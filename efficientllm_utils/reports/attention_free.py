@@ -104,18 +104,22 @@ def observations(table: pd.DataFrame, curves: pd.DataFrame) -> list[str]:
     for model, group in curves.groupby("model", sort=False):
         prefix = f"{model}: " if curves["model"].nunique() > 1 else ""
         by = group.set_index(["variant", "context"])
-        parts, decode = [], []
+        parts, timings = [], {"latency_s": [], "tpot_s": []}
         for variant in dict.fromkeys(group["variant"]):
             a, b = by.loc[(variant, first), "measured_bytes"], by.loc[(variant, last), "measured_bytes"]
             parts.append(f"{variant} {a:,.0f} B -> {b:,.0f} B ({b / a:.3g}x)")
-            if "latency_s" in by and pd.notna(by.loc[(variant, first), "latency_s"]):
-                la, lb = by.loc[(variant, first), "latency_s"], by.loc[(variant, last), "latency_s"]
-                decode.append(f"{variant} {la:.3g} s -> {lb:.3g} s ({lb / la:.2f}x)")
+            for column, items in timings.items():
+                if column in by and pd.notna(by.loc[(variant, first), column]):
+                    ta, tb = by.loc[(variant, first), column], by.loc[(variant, last), column]
+                    items.append(f"{variant} {ta:.3g} s -> {tb:.3g} s ({tb / ta:.2f}x)")
         out.append(f"{prefix}cache or state of one sequence from {first} to {last} tokens of context (measured): "
                    + ", ".join(parts) + f" ({last / first:g}x the context).")
-        if decode:
-            out.append(f"{prefix}a request of greedy tokens after {first} and after {last} tokens of context: "
-                       + ", ".join(decode) + ".")
+        if timings["latency_s"]:
+            out.append(f"{prefix}a whole request (prefill of the prompt, then greedy tokens) after {first} and after "
+                       f"{last} tokens of context: " + ", ".join(timings["latency_s"]) + ".")
+        if timings["tpot_s"]:
+            out.append(f"{prefix}the median time per output token after the first (decoding from the cache or "
+                       f"state alone), after {first} and after {last} tokens: " + ", ".join(timings["tpot_s"]) + ".")
     equal = (curves["measured_bytes"] == curves["analytical_bytes"])
     out.append(f"{int(equal.sum())} of {len(equal)} measured cache sizes equal their formula exactly.")
     return out
