@@ -44,6 +44,7 @@ RUN_TITLES = {
     "attention": "Attention: {attention}",
     "positional_encoding": "Positional encoding: {position}",
     "moe": "MoE: {variant}",
+    "attention_free": "Attention-free: {variant}",
     "peft": "PEFT: {method}",
     "selftest": "Self-test: {mode} {value}",
 }

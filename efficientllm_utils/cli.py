@@ -19,7 +19,7 @@ from .runner import EXECUTORS, ResourceError, Summary, execute
 # An axis of the study is one or more studies, each with its params file and notebook.
 AXES: dict[str, list[str]] = {
     "quantization": ["quantization"],
-    "architecture": ["attention", "positional_encoding", "moe"],
+    "architecture": ["attention", "positional_encoding", "moe", "attention_free"],
     "peft": ["peft"],
     "dit": ["dit_attention", "dit_moe"],
 }

@@ -17,7 +17,7 @@ import re
 import statistics
 from pathlib import Path
 
-from .params import PretrainRun, RunSpec, expand, params_path
+from .params import AttentionFreeRun, PretrainRun, RunSpec, expand, params_path
 from .records import load_records
 from .runner import gpus_of
 
@@ -39,13 +39,21 @@ def params_in_model_id(model: str) -> float | None:
 def training_flops(spec: RunSpec) -> float | None:
     """Training FLOPs of one run by the FLOPs model (None: no model for this study)."""
     p = spec.params
-    if spec.study in PRETRAIN_STUDIES:
+    transformer = spec.study == "attention_free" and p.get("architecture") == "transformer"
+    if spec.study in PRETRAIN_STUDIES or transformer:
         from .arch.analysis import flops_per_token
 
-        config = PretrainRun.model_validate(p).decoder_config()
+        config = (AttentionFreeRun if transformer else PretrainRun).model_validate(p).decoder_config()
         tokens = p["steps"] * p["batch_size"] * p["seq_len"]
         # forward + backward = 3 forwards; the average token of a causal block attends to (S + 1) / 2 keys
         return 3 * flops_per_token(config, (p["seq_len"] + 1) / 2) * tokens
+    if spec.study == "attention_free":
+        from .arch.attention_free import meta_param_count
+
+        run = AttentionFreeRun.model_validate(p)
+
+        # 6 FLOPs per parameter and token (forward + backward); Mamba's scan and Pythia's attention not counted
+        return 6 * meta_param_count(run.hf_config()) * p["steps"] * p["batch_size"] * p["seq_len"]
     if spec.study == "peft":
         n_params = params_in_model_id(p["model"])
         if n_params is None:

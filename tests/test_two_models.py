@@ -82,7 +82,7 @@ def test_two_model_grids_run_through_the_book(tmp_path, results_root, monkeypatc
         (params_dir / f"{study}.yaml").write_text(yaml.safe_dump(spec))
     monkeypatch.setattr(cli, "params_path", lambda study: params_dir / f"{study}.yaml")
 
-    for axis in ("quantization", "peft", "architecture"):
+    for axis in ("quantization", "peft", *ARCH_FIELDS):  # the architecture axis but its attention-free study
         assert cli.main(["run", axis, "--profile", "two", "--results", str(results_root)]) == 0, axis
 
     # the report layer: per model, each beside the paper's size group that it chose and said why

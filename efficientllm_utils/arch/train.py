@@ -84,7 +84,8 @@ def pretrain(model: nn.Module, train_blocks: Iterable[torch.Tensor], steps: int,
         optimizer.zero_grad(set_to_none=True)
         _synchronize(device)
         seconds = time.perf_counter() - start
-        aux = out.aux_loss.item() if out.aux_loss is not None else None
+        aux_loss = getattr(out, "aux_loss", None)  # only our decoder has one (None for dense FFNs)
+        aux = aux_loss.item() if aux_loss is not None else None
         loss = out.loss.item()
         sample = StepSample(step=step, loss=loss, lm_loss=loss - aux_coef * (aux or 0.0), aux_loss=aux,
                             lr=step_lr, grad_norm=grad_norm.item(), seconds=seconds, tokens=batch.numel())

@@ -24,6 +24,7 @@ PAPER_ARCH_NAMES = {
     "moe": {"dense-small": "Dense 1.5B", "moe-8x2": "MoE 1.5Bx8", "dense-large": "Dense 3B",
             "moe-8x2-small": "MoE 0.5Bx8", "dense-1.5B": "Dense 1.5B", "moe-1.5Bx8": "MoE 1.5Bx8",
             "dense-3B": "Dense 3B", "moe-0.5Bx8": "MoE 0.5Bx8"},
+    "attention_free": {"transformer": "Transformer", "mamba": "Mamba", "rwkv": "RWKV", "pythia": "Pythia"},
 }
 # leaderboard metric -> pretraining_table column; quality is perplexity, lower is better
 PRETRAINING_METRICS = {"Perf": "perplexity", "AMU": "AMU_GB", "AL": "AL_s", "TT": "TT", "AEC": "AEC_W"}
@@ -161,6 +162,8 @@ def model_key(study: str, params: dict) -> str:
     """Which model (backbone) a run trained, beside the part under study: its paper shape, or its hidden size and
     depth. The MoE study's variants set the shape themselves, so its paper shapes are one group."""
     size = params.get("size")
+    if study == "attention_free":  # its models differ in shape by design: one group per paper size
+        return f"Table 6 shapes, {size}" if isinstance(size, str) and size else "matched to the transformer"
     if isinstance(size, str) and size:
         return "Qwen2.5 shapes" if study == "moe" else f"Qwen2.5-style {size}"
     layers = int(params["n_layers"])

@@ -1,8 +1,11 @@
-"""Write the three architecture-pretraining notebooks (attention, positional_encoding, moe), without outputs.
+"""Write the four architecture-pretraining notebooks (attention, positional_encoding, moe, attention_free),
+without outputs.
 
-They differ only in their title and introduction: the measurement is ``efficientllm_utils.studies.architecture``
-and the parameters cell holds every ``PretrainRun`` field at the study's default-profile values (the first grid
-point), so a notebook run by hand reproduces one run of the CPU profile.
+The first three differ only in their title and introduction: the measurement is
+``efficientllm_utils.studies.architecture`` and the parameters cell holds every ``PretrainRun`` field at the study's
+default-profile values (the first grid point), so a notebook run by hand reproduces one run of the CPU profile. The
+attention-free notebook runs the same cells through ``studies.attention_free`` (``AttentionFreeRun``), plus the
+cache or state per sequence against context length.
 
     .venv/bin/python notebooks/llm/make_architecture_notebooks.py   # from the repository root
 """
@@ -12,7 +15,7 @@ from pathlib import Path
 
 import nbformat
 
-from efficientllm_utils.params import PretrainRun, notebook_parameters_source
+from efficientllm_utils.params import AttentionFreeRun, PretrainRun, notebook_parameters_source
 
 HERE = Path(__file__).resolve().parent
 
@@ -25,7 +28,12 @@ INTRO = {
     "moe": ("Architecture pretraining: mixture of experts", "variant",
             "the FFN: dense, top-k routed experts at the dense model's active parameters, and a dense model as large "
             "as the mixture in total parameters"),
+    "attention_free": ("Architecture pretraining: attention-free models", "variant",
+                       "the model: our transformer, Mamba, RWKV (RWKV-4) or Pythia (GPT-NeoX), each from "
+                       "`transformers` and sized to the transformer's parameter count"),
 }
+# study -> (run model, study module): the attention-free study has its own run fields and cache measurement
+RUNNERS = {"attention_free": (AttentionFreeRun, "attention_free")}
 
 METHOD = """**Method.** Build the decoder from the run's parameters (seeded) and count its parameters, its analytical
 FLOPs and KV-cache bytes per token, and the cache a real prefill leaves; pretrain it from scratch under the resource
@@ -34,13 +42,18 @@ tracker (sampling every `sample_interval_s`, 1 s as in the paper), keeping every
 fixed-length greedy decoding after prompts of each `decode_contexts` length, with no sampler running. Every metric
 records how it was obtained."""
 
-SETUP = """from efficientllm_utils.params import PretrainRun
-from efficientllm_utils.records import RunContext, metrics_table
-from efficientllm_utils.studies import architecture as arch
+OWN_METHOD = """ The model is our decoder (`architecture: transformer`) or `transformers`' Mamba, RWKV-4 or Pythia
+(no FLOPs model for those: recorded as unavailable). After building it, the cache or recurrent state one sequence
+holds after a prefill of each `decode_contexts` length is read from the model's real cache object and set beside its
+formula."""
 
-p = PretrainRun.from_namespace(globals())  # a wrong value fails here, naming the field and the allowed values
+SETUP = """from efficientllm_utils.params import {run_model}
+from efficientllm_utils.records import RunContext, metrics_table
+from efficientllm_utils.studies import {module} as arch
+
+p = {run_model}.from_namespace(globals())  # a wrong value fails here, naming the field and the allowed values
 run = RunContext.from_namespace(globals(), p)
-p"""
+{threads}p"""
 
 MODEL = """data = arch.load_data(p)
 model = arch.build_model(p, data.tokenizer)
@@ -56,10 +69,14 @@ quality"""
 
 DECODE = """decode_metrics, decode_raw = arch.measure_decode(model, p, data)"""
 
-RECORD = """record = run.write(metrics={**model_metrics, **train_metrics, **decode_metrics}, quality=quality,
-                   raw={"steps": arch.loss_curve(samples), "tracker_samples": tracker.samples, "decode": decode_raw,
-                        **model_raw})
+RECORD = """record = run.write(metrics={{**model_metrics, **train_metrics, **decode_metrics}}, quality=quality,
+                   raw={{"steps": arch.loss_curve(samples), "tracker_samples": tracker.samples, "decode": decode_raw,
+                        **model_raw}}{provenance})
 metrics_table(record)"""
+
+STATE = """import pandas as pd
+
+pd.DataFrame(arch.state_curve(model_metrics, p.decode_contexts))"""
 
 PLOT = """import matplotlib.pyplot as plt
 import seaborn as sns
@@ -79,19 +96,26 @@ fig.tight_layout()"""
 
 def notebook(study: str) -> nbformat.NotebookNode:
     title, field, swapped = INTRO[study]
+    run_model, module = RUNNERS.get(study, (PretrainRun, "architecture"))
+    own = study in RUNNERS
     md, code = nbformat.v4.new_markdown_cell, nbformat.v4.new_code_cell
-    parameters = code(notebook_parameters_source(study, PretrainRun))
+    parameters = code(notebook_parameters_source(study, run_model))
     parameters.metadata["tags"] = ["parameters"]
     cells = [
-        md(f"# {title}\n\nOne grid point of the `{study}` study: a small Qwen2.5-style decoder pretrained from "
-           "scratch, "
+        md(f"# {title}\n\nOne grid point of the `{study}` study: "
+           f"{'a small language model' if own else 'a small Qwen2.5-style decoder'} pretrained from scratch, "
            f"where the runs differ only in {swapped} (parameter `{field}`). The runner (`make reproduce "
-           f"AXIS={study}`, or `AXIS=architecture` for the three studies) executes this notebook once per grid point "
-           f"of `params/{study}.yaml` with papermill; you can also run it by hand with other values.\n\n{METHOD}"),
+           f"AXIS={study}`, or `AXIS=architecture` for the four studies) executes this notebook once per grid point "
+           f"of `params/{study}.yaml` with papermill; you can also run it by hand with other values.\n\n{METHOD}"
+           + (OWN_METHOD if own else "")),
         parameters,
-        code(SETUP),
+        code(SETUP.format(run_model=run_model.__name__, module=module,
+                          threads="arch.set_threads(p)  # torch threads for the whole run (num_threads)\n" if own else "")),
         md("## 1. Data, model and its analytical costs"),
         code(MODEL),
+        *([md("Cache or recurrent state of one sequence after a prefill of each context length: the formula "
+              "(analytical) beside the bytes the model's real cache object holds (measured)."), code(STATE)]
+          if own else []),
         md("## 2. Pretraining under the resource tracker"),
         code(TRAIN),
         md("## 3. Quality: held-out perplexity"),
@@ -99,7 +123,8 @@ def notebook(study: str) -> nbformat.NotebookNode:
         md("## 4. Greedy decoding at several context lengths"),
         code(DECODE),
         md("## Result record"),
-        code(RECORD),
+        code(RECORD.format(provenance=",\n                   provenance_extra={\"model\": arch.implementation(model, p)}"
+                           if own else "")),
         code(PLOT),
     ]
     nb = nbformat.v4.new_notebook(cells=cells)
