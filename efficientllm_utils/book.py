@@ -94,6 +94,11 @@ def portable_notebook(text: str, results_root: Path) -> str:
     for root in (Path(results_root).resolve(), Path(results_root), REPO_ROOT):  # longest first
         text = text.replace(json.dumps(f"{root}/")[1:-1], "").replace(json.dumps(str(root))[1:-1], ".")
     nb = json.loads(text)
+    papermill = nb.get("metadata", {}).get("papermill", {})
+    for key in ("input_path", "output_path"):  # a run made in another checkout keeps that checkout's paths here
+        if str(papermill.get(key) or "").startswith("/"):
+            path = papermill[key]
+            papermill[key] = path[path.index("/notebooks/") + 1:] if "/notebooks/" in path else Path(path).name
     for cell in nb["cells"]:
         if "outputs" in cell:
             for output in cell["outputs"]:

@@ -28,7 +28,8 @@ def _write_runs(root, profile="cpu", labels=None, params_patch=None, load=1.0, c
         notebook = {"cells": [{"cell_type": "code", "source": "x", "metadata": {}, "execution_count": 1,
                                "outputs": [{"output_type": "stream", "name": "stderr",
                                             "text": f" 50%|#####     | 1/2\nresult in {run_dir}/out.txt\n"}]}],
-                    "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+                    "metadata": {"papermill": {"input_path": "/elsewhere/checkout/notebooks/selftest.ipynb"}},
+                    "nbformat": 4, "nbformat_minor": 5}
         (run_dir / "notebook.ipynb").write_text(json.dumps(notebook))
         (run_dir / "kernel.log").write_text("noise")
         (run_dir / ".claim").write_text("")
@@ -51,6 +52,7 @@ def test_publish_copies_records_and_portable_notebooks_of_the_current_grid_only(
         assert sorted(p.name for p in run.iterdir()) == ["notebook.ipynb", "record.json"]
         text = (run / "notebook.ipynb").read_text()
         assert str(tmp_path) not in text and "50%|" not in text and "result in" in text
+        assert "/elsewhere" not in text and '"notebooks/selftest.ipynb"' in text
     assert not list(target.parent.glob(".*"))  # no staging folder left, no score cache copied
 
 
