@@ -79,8 +79,9 @@ def auto_model_class(path: str):
     return AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
 
 
-# a vision-language model's modules that stay in floating point when its language model is quantised
-VISION_MODULES = ("visual", "lm_head")
+# a vision-language model's modules that stay in floating point when its language model is quantised (transformers
+# matches each from the start of a module's name, or as its suffix: Qwen2.5-VL's tower is ``model.visual``)
+VISION_MODULES = ("model.visual", "visual", "lm_head")
 
 
 def unquantized_modules(path: str) -> list[str] | None:
