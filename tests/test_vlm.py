@@ -228,6 +228,27 @@ def test_both_studies_share_one_aligned_checkpoint():
             quant.vision_settings(), quant.align_settings().model_dump(exclude={"num_threads"}))
 
 
+def test_the_aligned_checkpoint_is_keyed_by_its_settings_and_reused(tmp_path, monkeypatch):
+    from efficientllm_utils.vlm import align
+    from efficientllm_utils.vlm.config import AlignSettings
+
+    settings = AlignSettings(steps=2)
+    key = align.cache_key("smollm2-135m-instruct", TINY_VISION, settings)
+    assert key == align.cache_key("smollm2-135m-instruct", TINY_VISION, settings.model_copy(update={"num_threads": 1}))
+    assert key != align.cache_key("smollm2-135m-instruct", TINY_VISION, settings.model_copy(update={"lr": 1e-4}))
+    assert key != align.cache_key("smollm2-135m-instruct", VisionSettings(), settings)
+    monkeypatch.setenv("EFFICIENTLLM_CACHE", str(tmp_path / "assets"))
+    target = align.checkpoint_dir("smollm2-135m-instruct", TINY_VISION, settings)
+    target.mkdir(parents=True)
+    (target / align.SETTINGS_FILE).write_text("{}")
+
+    def rebuild(*args):
+        raise AssertionError("an existing checkpoint was rebuilt")
+
+    monkeypatch.setattr(align, "build_small_vlm", rebuild)
+    assert align.aligned_checkpoint("smollm2-135m-instruct", TINY_VISION, settings) == target
+
+
 # --- end to end -------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
