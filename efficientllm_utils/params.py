@@ -379,8 +379,12 @@ class VLMData(BaseModel):
     vision_hidden_size: int = Field(128, ge=8)
     vision_intermediate_size: int = Field(256, ge=8)
     vision_heads: int = Field(4, ge=1)
+    align_embed_captions_per_task: int = Field(2000, ge=1)
+    align_embed_steps: int = Field(300, ge=0)
+    align_embed_batch_size: int = Field(64, ge=1)
+    align_embed_lr: float = Field(3e-3, gt=0)
     align_captions_per_task: int = Field(512, ge=1)
-    align_steps: int = Field(96, ge=1)
+    align_steps: int = Field(24, ge=1)
     align_batch_size: int = Field(8, ge=1)
     align_lr: float = Field(2e-3, gt=0)
     align_warmup_steps: int = Field(4, ge=0)
@@ -397,7 +401,10 @@ class VLMData(BaseModel):
                               seed=self.seed).check()  # type: ignore[attr-defined]
 
     def align_settings(self) -> AlignSettings:
-        return AlignSettings(captions_per_task=self.align_captions_per_task, steps=self.align_steps,
+        return AlignSettings(embed_captions_per_task=self.align_embed_captions_per_task,
+                             embed_steps=self.align_embed_steps, embed_batch_size=self.align_embed_batch_size,
+                             embed_lr=self.align_embed_lr, captions_per_task=self.align_captions_per_task,
+                             steps=self.align_steps,
                              batch_size=self.align_batch_size, lr=self.align_lr, warmup_steps=self.align_warmup_steps,
                              seed=self.seed, num_threads=getattr(self, "num_threads", None))  # type: ignore[attr-defined]
 

@@ -160,7 +160,7 @@ def test_tasks_have_fixed_disjoint_splits_and_closed_answer_sets():
     assert share == max(sum(i.answer == a for i in vqa) for a in vdata.easy_vqa_answers()) / 30
     with pytest.raises(ValueError, match="allowed: cifar10, easy_vqa"):
         vdata.load_items("mnist", "test", 1)
-    captions = [c for _, c in vdata.captions(3)]
+    captions = [c for _, c, _ in vdata.captions(3)]
     assert captions[0].startswith("a photo of") and len(captions) == 6
 
 

@@ -40,7 +40,14 @@ class AlignSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     captions_per_task: int = Field(512, ge=1, description="captioned train images per task")
-    steps: int = Field(96, ge=1)
+    # stage 1: the vision tower and merger alone, their image tokens regressed onto the language model's input
+    # embeddings of the caption's content words (no language-model pass: cheap, so many images and steps)
+    embed_captions_per_task: int = Field(2000, ge=1)
+    embed_steps: int = Field(300, ge=0)
+    embed_batch_size: int = Field(64, ge=1)
+    embed_lr: float = Field(3e-3, gt=0)
+    # stage 2: captions through the frozen language model (LLaVA's stage 1)
+    steps: int = Field(24, ge=1)
     batch_size: int = Field(8, ge=1)
     lr: float = Field(2e-3, gt=0, description="peak lr of the vision tower and merger")
     warmup_steps: int = Field(4, ge=0)

@@ -106,10 +106,11 @@ def majority_share(items: list[VQAItem]) -> tuple[str, float]:
     return answer, count / len(items)
 
 
-def captions(n_per_task: int, seed: int = 0) -> list[tuple[np.ndarray, str]]:
-    """(image, caption) pairs from the TRAIN splits, for the alignment stage: "a photo of a {class}." for CIFAR-10;
-    "a {colour} {shape}." for easy-VQA, read off each image's own colour and shape questions."""
-    pairs = [(i.image, f"a photo of {'an' if i.answer[0] in 'aeiou' else 'a'} {i.answer}.") for i in load_items("cifar10", "train", n_per_task, seed)]
+def captions(n_per_task: int, seed: int = 0) -> list[tuple[np.ndarray, str, tuple[str, ...]]]:
+    """(image, caption, its content words) from the TRAIN splits, for the alignment stage: "a photo of a {class}."
+    for CIFAR-10; "a {colour} {shape}." for easy-VQA, read off each image's own colour and shape questions."""
+    pairs = [(i.image, f"a photo of {'an' if i.answer[0] in 'aeiou' else 'a'} {i.answer}.", (i.answer,))
+             for i in load_items("cifar10", "train", n_per_task, seed)]
     colour, shape = {}, {}
     shapes = {"circle", "rectangle", "triangle"}
     for question, answer, image_id in _easy_vqa_questions("train"):
@@ -117,7 +118,7 @@ def captions(n_per_task: int, seed: int = 0) -> list[tuple[np.ndarray, str]]:
             (shape if answer in shapes else colour)[image_id] = answer
     ids = sorted(set(colour) & set(shape))
     random.Random(f"captions-{seed}").shuffle(ids)
-    pairs += [(_easy_vqa_image("train", i), f"a {colour[i]} {shape[i]}.") for i in ids[:n_per_task]]
+    pairs += [(_easy_vqa_image("train", i), f"a {colour[i]} {shape[i]}.", (colour[i], shape[i])) for i in ids[:n_per_task]]
     return pairs
 
 
