@@ -97,19 +97,23 @@ def example_figure(shown: list[dict], answers: pd.DataFrame):
 
 
 def transplant_line(res) -> str:
-    """How the small model was made, from the records' provenance (transplant and alignment stage)."""
-    records = res.ok_records
-    if not records or "vlm_transplant" not in records[0].provenance:
+    """How the small model was made, from the records' provenance (transplant and alignment stages)."""
+    records = [r for r in res.ok_records if "vlm_transplant" in r.provenance]
+    if not records:
         return ""
     t, a = records[0].provenance["vlm_transplant"], records[0].provenance["vlm_alignment"]
-    loss = a["loss_summary"]
+    loss, align, vision = a["loss_summary"], a["align"], a["vision"]
+    last = loss.get("last_3_mean", loss["last"])
+    embed = (f"first {align['embed_steps']} steps of {align['embed_batch_size']} train images regressing its image "
+             "tokens onto the language model's embeddings of their caption's words, then " if align.get("embed_steps")
+             else "")
     return (f"The base is a small `Qwen2_5_VLForConditionalGeneration`: {t['tensors_copied']} tensors of "
             f"{t['language_model']} copied into its language model, {t['biases_zeroed']} q/k/v biases set to zero; "
-            f"the vision tower ({a['vision']['depth']} blocks, width {a['vision']['hidden_size']}, "
-            f"{a['vision']['image_size']} px images in {a['vision']['patch_size']} px patches) and merger were aligned "
-            f"for {a['align']['steps']} steps of {a['align']['batch_size']} captioned train images with the language "
-            f"model frozen: caption loss {loss['first']:.2f} at the first step, {loss['last_3_mean'] if 'last_3_mean' in loss else loss['last']:.2f} "
-            f"over the last steps ({a['seconds'] / 60:.1f} min when it was built; cached since).")
+            f"the vision tower ({vision['depth']} blocks, width {vision['hidden_size']}, {vision['image_size']} px "
+            f"images in {vision['patch_size']} px patches) and merger were aligned with the language model frozen, "
+            f"{embed}{align['steps']} steps of {align['batch_size']} captioned train images through the language "
+            f"model (caption loss {loss['first']:.2f} at the first of these steps, {last:.2f} at the last); "
+            f"{a['seconds'] / 60:.1f} min when it was built, cached since.")
 
 
 def finetune_summary(res, table) -> str:
