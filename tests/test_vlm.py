@@ -228,6 +228,20 @@ def test_both_studies_share_one_aligned_checkpoint():
             quant.vision_settings(), quant.align_settings().model_dump(exclude={"num_threads"}))
 
 
+def test_the_first_alignment_stage_trains_the_vision_tower_only():
+    from efficientllm_utils.vlm import align
+    from efficientllm_utils.vlm.config import AlignSettings
+
+    model, processor = build_small_vlm("smollm2-135m-instruct", TINY_VISION)
+    vision = {n: p.detach().clone() for n, p in model.model.visual.named_parameters()}
+    text = {n: p.detach().clone() for n, p in language_model(model).named_parameters()}
+    losses = align.embed_align(model, processor, AlignSettings(embed_captions_per_task=4, embed_steps=3,
+                                                               embed_batch_size=4))
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    assert any(not p.equal(vision[n]) for n, p in model.model.visual.named_parameters())
+    assert all(p.equal(text[n]) for n, p in language_model(model).named_parameters())
+
+
 def test_the_aligned_checkpoint_is_keyed_by_its_settings_and_reused(tmp_path, monkeypatch):
     from efficientllm_utils.vlm import align
     from efficientllm_utils.vlm.config import AlignSettings
