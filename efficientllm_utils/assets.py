@@ -89,6 +89,14 @@ ASSETS: dict[str, RegistryAsset] = {
             url="https://files.pythonhosted.org/packages/95/f8/c019b3579df548a04cac12342cfcb878e50ddf6cfcd7fddba8cfc721c157/"
                 "bigbench-1.0.0.tar.gz",
         ),
+        RegistryAsset(  # easy-VQA (MIT): 5,000 shape images, 48,000 question-answer pairs, 13 answers, train/test
+            name="easy-vqa",
+            requirement="easy-vqa==1.0",
+            filename="easy_vqa-1.0-py3-none-any.whl",
+            sha256="fcb51b309b78c7b00f97b64cdbcbcf5c105f94da1b39c0796cee5a787c4f650f",
+            members=("easy_vqa/data/answers.txt", "easy_vqa/data/*/questions.json", "easy_vqa/data/*/images/*.png",
+                     "easy_vqa-1.0.dist-info/LICENSE"),
+        ),
     )
 }
 
@@ -216,6 +224,11 @@ def gensim_test_data(filename: str) -> Path:
 def cifar10_test_json() -> Path:
     """BIG-bench's ``cifar10_classification`` task: the CIFAR-10 test set as base64 PNGs with their labels."""
     return next(fetch("cifar10-test").rglob("cifar10_classification/base64/task.json"))
+
+
+def easy_vqa_data() -> Path:
+    """easy-VQA's data folder: ``answers.txt``, ``{train,test}/questions.json`` and ``{train,test}/images/<id>.png``."""
+    return fetch("easy-vqa") / "easy_vqa" / "data"
 
 
 def fetch_all() -> dict[str, Path]:

@@ -46,6 +46,8 @@ RUN_TITLES = {
     "moe": "MoE: {variant}",
     "attention_free": "Attention-free: {variant}",
     "peft": "PEFT: {method}",
+    "vlm_peft": "VLM fine-tuning: {method}",
+    "vlm_quantization": "VLM quantization: {precision}",
     "selftest": "Self-test: {mode} {value}",
 }
 # stream output lines that are library chatter, not results (the runner silences most at the source)

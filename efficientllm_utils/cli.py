@@ -22,6 +22,7 @@ AXES: dict[str, list[str]] = {
     "architecture": ["attention", "positional_encoding", "moe", "attention_free"],
     "peft": ["peft"],
     "dit": ["dit_attention", "dit_moe"],
+    "vlm": ["vlm_peft", "vlm_quantization"],
 }
 
 

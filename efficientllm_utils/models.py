@@ -122,15 +122,38 @@ def resolve_source(source: str) -> str:
     return source
 
 
-def quantization_config(precision: str):
-    """The transformers ``quantization_config`` for a precision, or None for float ones."""
+def auto_model_class(path: str):
+    """The transformers auto class that loads ``path``: image-text-to-text for a vision-language model (its config
+    has a ``vision_config``), else causal LM."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(path)
+    return AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
+
+
+# a vision-language model's modules that stay in floating point when its language model is quantised (transformers
+# matches each from the start of a module's name, or as its suffix: Qwen2.5-VL's tower is ``model.visual``)
+VISION_MODULES = ("model.visual", "visual", "lm_head")
+
+
+def unquantized_modules(path: str) -> list[str] | None:
+    """Modules bitsandbytes must leave alone: a vision-language model's vision tower (and the head, which
+    transformers skips by default); None (transformers' default) for a language model."""
+    from transformers import AutoModelForImageTextToText
+
+    return list(VISION_MODULES) if auto_model_class(path) is AutoModelForImageTextToText else None
+
+
+def quantization_config(precision: str, skip_modules: list[str] | None = None):
+    """The transformers ``quantization_config`` for a precision, or None for float ones; ``skip_modules`` stay
+    in floating point (``unquantized_modules``)."""
     from transformers import BitsAndBytesConfig
 
     if precision == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)
     if precision.startswith("int4-"):
         return BitsAndBytesConfig(
-            load_in_4bit=True,
+            load_in_4bit=True, llm_int8_skip_modules=skip_modules,
             bnb_4bit_quant_type=precision.split("-", 1)[1],
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
@@ -142,19 +165,19 @@ def quantization_config(precision: str):
 def load_causal_lm(source: str, precision: str = "fp32", device: str = "cpu", cpu_4bit_kernel: str = "auto"):
     """Load ``(model, tokenizer)`` at ``precision`` on ``device``, in eval mode; a 4-bit model on the CPU runs
     ``cpu_4bit_kernel`` (one of :data:`efficientllm_utils.cpu_4bit.KERNELS`) in every layer that can."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
     path = resolve_source(source)
-    qconfig = quantization_config(precision)
+    qconfig = quantization_config(precision, unquantized_modules(path))
     kwargs: dict = {"dtype": FLOAT_DTYPES.get(precision, torch.bfloat16)}
     if qconfig is not None:
         # bitsandbytes warns on every int8 matmul that it casts inputs to fp16: expected, and it floods output.
         warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
         kwargs["quantization_config"] = qconfig
         kwargs["device_map"] = {"": device}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model = auto_model_class(path).from_pretrained(path, **kwargs)
     if qconfig is None:
         model = model.to(device)
     elif precision.startswith("int4-") and device == "cpu":

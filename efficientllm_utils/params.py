@@ -27,6 +27,9 @@ from .cpu_4bit import KERNELS as CPU_4BIT_KERNELS
 from .finetune.config import METHOD_NAMES, DataSettings, MethodSettings, TrainSettings
 from .models import OFFLINE_MODELS, PRECISIONS, SHAPE_MODELS, SHAPE_PREFIX, is_shape_model
 from .quality import TASKS
+from .vlm.config import PRECISIONS as VLM_PRECISIONS
+from .vlm.config import TASKS as VLM_TASKS
+from .vlm.config import AlignSettings, VisionSettings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PARAMS_DIR = REPO_ROOT / "params"
@@ -350,20 +353,17 @@ class DiTRun(RunParams):
         return DiTConfig(**settings)
 
 
-class FinetuneRun(RunParams, MethodSettings, TrainSettings, DataSettings):
-    """One fine-tuning method on one base model: quality before and after, training costs, the adapter's size.
+class FinetuneBase(RunParams, MethodSettings, TrainSettings):
+    """What every fine-tuning study's run holds: the model, the method, the library's ``MethodSettings`` and
+    ``TrainSettings``, per-method overrides and the timing settings (``FinetuneRun``, ``VLMFinetuneRun``).
 
-    The fields are the run's model and method plus the union of the fine-tuning library's
-    ``MethodSettings``, ``TrainSettings`` and ``DataSettings`` (one ``seed`` for the split, the data
-    order, dropout and initialisation), so every setting lives in ``params/peft.yaml``. A profile's
-    ``method_overrides: {method: {field: value}}`` (in ``fixed``) sets fields for one method only, e.g.
+    A profile's ``method_overrides: {method: {field: value}}`` (in ``fixed``) sets fields for one method only, e.g.
     a lower lr for ``full``; it is resolved here, so a run's record holds the values it really used.
     Overrides win over ``fixed`` and ``--set``; ``--set method_overrides=...`` replaces the mapping.
     """
 
     model: str
     method: Literal[METHOD_NAMES]  # type: ignore[valid-type]
-    eval_batch_tokens: int = Field(2048, ge=16)  # max tokens per held-out scoring batch
     timing_warmup_steps: int = Field(1, ge=0)  # first steps left out of AL and ST (allocator warm-up)
     final_loss_steps: int = Field(3, ge=1)  # the quality "final loss" is the mean over the last k steps
     sample_interval_s: float = Field(1.0, gt=0)  # the paper samples every second during training
@@ -394,7 +394,7 @@ class FinetuneRun(RunParams, MethodSettings, TrainSettings, DataSettings):
         return _check_model_source(value)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "FinetuneRun":
+    def _consistent(self) -> "FinetuneBase":
         if self.timing_warmup_steps >= self.steps:
             raise ValueError(f"timing_warmup_steps={self.timing_warmup_steps} leaves no timed step "
                              f"of steps={self.steps}")
@@ -408,8 +408,101 @@ class FinetuneRun(RunParams, MethodSettings, TrainSettings, DataSettings):
     def train_settings(self) -> TrainSettings:
         return TrainSettings.model_validate({k: getattr(self, k) for k in TrainSettings.model_fields})
 
+
+
+class FinetuneRun(FinetuneBase, DataSettings):
+    """One fine-tuning method on one base model: quality before and after, training costs, the adapter's size.
+
+    The fields are the run's model and method plus the union of the fine-tuning library's
+    ``MethodSettings``, ``TrainSettings`` and ``DataSettings`` (one ``seed`` for the split, the data
+    order, dropout and initialisation), so every setting lives in ``params/peft.yaml``.
+    """
+
+    eval_batch_tokens: int = Field(2048, ge=16)  # max tokens per held-out scoring batch
+
     def data_settings(self) -> DataSettings:
         return DataSettings.model_validate({k: getattr(self, k) for k in DataSettings.model_fields})
+
+
+class VLMData(BaseModel):
+    """The vision-language runs' shared settings: the questions, and the small model's vision tower and alignment
+    (used when ``model`` is an offline language model to transplant; a released Qwen2.5-VL brings its own)."""
+
+    tasks: list[Literal[VLM_TASKS]] = Field(default_factory=lambda: list(VLM_TASKS), min_length=1)  # type: ignore[valid-type]
+    n_heldout_per_task: int = Field(48, ge=2, description="held-out questions per task (fixed test splits)")
+    eval_batch_size: int = Field(16, ge=1, description="sequences per held-out scoring batch")
+    image_size: int = Field(32, ge=16)
+    patch_size: int = Field(8, ge=2)
+    merge_size: int = Field(2, ge=1)
+    vision_depth: int = Field(4, ge=1)
+    vision_hidden_size: int = Field(128, ge=8)
+    vision_intermediate_size: int = Field(256, ge=8)
+    vision_heads: int = Field(4, ge=1)
+    align_embed_captions_per_task: int = Field(2000, ge=1)
+    align_embed_steps: int = Field(300, ge=0)
+    align_embed_batch_size: int = Field(64, ge=1)
+    align_embed_lr: float = Field(3e-3, gt=0)
+    align_captions_per_task: int = Field(512, ge=1)
+    align_steps: int = Field(24, ge=1)
+    align_batch_size: int = Field(8, ge=1)
+    align_lr: float = Field(2e-3, gt=0)
+    align_warmup_steps: int = Field(4, ge=0)
+
+    @property
+    def small(self) -> bool:
+        """A small Qwen2.5-VL built around an offline language model (else a released Qwen2.5-VL)."""
+        return self.model in OFFLINE_MODELS  # type: ignore[attr-defined]
+
+    def vision_settings(self) -> VisionSettings:
+        return VisionSettings(image_size=self.image_size, patch_size=self.patch_size, merge_size=self.merge_size,
+                              depth=self.vision_depth, hidden_size=self.vision_hidden_size,
+                              intermediate_size=self.vision_intermediate_size, num_heads=self.vision_heads,
+                              seed=self.seed).check()  # type: ignore[attr-defined]
+
+    def align_settings(self) -> AlignSettings:
+        return AlignSettings(embed_captions_per_task=self.align_embed_captions_per_task,
+                             embed_steps=self.align_embed_steps, embed_batch_size=self.align_embed_batch_size,
+                             embed_lr=self.align_embed_lr, captions_per_task=self.align_captions_per_task,
+                             steps=self.align_steps,
+                             batch_size=self.align_batch_size, lr=self.align_lr, warmup_steps=self.align_warmup_steps,
+                             seed=self.seed, num_threads=getattr(self, "num_threads", None))  # type: ignore[attr-defined]
+
+    @model_validator(mode="after")
+    def _vision_fits(self):
+        if self.small:
+            try:
+                self.vision_settings()
+            except ValueError as err:
+                raise ValueError(f"vision settings: {err}") from None
+        return self
+
+
+class VLMFinetuneRun(FinetuneBase, VLMData):
+    """One fine-tuning method on a Qwen2.5-VL: held-out answer accuracy before and after, training costs."""
+
+    n_train_per_task: int = Field(64, ge=1, description="training questions per task (train splits)")
+
+
+class VLMQuantizationRun(RunParams, VLMData):
+    """A Qwen2.5-VL whose language model is loaded at one precision: answers, fidelity, size, latency, energy."""
+
+    model: str
+    precision: Literal[VLM_PRECISIONS]  # type: ignore[valid-type]
+    reference_precision: Literal[VLM_PRECISIONS] = "fp32"  # type: ignore[valid-type]
+    cpu_4bit_kernel: Literal[CPU_4BIT_KERNELS] = "auto"  # type: ignore[valid-type]
+    new_tokens: int = Field(8, ge=2, description="tokens decoded per timed request (after the image prompt)")
+    batch_size: int = Field(1, ge=1, le=1, description="prompts per timed request: one question with its image")
+    warmup: int = Field(1, ge=0)
+    min_iterations: int = Field(3, ge=1)
+    min_seconds: float = Field(0.0, ge=0)
+    tracked_requests: int = Field(2, ge=1)
+    sample_interval_s: float = Field(0.1, gt=0)
+    num_threads: int | None = Field(None, ge=1)
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        return _check_model_source(value)
 
 
 STUDIES: dict[str, type[RunParams]] = {
@@ -419,6 +512,8 @@ STUDIES: dict[str, type[RunParams]] = {
     "moe": PretrainRun,
     "attention_free": AttentionFreeRun,
     "peft": FinetuneRun,
+    "vlm_peft": VLMFinetuneRun,
+    "vlm_quantization": VLMQuantizationRun,
     "dit_attention": DiTRun,
     "dit_moe": DiTRun,
     "selftest": SelfTestRun,

@@ -40,6 +40,10 @@ class Example:
     labels: tuple[int, ...]
     prompt: str  # the chat prompt with generation prompt (what the model sees before answering)
     answer: str
+    # inputs beyond the text (a vision-language model's image): a tensor is concatenated along its first dimension
+    # across the batch (``pixel_values``, ``image_grid_thw``); a tuple is one value per token, right-padded with 0
+    # like ``input_ids`` (``mm_token_type_ids``)
+    model_inputs: dict | None = field(default=None, compare=False, hash=False)
 
     @property
     def n_tokens(self) -> int:

@@ -219,11 +219,14 @@ def build_pissa(model, settings: MethodSettings) -> BuiltMethod:
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
-    """The transformer's decoder layers (``model.model.layers`` for Llama-like models)."""
+    """The transformer's decoder layers (``model.model.layers`` for Llama-like models; a vision-language model's
+    language model's, ``model.model.language_model.layers``)."""
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     if layers is None:
-        raise ValueError(f"{type(model).__name__}: no decoder layers at model.model.layers")
+        layers = getattr(getattr(inner, "language_model", None), "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__}: no decoder layers at model.model[.language_model].layers")
     return layers
 
 
@@ -305,11 +308,11 @@ def build_method(name: str, model, settings: MethodSettings) -> BuiltMethod:
 
 # --- loading the base ------------------------------------------------------------------
 
-def qlora_quantization_config(settings: MethodSettings):
+def qlora_quantization_config(settings: MethodSettings, skip_modules: list[str] | None = None):
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
-        load_in_4bit=True,
+        load_in_4bit=True, llm_int8_skip_modules=skip_modules,
         bnb_4bit_quant_type=settings.qlora_quant_type,
         bnb_4bit_use_double_quant=settings.qlora_double_quant,
         bnb_4bit_compute_dtype=torch.bfloat16 if settings.qlora_compute_dtype == "bf16" else torch.float32,
@@ -322,17 +325,16 @@ def load_base_model(source: str, method: str, settings: MethodSettings, device: 
     ``source`` is what :func:`efficientllm_utils.models.resolve_source` takes (an offline
     model name, a local directory or a hub id). Returns the model only (in eval mode).
     """
-    from transformers import AutoModelForCausalLM
-
-    from ..models import resolve_source
+    from ..models import auto_model_class, resolve_source, unquantized_modules
 
     check_method(method)
     path = resolve_source(source)
+    auto_class = auto_model_class(path)  # a vision-language model: its language model is what QLoRA quantises
     if method == "qlora":
         from ..cpu_4bit import pin_kernel
 
-        model = AutoModelForCausalLM.from_pretrained(
-            path, quantization_config=qlora_quantization_config(settings),
+        model = auto_class.from_pretrained(
+            path, quantization_config=qlora_quantization_config(settings, unquantized_modules(path)),
             dtype=torch.bfloat16 if settings.qlora_compute_dtype == "bf16" else torch.float32,
             device_map={"": device})
         if device == "cpu":
@@ -340,7 +342,7 @@ def load_base_model(source: str, method: str, settings: MethodSettings, device: 
             # dequantising one, the only one with a backward and the compute dtype asked for (cpu_4bit.py).
             pin_kernel(model, "dequantize")
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+        model = auto_class.from_pretrained(path, dtype=torch.float32).to(device)
     return model.eval()
 
 

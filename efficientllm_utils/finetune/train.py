@@ -109,7 +109,28 @@ def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, torch.T
         ids[i, :n] = torch.tensor(e.input_ids)
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    extras = [e.model_inputs for e in examples if e.model_inputs]
+    if extras:
+        if len(extras) != len(examples):
+            raise ValueError("a batch mixes examples with and without model_inputs")
+        for key, first in extras[0].items():
+            if isinstance(first, tuple):  # one value per token
+                padded = torch.zeros((len(examples), longest), dtype=torch.long)
+                for i, x in enumerate(extras):
+                    padded[i, :len(x[key])] = torch.tensor(x[key])
+                batch[key] = padded
+            else:
+                batch[key] = torch.cat([x[key] for x in extras])
+    return batch
+
+
+TEXT_KEYS = ("input_ids", "attention_mask", "labels")
+
+
+def model_extras(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    """The batch's inputs beyond the text (``Example.model_inputs``), on ``device``."""
+    return {k: v.to(device) for k, v in batch.items() if k not in TEXT_KEYS}
 
 
 def _device(model) -> torch.device:
@@ -129,7 +150,7 @@ def answer_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # position t predicts token t+1
     targets = labels[:, 1:][keep[:, :-1]]
     out = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device), logits_to_keep=keep,
-                use_cache=False)
+                use_cache=False, **model_extras(batch, device))
     logits = out.logits.reshape(-1, out.logits.shape[-1]).float()
     if logits.shape[0] != targets.shape[0]:  # a model that ignores logits_to_keep
         logits = out.logits[:, :-1][keep[:, :-1]].float()

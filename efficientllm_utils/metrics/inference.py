@@ -34,15 +34,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_one_request(model, input_ids: torch.Tensor, new_tokens: int) -> dict:
-    """One fixed-length greedy generation; returns its raw timings in seconds."""
+def time_one_request(model, input_ids: torch.Tensor, new_tokens: int, model_inputs: dict | None = None) -> dict:
+    """One fixed-length greedy generation; returns its raw timings in seconds. ``model_inputs``: inputs beyond the
+    text that ``generate`` passes on (a vision-language model's ``pixel_values``, ``image_grid_thw``, ...)."""
     streamer = TokenTimestamps()
     device = input_ids.device
     _sync(device)
     start = time.perf_counter()
     output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                            streamer=streamer, pad_token_id=model.generation_config.eos_token_id)
+                            streamer=streamer, pad_token_id=model.generation_config.eos_token_id,
+                            **(model_inputs or {}))
     _sync(device)
     end = time.perf_counter()
     generated = output.shape[1] - input_ids.shape[1]
@@ -55,10 +57,11 @@ def time_one_request(model, input_ids: torch.Tensor, new_tokens: int) -> dict:
 
 
 def generation_benchmark(model, input_ids: torch.Tensor, new_tokens: int, *, warmup: int = 1,
-                         min_iterations: int = 5, min_seconds: float = 5.0, max_iterations: int = 200) -> list[dict]:
+                         min_iterations: int = 5, min_seconds: float = 5.0, max_iterations: int = 200,
+                         model_inputs: dict | None = None) -> list[dict]:
     """Raw per-request timings under the dual stop rule (>= min_iterations and >= min_seconds)."""
     with torch.no_grad():
-        return repeat_until(lambda: time_one_request(model, input_ids, new_tokens), warmup=warmup,
+        return repeat_until(lambda: time_one_request(model, input_ids, new_tokens, model_inputs), warmup=warmup,
                             min_iterations=min_iterations, min_seconds=min_seconds, max_iterations=max_iterations)
 
 

@@ -5,6 +5,7 @@ without importing torch, transformers and peft.
 """
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 from . import common as c
@@ -30,8 +31,8 @@ def results_table(res):
                    _model=df["param_model"].map({m: i for i, m in enumerate(dict.fromkeys(df["param_model"]))}))
     df = df.sort_values(["_model", "_order", "started"])
 
-    def q(name: str):
-        return df[f"quality_{name}"].to_numpy()
+    def q(name: str):  # NaN where a study does not record it (the vision-language study has no yes/no share)
+        return df[f"quality_{name}"].to_numpy() if f"quality_{name}" in df else np.full(len(df), np.nan)
 
     return pd.DataFrame({
         "model": df["param_model"].map(c.model_label).to_numpy(),

@@ -1,0 +1,194 @@
+"""The vision-language chapter's report (``book/vlm.md``): fine-tuning and quantization of a Qwen2.5-VL.
+
+Computed from the records without importing torch: the LLM chapters' tables, leaderboards and verdict rules are
+reused on the vision-language records (``reports/finetune.py`` for ``vlm_peft``, ``reports/quantization.py`` for
+``vlm_quantization``), so "do the LLM findings transfer?" is answered by the very same rules; this module adds the
+per-task accuracy against the majority-class baseline, the examples with each method's answer and the paper's
+Table 12 losses.
+"""
+from __future__ import annotations
+
+import base64
+
+import pandas as pd
+
+from . import common as c
+from . import finetune as fr
+from . import quantization as qr
+
+PEFT, QUANT = "vlm_peft", "vlm_quantization"
+TASK_NAMES = {"cifar10": "CIFAR-10", "easy_vqa": "easy-VQA"}
+
+
+def load():
+    """(fine-tuning results, quantization results)."""
+    return c.load_study(PEFT), c.load_study(QUANT)
+
+
+# --- fine-tuning ----------------------------------------------------------------------------------
+
+def finetune_table(res) -> pd.DataFrame:
+    """The LLM fine-tuning table, plus held-out accuracy per task before/after and each task's majority baseline."""
+    table = fr.results_table(res)
+    if table.empty:
+        return table
+    by_label = {r.label: r for r in res.ok_records}
+    for task in TASK_NAMES:
+        for column, key in ((f"{task}_before", f"acc_{task}_before"), (f"{task}_after", f"acc_{task}_after"),
+                            (f"{task}_majority", f"majority_{task}")):
+            table[column] = [by_label[label].quality.get(key, float("nan")) for label in table["label"]]
+    return table
+
+
+def above_majority(table: pd.DataFrame) -> pd.DataFrame:
+    """Per method and task: accuracy after training, the majority-class baseline, and whether it is above it."""
+    rows = []
+    for _, r in table.iterrows():
+        for task, name in TASK_NAMES.items():
+            if pd.notna(r.get(f"{task}_after")):
+                rows.append({"method": r["method"], "task": name, "before": r[f"{task}_before"],
+                             "after": r[f"{task}_after"], "majority": r[f"{task}_majority"],
+                             "above": bool(r[f"{task}_after"] > r[f"{task}_majority"])})
+    return pd.DataFrame(rows)
+
+
+def paper_table12(table: pd.DataFrame) -> pd.DataFrame:
+    """Our final loss per method beside the paper's Table 12 losses that ``book/paper/published_figures.csv`` holds
+    (vision-language models on ChatQA; only a few figures are known, second-hand)."""
+    figures = c.published_figures()
+    figures = figures[(figures["axis"] == "vision") & (figures["table"].astype(str) == "12")]
+    ours = {fr.PAPER_METHOD_NAMES.get(m, m): v for m, v in zip(table.get("method", []), table.get("final_loss", []))}
+    rows = [{"paper model": f["model"], "method": f["method"], "paper's loss (ChatQA)": f["value"],
+             "this run's loss (CIFAR-10 + easy-VQA)": ours.get(f["method"], float("nan")),
+             "source": f"{f['source']} ({f['confidence']})"} for _, f in figures.iterrows()]
+    return pd.DataFrame(rows)
+
+
+def examples(res, per_task: int = 4) -> tuple[list[dict], pd.DataFrame]:
+    """The held-out examples a record holds (image as PNG) and each method's answer after training."""
+    records = res.ok_records
+    if not records or not records[0].raw.get("examples"):
+        return [], pd.DataFrame()
+    shown = records[0].raw["examples"]
+    rows = []
+    for ex in shown:
+        row = {"task": TASK_NAMES.get(ex["task"], ex["task"]), "question": ex["question"], "gold": ex["answer"],
+               "before": ex["choices"][records[0].quality["predictions_before"][ex["item"]]]}
+        for r in records:
+            row[r.params["method"]] = ex["choices"][r.quality["predictions_after"][ex["item"]]]
+        rows.append(row)
+    return shown, pd.DataFrame(rows)
+
+
+def example_figure(shown: list[dict], answers: pd.DataFrame):
+    """The example images in a row, each titled with its question's gold answer."""
+    import io
+
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    fig, axes = plt.subplots(1, len(shown), figsize=(1.4 * len(shown), 1.9))
+    for n, (ax, ex) in enumerate(zip(axes, shown)):
+        ax.imshow(Image.open(io.BytesIO(base64.b64decode(ex["png_base64"]))), interpolation="nearest")
+        ax.set_title(f"#{n + 1}: {ex['answer']}", fontsize=8)
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def transplant_line(res) -> str:
+    """How the small model was made, from the records' provenance (transplant and alignment stages)."""
+    records = [r for r in res.ok_records if "vlm_transplant" in r.provenance]
+    if not records:
+        return ""
+    t, a = records[0].provenance["vlm_transplant"], records[0].provenance["vlm_alignment"]
+    loss, align, vision = a["loss_summary"], a["align"], a["vision"]
+    last = loss.get("last_3_mean", loss["last"])
+    embed = (f"first {align['embed_steps']} steps of {align['embed_batch_size']} train images regressing its image "
+             "tokens onto the language model's embeddings of their caption's words, then " if align.get("embed_steps")
+             else "")
+    return (f"The base is a small `Qwen2_5_VLForConditionalGeneration`: {t['tensors_copied']} tensors of "
+            f"{t['language_model']} copied into its language model, {t['biases_zeroed']} q/k/v biases set to zero; "
+            f"the vision tower ({vision['depth']} blocks, width {vision['hidden_size']}, {vision['image_size']} px "
+            f"images in {vision['patch_size']} px patches) and merger were aligned with the language model frozen, "
+            f"{embed}{align['steps']} steps of {align['batch_size']} captioned train images through the language "
+            f"model (caption loss {loss['first']:.2f} at the first of these steps, {last:.2f} at the last); "
+            f"{a['seconds'] / 60:.1f} min when it was built, cached since.")
+
+
+def finetune_summary(res, table) -> str:
+    if table.empty:
+        return "*No fine-tuning results yet: run `make reproduce AXIS=vlm`.*"
+    lines = [transplant_line(res)]
+    verdicts = above_majority(table)
+    for method in ("full", "lora"):
+        g = verdicts[verdicts["method"] == method]
+        if len(g):
+            lines.append(f"- **{method}**: held-out accuracy after training " + "; ".join(
+                f"{r['task']} {r['after']:.2f} (before {r['before']:.2f}, majority class {r['majority']:.2f}: "
+                f"{'above' if r['above'] else 'not above'})" for _, r in g.iterrows()) + ".")
+    best = table.loc[table["final_loss"].idxmin()]
+    lines.append(f"- The lowest final training loss is {best['method']}'s ({best['final_loss']:.3f}); the fastest "
+                 f"step {table.loc[table['AL_s'].idxmin(), 'method']}'s ({table['AL_s'].min():.3g} s/step). "
+                 f"The LLM chapter's claims on these runs: {c.verdict_counts(fr.findings(res, table))}.")
+    return "\n".join(line for line in lines if line)
+
+
+def accuracy_columns(table: pd.DataFrame) -> pd.DataFrame:
+    cols = {"method": "method", "final_loss": "final loss (nats/token)"}
+    for task, name in TASK_NAMES.items():
+        cols |= {f"{task}_before": f"{name} before", f"{task}_after": f"{name} after",
+                 f"{task}_majority": f"{name} majority class"}
+    return c.show(table, cols | {"answer_mass_after": "answer-set mass after"})
+
+
+# --- quantization ------------------------------------------------------------------------------------
+
+def quantization_table(res) -> pd.DataFrame:
+    """The LLM quantization table (counted size, MCR, accuracy, KL, flips, costs) on the VLM records, plus per-task
+    accuracy and the image prompt's time to first token."""
+    table = qr.quantization_table(res)
+    if table.empty:
+        return table
+    by_precision = {r.params["precision"]: r for r in res.ok_records}
+    for task in TASK_NAMES:
+        table[task] = [by_precision[p].quality.get(f"acc_{task}", float("nan")) for p in table["precision"]]
+    return table
+
+
+def quantization_summary(res, table) -> str:
+    if table.empty:
+        return "*No quantization results yet: run `make reproduce AXIS=vlm`.*"
+    return qr.summary(res, table).replace("next-token KL", "answer-distribution KL").replace(" nats/token", " nats")
+
+
+def quantization_columns(table: pd.DataFrame):
+    cols = {"precision": "language model", "model_MB": "model (MB, counted)", "compression": "compression (x)",
+            "accuracy": "accuracy", "cifar10": "CIFAR-10", "easy_vqa": "easy-VQA", "kl": "KL to reference (nats)",
+            "flip_rate": "flip rate", "MCR": "MCR", "TTFT_s": "TTFT with image (s)", "TPOT_s": "decode (s/token)",
+            "AMU_GB": "AMU (GB)", "AEC_W": "AEC (W)"}
+    return c.show(table, cols, qr.FORMATS)
+
+
+# --- findings: do the LLM findings transfer? -----------------------------------------------------------
+
+def transfer_text(peft_res, peft_table, quant_res, quant_table) -> str:
+    """The LLM chapters' claims decided on the vision-language records by the same rules, with the majority-class
+    check the issue asks for."""
+    parts = []
+    if len(peft_table):
+        found = fr.findings(peft_res, peft_table)
+        parts.append("**Fine-tuning** (the PEFT chapter's claims, on the Qwen2.5-VL runs): "
+                     + c.verdict_counts(found) + ".")
+        parts.append(c.findings_markdown(found, caveats=fr.caveats(peft_res, peft_table)))
+        verdicts = above_majority(peft_table)
+        above = verdicts[verdicts["above"]]
+        parts.append(f"Held-out accuracy above the majority-class baseline after training: {len(above)} of "
+                     f"{len(verdicts)} (method, task) pairs. A single comparison with no interval: the baseline is "
+                     "the share of the most frequent answer among the same held-out questions.")
+    if len(quant_table):
+        found = qr.findings(quant_res)
+        parts.append("**Quantization** (the quantization chapter's claims, on the Qwen2.5-VL's language model): "
+                     + c.verdict_counts(found) + ".")
+        parts.append(c.findings_markdown(found, caveats=qr.caveats(quant_res, quant_table)))
+    return "\n\n".join(parts) if parts else "*No results yet.*"
