@@ -48,6 +48,19 @@ def test_fd_separates_real_images_from_noise(tmp_path):
     assert 0 < floor < fd.frechet_distance(noise, b) / 2
 
 
+def test_frechet_distance_is_cached_on_disk(tmp_path, monkeypatch):
+    from efficientllm_utils.vision import fd
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(64, 8)), rng.normal(size=(64, 8)) + 1
+    first = fd.cached_frechet_distance(a, b, tmp_path)
+    assert first == pytest.approx(fd.frechet_distance(a, b))
+    monkeypatch.setattr(fd, "frechet_distance", lambda *_: pytest.fail("recomputed a cached distance"))
+    assert fd.cached_frechet_distance(a, b, tmp_path) == first
+    with pytest.raises(pytest.fail.Exception):
+        fd.cached_frechet_distance(b, a, tmp_path)  # another pair: its own entry
+
+
 def test_dit_params_fail_early_with_the_allowed_values():
     base = dict(hidden_size=16, n_layers=1, n_heads=2, patch_size=8)
     with pytest.raises(ValueError, match="n_samples"):
@@ -93,3 +106,21 @@ def test_dit_smoke_profile_end_to_end(results_root):
     moe = load_records("dit_moe", "smoke", results_root)[0]
     assert moe.metrics["params_active"].value < moe.metrics["params_total"].value
     assert moe.quality["final_aux_loss"] is not None
+
+
+def test_learned_verdict_is_per_variant_against_the_noise_floor():
+    import pandas as pd
+
+    from efficientllm_utils.reports import dit as dit_report
+
+    table = pd.DataFrame({"variant": ["mha", "nsa"], "FD": [25.0, 33.0], "FD_untrained": [38.0, 38.0],
+                          "FD_noise_floor": [6.3, 6.3], "heldout_loss": [0.25, 0.26],
+                          "heldout_loss_init": [2.0, 2.0], "AL_s": [0.1, 0.2]})
+    table["FD_gain"] = table["FD_untrained"] - table["FD"]
+    text = dit_report.findings("dit_attention", table)
+    assert "**Every variant learned** (FD below its untrained initialisation's by more than the noise floor, 6.3): " \
+           "**does not hold**" in text
+    assert "mha 25.0 vs 38.0 untrained, gain 13.0: learned" in text
+    assert "nsa 33.0 vs 38.0 untrained, gain 5.0: not beyond the floor" in text
+    table.loc[1, ["FD", "FD_gain"]] = [30.0, 8.0]
+    assert "6.3): **holds**" in dit_report.findings("dit_attention", table)

@@ -205,7 +205,9 @@ def findings(study: str, table: pd.DataFrame, tolerances: dict[str, float] | Non
     lines.append(
         f"- **Every variant learned** (FD below its untrained initialisation's by more than the noise floor, "
         f"{floor:.1f}): **{'holds' if beaten.all() else 'does not hold'}** -- "
-        + ", ".join(f"{r.variant} {r.FD:.1f} vs {r.FD_untrained:.1f}" for r in table.itertuples()) + ".")
+        + "; ".join(f"{r.variant} {r.FD:.1f} vs {r.FD_untrained:.1f} untrained, gain {r.FD_gain:.1f}: "
+                    f"{'learned' if gain else 'not beyond the floor'}"
+                    for r, gain in zip(table.itertuples(), beaten, strict=True)) + ".")
     loss_fell = table["heldout_loss"] < table["heldout_loss_init"]
     lines.append(
         f"- **Every variant lowered its held-out flow-matching loss** below its untrained initialisation's: "
