@@ -90,12 +90,18 @@ def _quiet(text: str) -> str:
     return "\n".join(lines)
 
 
+def without_machine_paths(text: str, results_root: Path) -> str:
+    """JSON text with the results folder's and the repository's paths made relative (a path in the results folder
+    becomes relative to it, one in the repository relative to the repository)."""
+    for root in (Path(results_root).resolve(), Path(results_root), REPO_ROOT):  # longest first
+        text = text.replace(json.dumps(f"{root}/")[1:-1], "").replace(json.dumps(str(root))[1:-1], ".")
+    return text
+
+
 def portable_notebook(text: str, results_root: Path) -> str:
     """An executed notebook's JSON without progress bars or library warnings in its stream outputs and without
     machine paths (the results folder and the repository become relative paths): what the published copy keeps."""
-    for root in (Path(results_root).resolve(), Path(results_root), REPO_ROOT):  # longest first
-        text = text.replace(json.dumps(f"{root}/")[1:-1], "").replace(json.dumps(str(root))[1:-1], ".")
-    nb = json.loads(text)
+    nb = json.loads(without_machine_paths(text, results_root))
     papermill = nb.get("metadata", {}).get("papermill", {})
     for key in ("input_path", "output_path"):  # a run made in another checkout keeps that checkout's paths here
         if str(papermill.get(key) or "").startswith("/"):

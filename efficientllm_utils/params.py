@@ -308,8 +308,10 @@ class DiTRun(RunParams):
     min_lr: float = Field(1e-4, ge=0)
     warmup_steps: int = Field(10, ge=0)
     weight_decay: float = Field(0.0, ge=0)
+    ema_decay: float = Field(0.0, ge=0, lt=1)  # EMA of the weights, the sampled model; 0: sample the raw weights
     timing_warmup_steps: int = Field(3, ge=0)
     sample_interval_s: float = Field(1.0, gt=0)
+    num_threads: int | None = Field(None, ge=1)  # torch intra-op threads (None: torch's default)
     # --- sampling and quality ---
     n_samples: int = Field(256, ge=256)  # generated images for FD (the issue asks for >= 256)
     sampling_steps: int = Field(10, ge=1)  # Euler steps of the flow

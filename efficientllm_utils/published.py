@@ -27,9 +27,9 @@ def publish(study: str, profile: str, results_root: Path, published_root: Path =
             run_ids: set[str] | None = None) -> Path:
     """Replace the published copy of one study's profile with the runs in ``results_root`` that belong to the
     params file's grid now (``run_ids``; default: the profile's current expansion), so a copy is never stale when
-    made: each run's record and its executed notebook, made portable (``book.portable_notebook``). Returns the
-    copy's folder."""
-    from .book import portable_notebook
+    made: each run's record and its executed notebook, made portable (paths relative to the results folder, no
+    library noise: ``book.portable_notebook``). Returns the copy's folder."""
+    from .book import portable_notebook, without_machine_paths
     from .params import expand, params_path
 
     if run_ids is None:
@@ -45,7 +45,8 @@ def publish(study: str, profile: str, results_root: Path, published_root: Path =
         record = read_record(run)
         out = staging / run.name
         out.mkdir(parents=True)
-        atomic_write_text(out / RECORD_NAME, record.model_dump_json(indent=1))
+        text = without_machine_paths(record.model_dump_json(indent=1), results_root)  # e.g. an adapter's folder
+        atomic_write_text(out / RECORD_NAME, RunRecord.model_validate_json(text).model_dump_json(indent=1))
         if (run / NOTEBOOK_NAME).exists():
             atomic_write_text(out / NOTEBOOK_NAME, portable_notebook((run / NOTEBOOK_NAME).read_text(), results_root))
     shutil.rmtree(target, ignore_errors=True)  # then swap in the new copy whole

@@ -214,6 +214,31 @@ def test_sampler_is_seeded_and_in_range():
     assert not torch.equal(a, sample(model, labels, steps=3, seed=6))
 
 
+def test_untrained_samples_are_the_starting_noise():
+    """adaLN-Zero: the untrained velocity is exactly zero, so Euler steps add nothing (the study samples an
+    untrained DiT with 0 steps and caches its FD)."""
+    model = DiT(DiTConfig(**TINY, attention="nsa"))
+    labels = torch.tensor([0, 1, 2, 3])
+    assert torch.equal(sample(model, labels, steps=4, seed=2), sample(model, labels, steps=0, seed=2))
+
+
+def test_weight_average_follows_the_trained_weights():
+    from efficientllm_utils.dit.train import train, weight_average
+
+    model = DiT(DiTConfig(**TINY))
+    batches = iter([(torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3]))] * 3)
+    copy, smooth = weight_average(model, 0.0), weight_average(model, 0.9)
+    start = model.final.proj.weight.detach().clone()  # zero (adaLN-Zero)
+    steps = train(model, batches, 2, lr=1e-2, warmup=0, min_lr=1e-3, ema=smooth)
+    copy.update_parameters(model)  # decay 0: exactly the current weights
+    assert len(steps) == 2 and torch.equal(copy.module.final.proj.weight, model.final.proj.weight)
+    # first update copies step 1's weights w1, the second gives 0.9 w1 + 0.1 w2: strictly between 0 and w2
+    averaged, trained = smooth.module.final.proj.weight, model.final.proj.weight
+    assert not torch.equal(averaged, trained) and not torch.equal(averaged, start)
+    assert averaged.abs().sum() < trained.abs().sum()
+    assert isinstance(smooth.module, DiT)
+
+
 def test_paper_shapes_and_bad_configs():
     xl = paper_dit_config("DiT-XL/2", attention="gqa")
     assert (xl.n_layers, xl.hidden_size, xl.n_heads, xl.patch_size, xl.n_tokens) == (28, 1152, 16, 2, 256)

@@ -48,6 +48,19 @@ def test_fd_separates_real_images_from_noise(tmp_path):
     assert 0 < floor < fd.frechet_distance(noise, b) / 2
 
 
+def test_frechet_distance_is_cached_on_disk(tmp_path, monkeypatch):
+    from efficientllm_utils.vision import fd
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(64, 8)), rng.normal(size=(64, 8)) + 1
+    first = fd.cached_frechet_distance(a, b, tmp_path)
+    assert first == pytest.approx(fd.frechet_distance(a, b))
+    monkeypatch.setattr(fd, "frechet_distance", lambda *_: pytest.fail("recomputed a cached distance"))
+    assert fd.cached_frechet_distance(a, b, tmp_path) == first
+    with pytest.raises(pytest.fail.Exception):
+        fd.cached_frechet_distance(b, a, tmp_path)  # another pair: its own entry
+
+
 def test_dit_params_fail_early_with_the_allowed_values():
     base = dict(hidden_size=16, n_layers=1, n_heads=2, patch_size=8)
     with pytest.raises(ValueError, match="n_samples"):
@@ -87,9 +100,51 @@ def test_dit_smoke_profile_end_to_end(results_root):
         table = dit_report.dit_table(res)
         assert table["variant"].tolist() == [variant]
         assert [v for v, path in dit_report.sample_grids(res, results_root) if path.stat().st_size > 0] == [variant]
-        assert "Every variant learned" in dit_report.findings(study, table)
+        assert "Every variant learned" in dit_report.findings(res, table)
         assert f"{record.params['steps']} steps of {record.params['batch_size']} images" in dit_report.scale_note(res)
     assert "(8.93 and 8.71 against 19.47)" in dit_report.paper_claims()  # from book/paper/published_figures.csv
     moe = load_records("dit_moe", "smoke", results_root)[0]
     assert moe.metrics["params_active"].value < moe.metrics["params_total"].value
     assert moe.quality["final_aux_loss"] is not None
+
+
+def test_learned_verdict_is_per_variant_against_the_noise_floor():
+    import pandas as pd
+
+    from efficientllm_utils.reports import dit as dit_report
+
+    table = pd.DataFrame({"variant": ["mha", "nsa"], "FD": [25.0, 33.0], "FD_untrained": [38.0, 38.0],
+                          "FD_noise_floor": [6.3, 6.3], "heldout_loss": [0.25, 0.26],
+                          "heldout_loss_init": [2.0, 2.0], "AL_s": [0.1, 0.2]})
+    table["FD_gain"] = table["FD_untrained"] - table["FD"]
+    text = "\n".join(dit_report.learned_lines(table))
+    assert "**Every variant learned** (FD below its untrained initialisation's by more than the noise floor, 6.3): " \
+           "**does not hold**" in text
+    assert "mha 25.0 vs 38.0 untrained, gain 13.0: learned" in text
+    assert "nsa 33.0 vs 38.0 untrained, gain 5.0: not beyond the floor" in text
+    table.loc[1, ["FD", "FD_gain"]] = [30.0, 8.0]
+    assert "6.3): **holds**" in dit_report.learned_lines(table)[0]
+
+
+def test_dit_claims_use_the_shared_rules_with_the_noise_floor():
+    from types import SimpleNamespace
+
+    from efficientllm_utils.reports import common
+    from efficientllm_utils.reports import dit as dit_report
+
+    def run(fd, seconds=(0.1,) * 8):
+        return SimpleNamespace(quality={"fd": fd, "fd_noise_floor": 6.0}, params={"timing_warmup_steps": 2},
+                               raw={"steps": [{"seconds": s} for s in seconds]}, metrics={})
+
+    def verdict(a, b, metric="FD", expect="lower"):
+        return common.decide(dit_report.compare(a, b, metric, 0.0), expect)
+
+    assert verdict(run(20.0), run(30.0)) == common.AGREES  # 10 better: beyond the floor of 6
+    assert verdict(run(26.0), run(30.0)) == common.INCONCLUSIVE  # 4 better: within it
+    assert verdict(run(37.0), run(30.0)) == common.DISAGREES
+    slow = run(30.0, (1.0, 1.0) + (0.2, 0.21, 0.19, 0.2, 0.2, 0.21))  # the warm-up steps are not timed
+    assert verdict(slow, run(30.0), "AL_s", "higher") == common.AGREES
+    assert {"d-mqa-fd", "d-gqa-fd"} <= set(common.claims("dit_attention")["claim_id"])
+    assert {"d-moe-fd", "d-moe-memory"} <= set(common.claims("dit_moe")["claim_id"])
+    # a model name with a slash: the selector splits from the right
+    assert common.paper_quote("DiT-XL/2/MHA/FID;DiT-XL/2/MQA/FID", "vision") == "DiT-XL/2 MHA FID 19.47, MQA FID 8.93"

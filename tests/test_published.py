@@ -21,7 +21,7 @@ def _write_runs(root, profile="cpu", labels=None, params_patch=None, load=1.0, c
         run_dir = root / "selftest" / profile / spec.run_id
         run_dir.mkdir(parents=True)
         record = RunRecord(run_id=spec.run_id, study="selftest", profile=profile, label=spec.label, status="ok",
-                           params=params, finished="2026-11-30T01:02:03+00:00",
+                           params=params, finished="2026-11-30T01:02:03+00:00", quality={"saved": str(run_dir / "a")},
                            provenance={"git_commit": commit, "git_dirty": False, "load_average": {"5m": load},
                                        "hardware": {"summary": "Test CPU (2 logical cores)", "logical_cores": cores}})
         write_record(record, run_dir)
@@ -53,6 +53,7 @@ def test_publish_copies_records_and_portable_notebooks_of_the_current_grid_only(
         text = (run / "notebook.ipynb").read_text()
         assert str(tmp_path) not in text and "50%|" not in text and "result in" in text
         assert "/elsewhere" not in text and '"notebooks/selftest.ipynb"' in text
+        assert json.loads((run / "record.json").read_text())["quality"]["saved"] == f"selftest/cpu/{run.name}/a"
     assert not list(target.parent.glob(".*"))  # no staging folder left, no score cache copied
 
 

@@ -3,8 +3,10 @@
 DiT's recipe scaled down: AdamW (betas 0.9/0.999 in DiT; here the LLM axis's
 optimizer groups: weight decay on matrices only), linear warm-up then cosine
 decay, gradient clipping at 1.0, flow-matching loss plus
-``router_aux_loss_coef * aux_loss`` for MoE. The loop takes no measurements
-of its own beyond the step's wall time, so the caller wraps it in the tracker.
+``router_aux_loss_coef * aux_loss`` for MoE, and DiT's exponential moving
+average of the weights (``torch.optim.swa_utils.AveragedModel``), the model that
+is sampled. The loop takes no measurements of its own beyond the step's wall
+time, so the caller wraps it in the tracker.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..arch.train import _optimizer, _synchronize, cosine_lr
 from .flow import flow_matching_loss
@@ -34,8 +37,9 @@ class DiTStep:
 
 def train(model: DiT, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], steps: int, lr: float, warmup: int,
           min_lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
-          grad_clip: float = 1.0, seed: int = 0) -> list[DiTStep]:
-    """Train ``model`` for ``steps`` batches of (images, labels); the noise and times come from ``seed``."""
+          grad_clip: float = 1.0, seed: int = 0, ema: AveragedModel | None = None) -> list[DiTStep]:
+    """Train ``model`` for ``steps`` batches of (images, labels); the noise and times come from ``seed``.
+    ``ema`` (from ``weight_average``) is updated after every optimizer step, inside the timed step."""
     torch.manual_seed(seed)  # class dropout draws from the global generator
     generator = torch.Generator().manual_seed(seed)  # times and noise: the same for every variant
     device = next(model.parameters()).device
@@ -57,6 +61,8 @@ def train(model: DiT, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], step
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update_parameters(model)
         _synchronize(device)
         seconds = time.perf_counter() - start
         samples.append(DiTStep(step=step, loss=loss.item(), flow_loss=flow.item(),
@@ -64,3 +70,9 @@ def train(model: DiT, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], step
                                grad_norm=grad_norm.item(), seconds=seconds, images=len(images),
                                tokens=len(images) * model.config.n_tokens))
     return samples
+
+
+def weight_average(model: DiT, decay: float) -> AveragedModel:
+    """An exponential moving average of ``model``'s weights (DiT samples from it; its decay is 0.9999 over
+    400K steps, a short run needs a shorter memory). Its first update copies the weights; ``.module`` is a DiT."""
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)

@@ -319,7 +319,7 @@ def paper_figures(selectors: str, axis: str) -> list[dict]:
     figures = figures[figures["axis"] == axis]
     rows = []
     for selector in filter(None, (s.strip() for s in selectors.split(";"))):
-        model, method, metric = selector.split("/")
+        model, method, metric = selector.rsplit("/", 2)  # model names may hold a slash (DiT-XL/2)
         hit = figures[(figures["model"] == model) & (figures["method"] == method) & (figures["metric"] == metric)]
         rows += hit.to_dict("records")[:1]
     return rows

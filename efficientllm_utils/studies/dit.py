@@ -10,8 +10,9 @@ schedule and seed; only the attention (or the FFN) changes. Phases:
    and active), analytical FLOPs per image and per training step;
 3. the untrained model: samples, their FD and the held-out loss (the baseline
    every trained variant must beat by more than the noise floor);
-4. training under the resource tracker (1 s samples): AL, TT, AMU, AEC;
-5. quality: held-out flow-matching loss; ``n_samples`` class-balanced samples,
+4. training under the resource tracker (1 s samples): AL, TT, AMU, AEC; an
+   exponential moving average of the weights is kept (``ema_decay``);
+5. quality, of the averaged weights: held-out flow-matching loss; ``n_samples`` class-balanced samples,
    timed (sampling latency per image), and their FD (EfficientNet-Lite0)
    against the held-out reference half; a sample grid saved beside the record.
 """
@@ -28,7 +29,7 @@ from ..dit import DiT
 from ..dit import data as dit_data
 from ..dit.analysis import dit_costs
 from ..dit.flow import heldout_loss, sample
-from ..dit.train import DiTStep
+from ..dit.train import DiTStep, weight_average
 from ..dit.train import train as train_loop
 from ..metrics.tracker import ResourceTracker
 from ..metrics.training import step_latency_metrics
@@ -50,12 +51,20 @@ class Data:
     noise_floor_fd: float
 
 
+def set_threads(p: DiTRun) -> None:
+    """Pin torch's intra-op threads for the whole run (a notebook kernel is one run). On a shared 2-core machine
+    one thread is several times faster for this small model: with two, every OpenMP barrier waits for the thread
+    that shares its core with another job (the PEFT study measured the same)."""
+    if p.num_threads is not None:
+        torch.set_num_threads(p.num_threads)
+
+
 def load_data(p: DiTRun) -> Data:
     splits = dit_data.splits(p.heldout_size)
     half = p.heldout_size // 2
     floor_half, reference = splits.heldout_images[:half], splits.heldout_images[half:2 * half]
     reference_features = fd.cached_features(reference, p.fd_image_size)
-    floor = fd.frechet_distance(fd.cached_features(floor_half, p.fd_image_size), reference_features)
+    floor = fd.cached_frechet_distance(fd.cached_features(floor_half, p.fd_image_size), reference_features)
     return Data(splits, reference, floor_half, reference_features, floor)
 
 
@@ -104,21 +113,34 @@ def generate(model: DiT, p: DiTRun) -> tuple[torch.Tensor, float]:
 
 
 def measure_untrained(model: DiT, p: DiTRun, data: Data) -> dict:
-    """FD and held-out loss of the freshly initialised model, the baseline training must beat."""
-    images, _ = generate(model, p)
+    """FD and held-out loss of the freshly initialised model, the baseline training must beat.
+
+    adaLN-Zero initialises the output projection to zero, so the untrained velocity is exactly zero for any input
+    and every Euler step adds nothing: the samples are the sampler's seeded starting noise, which is what
+    ``sample`` returns for 0 steps (checked on the weights, not assumed). They, their features and their FD are then
+    the same for every variant and run of a profile, and cached."""
+    final = model.final.proj
+    if final.weight.count_nonzero() or final.bias.count_nonzero():
+        images, _ = generate(model, p)  # not an adaLN-Zero start (e.g. loaded weights): sample it in full
+    else:
+        images = sample(model, sample_labels(p.n_samples), 0, seed=p.seed, batch_size=p.sample_batch_size)
     split = data.splits
-    return {"fd_init": fd.frechet_distance(fd.cached_features(images, p.fd_image_size), data.reference_features),
+    init_fd = fd.cached_frechet_distance(fd.cached_features(images, p.fd_image_size), data.reference_features)
+    return {"fd_init": init_fd,
             "heldout_loss_init": heldout_loss(model, split.heldout_images, split.heldout_labels, seed=p.seed)}
 
 
 # --- training ---------------------------------------------------------------------------------
 
-def train(model: DiT, p: DiTRun, data: Data) -> tuple[list[DiTStep], ResourceTracker]:
+def train(model: DiT, p: DiTRun, data: Data) -> tuple[list[DiTStep], ResourceTracker, DiT]:
+    """Train ``model`` in place; return its steps, the tracker, and the model to sample and score: the moving
+    average of the weights (``p.ema_decay > 0``) or the trained weights themselves."""
     batches = dit_data.train_batches(data.splits, p.batch_size, seed=p.seed)
+    ema = weight_average(model, p.ema_decay) if p.ema_decay > 0 else None
     with ResourceTracker(interval_s=p.sample_interval_s, use_gpu=p.device == "cuda") as tracker:
         steps = train_loop(model, batches, p.steps, p.lr, p.warmup_steps, p.min_lr, weight_decay=p.weight_decay,
-                           seed=p.seed)
-    return steps, tracker
+                           seed=p.seed, ema=ema)
+    return steps, tracker, (ema.module if ema is not None else model)
 
 
 def training_metrics(steps: list[DiTStep], total_params: int, p: DiTRun,
@@ -143,7 +165,8 @@ def training_metrics(steps: list[DiTStep], total_params: int, p: DiTRun,
 def measure_quality(model: DiT, p: DiTRun, data: Data, steps: list[DiTStep], untrained: dict,
                     result_dir: Path | None = None) -> tuple[dict, dict[str, MetricValue], torch.Tensor]:
     """Held-out loss, FD of ``n_samples`` samples, the noise floor and the untrained baseline; the sampling
-    latency per image; the sample grid written to ``result_dir/samples.png``."""
+    latency per image; the sample grid written to ``result_dir/samples.png``. ``model`` is the one to score:
+    the moving average of the weights when the run keeps one."""
     split = data.splits
     images, seconds = generate(model, p)
     generated_fd = fd.frechet_distance(fd.cached_features(images, p.fd_image_size), data.reference_features)
@@ -165,6 +188,7 @@ def measure_quality(model: DiT, p: DiTRun, data: Data, steps: list[DiTStep], unt
         "trained_images": sum(s.images for s in steps),
         "n_samples": p.n_samples,
         "data": split.source,
+        "sampled_weights": f"exponential-moving-average(decay={p.ema_decay})" if p.ema_decay > 0 else "trained",
     }
     metrics = {"sample_latency_s_per_image": MetricValue.measured(
         seconds / p.n_samples, "s/image",

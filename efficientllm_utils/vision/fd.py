@@ -74,6 +74,29 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean))
 
 
+def _cache_file(key: bytes, cache_dir=None):
+    import hashlib
+    from pathlib import Path
+
+    from ..assets import cache_dir as assets_cache
+
+    directory = Path(cache_dir) if cache_dir is not None else assets_cache().parent / "fd_features"
+    return directory / f"{hashlib.sha256(key).hexdigest()[:24]}.npy"
+
+
+def _disk_cached(path, compute) -> np.ndarray:
+    """``np.load(path)`` if it exists, else ``compute()`` saved there atomically (concurrent runs never read half a
+    file)."""
+    if path.exists():
+        return np.load(path)
+    result = np.asarray(compute())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{id(result)}.tmp.npy")
+    np.save(tmp, result)
+    tmp.replace(path)
+    return result
+
+
 def cached_features(images: torch.Tensor, size: int = INPUT_SIZE, cache_dir=None) -> np.ndarray:
     """``features(images)``, kept on disk under the hash of the images' bytes and the input size.
 
@@ -81,20 +104,12 @@ def cached_features(images: torch.Tensor, size: int = INPUT_SIZE, cache_dir=None
     every untrained DiT (its adaLN-Zero output is exactly zero, so they are the sampler's noise): their
     features are computed once. ``cache_dir`` defaults to ``<cache>/fd_features`` beside the assets.
     """
-    import hashlib
-    from pathlib import Path
+    key = images.float().contiguous().numpy().tobytes() + f"{size}|{WEIGHTS}".encode()
+    return _disk_cached(_cache_file(key, cache_dir), lambda: features(images, size))
 
-    from ..assets import cache_dir as assets_cache
 
-    key = hashlib.sha256(images.float().contiguous().numpy().tobytes()
-                         + f"{size}|{WEIGHTS}".encode()).hexdigest()[:24]
-    directory = Path(cache_dir) if cache_dir is not None else assets_cache().parent / "fd_features"
-    path = directory / f"{key}.npy"
-    if path.exists():
-        return np.load(path)
-    result = features(images, size)
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{id(result)}.tmp.npy")
-    np.save(tmp, result)
-    tmp.replace(path)  # atomic: concurrent runs never read half a file
-    return result
+def cached_frechet_distance(features_a: np.ndarray, features_b: np.ndarray, cache_dir=None) -> float:
+    """``frechet_distance``, kept on disk under the hash of both feature sets: the noise floor and the untrained
+    samples' FD are the same for every run of a profile, and a 1280-d matrix square root costs seconds."""
+    key = f"fd|{features_a.shape}|{features_b.shape}|".encode() + np.ascontiguousarray(features_a).tobytes() + b"|" + np.ascontiguousarray(features_b).tobytes()
+    return float(_disk_cached(_cache_file(key, cache_dir), lambda: frechet_distance(features_a, features_b)))

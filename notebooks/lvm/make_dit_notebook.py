@@ -27,10 +27,10 @@ hand with other values.
 
 **Method.** Hold out a fixed split; its two halves give the FD reference and the noise floor. Build the DiT (seeded),
 count its parameters and its analytical FLOPs; sample the untrained model and score it (the baseline); train under
-the resource tracker (1 s samples), keeping every step's loss and time; compute AL (s/iter) and TT (patch
-tokens/param/s) from the raw steps; then the held-out flow-matching loss, `n_samples` class-balanced samples (timed:
-sampling latency per image) and their *FD (EfficientNet-Lite0)*, which is not Inception FID. Every metric records
-how it was obtained."""
+the resource tracker (1 s samples), keeping every step's loss and time and a moving average of the weights; compute
+AL (s/iter) and TT (patch tokens/param/s) from the raw steps; then, for the averaged weights, the held-out
+flow-matching loss, `n_samples` class-balanced samples (timed: sampling latency per image) and their
+*FD (EfficientNet-Lite0)*, which is not Inception FID. Every metric records how it was obtained."""
 
 SETUP = """from efficientllm_utils.params import DiTRun
 from efficientllm_utils.records import RunContext, metrics_table
@@ -38,6 +38,7 @@ from efficientllm_utils.studies import dit
 
 p = DiTRun.from_namespace(globals())  # a wrong value fails here, naming the field and the allowed values
 run = RunContext.from_namespace(globals(), p)
+dit.set_threads(p)
 p"""
 
 DATA = """data = dit.load_data(p)
@@ -48,11 +49,11 @@ model_metrics, model_raw = dit.measure_model(model, p)
 untrained = dit.measure_untrained(model, p, data)
 {**{k: m.value for k, m in model_metrics.items()}, **untrained}"""
 
-TRAIN = """steps, tracker = dit.train(model, p, data)
+TRAIN = """steps, tracker, sampled = dit.train(model, p, data)  # sampled: the moving average of the weights
 train_metrics = dit.training_metrics(steps, model_metrics["params_total"].value, p, tracker)
 {k: m.value for k, m in train_metrics.items()}"""
 
-QUALITY = """quality, sample_metrics, images = dit.measure_quality(model, p, data, steps, untrained, run.result_dir)
+QUALITY = """quality, sample_metrics, images = dit.measure_quality(sampled, p, data, steps, untrained, run.result_dir)
 quality"""
 
 RECORD = """record = run.write(metrics={**model_metrics, **train_metrics, **sample_metrics}, quality=quality,
