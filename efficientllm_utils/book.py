@@ -44,6 +44,8 @@ RUN_TITLES = {
     "positional_encoding": "Positional encoding: {position}",
     "moe": "MoE: {variant}",
     "peft": "PEFT: {method}",
+    "lvm_quantization": "Vision generation, quantization: {model} at {precision}",
+    "lvm_finetune": "Vision generation, fine-tuning: {model} with {method}",
     "selftest": "Self-test: {mode} {value}",
 }
 # stream output lines that are library chatter, not results (the runner silences most at the source)

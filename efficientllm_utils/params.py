@@ -23,6 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .arch.config import ATTENTION_KINDS, FFN_KINDS, PAPER_SHAPES, POSITION_KINDS, DecoderConfig, paper_config
 from .cpu_4bit import KERNELS as CPU_4BIT_KERNELS
 from .finetune.config import METHOD_NAMES, DataSettings, MethodSettings, TrainSettings
+from .finetune.methods import MODULE_METHOD_NAMES
+from .lvm.quantize import PRECISIONS as LVM_PRECISIONS
 from .models import OFFLINE_MODELS, PRECISIONS
 from .quality import TASKS
 
@@ -291,6 +293,71 @@ class DiTRun(RunParams):
         return DiTConfig(**settings)
 
 
+class LVMRun(RunParams):
+    """Settings shared by the vision-generation studies (SD3.5, Wan 2.1): the model and how it samples.
+
+    ``model`` is a small preset pretrained here (``sd3-small``, ``wan-small``...; ``lvm/presets.py``) or the
+    paper's checkpoint by hub id; its family (SD3 or Wan) follows from it.
+    """
+
+    model: str
+    torch_threads: int | None = Field(1, ge=1)  # intra-op threads (None: torch's default); 1 suits a shared CPU
+    n_samples: int = Field(64, ge=2)  # generated images (SD) or clips (Wan) for fidelity and FD
+    grid_samples: int = Field(16, ge=1)  # of which the first go into the saved grid / strip
+    sampling_steps: int = Field(10, ge=1)  # Euler steps of the flow-matching scheduler
+    guidance_scale: float = Field(1.0, ge=1.0)  # 1: no classifier-free guidance
+    fd_image_size: int = Field(32, ge=32)  # EfficientNet-Lite0's input size for FD
+    sample_interval_s: float = Field(0.5, gt=0)
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        from .lvm.presets import family_name
+
+        family_name(value)  # raises with the allowed presets and checkpoints
+        return value
+
+    @model_validator(mode="after")
+    def _enough_samples(self) -> "LVMRun":
+        if self.grid_samples > self.n_samples:
+            raise ValueError(f"grid_samples={self.grid_samples} is more than n_samples={self.n_samples}")
+        return self
+
+
+class LVMQuantizationRun(LVMRun):
+    """The denoising transformer at one precision: fidelity to the fp32 reference, FD, latency, memory."""
+
+    precision: Literal[LVM_PRECISIONS]  # type: ignore[valid-type]
+    reference_precision: Literal[LVM_PRECISIONS] = "fp32"  # type: ignore[valid-type]
+    warmup: int = Field(1, ge=0)  # untimed generations before the timed one
+
+
+class LVMFinetuneRun(LVMRun, MethodSettings, TrainSettings):
+    """One fine-tuning method on a pretrained denoiser, adapting it to data the base has not seen."""
+
+    method: Literal[MODULE_METHOD_NAMES]  # type: ignore[valid-type]
+    timing_warmup_steps: int = Field(1, ge=0)
+    n_train: int | None = Field(None, ge=1)  # new training examples kept (None: all)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_overrides(cls, data: Any) -> Any:  # the same per-method overrides as the LLM study
+        return FinetuneRun._method_overrides.__func__(cls, data)
+
+    @model_validator(mode="after")
+    def _timed_steps(self) -> "LVMFinetuneRun":
+        if self.timing_warmup_steps >= self.steps:
+            raise ValueError(f"timing_warmup_steps={self.timing_warmup_steps} leaves no timed step "
+                             f"of steps={self.steps}")
+        return self
+
+    def method_settings(self) -> MethodSettings:
+        return MethodSettings.model_validate({k: getattr(self, k) for k in MethodSettings.model_fields})
+
+    def train_settings(self) -> TrainSettings:
+        return TrainSettings.model_validate({k: getattr(self, k) for k in TrainSettings.model_fields})
+
+
 class FinetuneRun(RunParams, MethodSettings, TrainSettings, DataSettings):
     """One fine-tuning method on one base model: quality before and after, training costs, the adapter's size.
 
@@ -361,6 +428,8 @@ STUDIES: dict[str, type[RunParams]] = {
     "peft": FinetuneRun,
     "dit_attention": DiTRun,
     "dit_moe": DiTRun,
+    "lvm_quantization": LVMQuantizationRun,
+    "lvm_finetune": LVMFinetuneRun,
     "selftest": SelfTestRun,
 }
 
