@@ -21,7 +21,7 @@ AXES: dict[str, list[str]] = {
     "architecture": ["attention", "positional_encoding", "moe"],
     "peft": ["peft"],
     "dit": ["dit_attention", "dit_moe"],
-    "lvm": ["lvm_quantization"],
+    "lvm": ["lvm_quantization", "lvm_finetune"],
 }
 
 

@@ -73,13 +73,65 @@ def notebook(study: str, run_model, intro: str, setup: str, cells: list, prefix:
 def notebooks() -> dict[str, nbformat.NotebookNode]:
     out = {"lvm_quantization.ipynb": notebook("lvm_quantization", LVMQuantizationRun, QUANT_INTRO, QUANT_SETUP,
                                               QUANT_CELLS, "lvmq")}
-    if (HERE.parent.parent / "params" / "lvm_finetune.yaml").exists():
-        out["lvm_finetune.ipynb"] = notebook("lvm_finetune", LVMFinetuneRun, FT_INTRO, FT_SETUP, FT_CELLS, "lvmf")
+    out["lvm_finetune.ipynb"] = notebook("lvm_finetune", LVMFinetuneRun, FT_INTRO, FT_SETUP, FT_CELLS, "lvmf")
     return out
 
 
-FT_INTRO = FT_SETUP = ""
-FT_CELLS: list = []
+FT_INTRO = """# Vision generation: the denoiser fine-tuned
+
+One grid point of the `lvm_finetune` study (the paper's Table 13): one method (LoRA, RSLoRA, DoRA, LoHa, LoKr
+through `peft`, or full fine-tuning) adapts the pretrained denoiser of Stable Diffusion 3.5 or Wan 2.1 to data the
+base has not seen. Every method runs the same flow-matching loop on the same examples, order, times, noise and
+seed. The CPU profile's bases are small models pretrained here (cached).
+
+**Method.** Encode the new training and held-out examples to latents; score the base on them (held-out
+flow-matching loss; samples for the new captions and their *FD (EfficientNet-Lite0)*, not Inception FID); build
+the method, train it under the resource tracker (AL, ST, AMU, AEC from the raw steps and samples); score again
+with the same prompts and seed; measure the adapter's bytes on disk."""
+
+FT_SETUP = """from efficientllm_utils.params import LVMFinetuneRun
+from efficientllm_utils.records import RunContext, metrics_table
+from efficientllm_utils.studies import lvm_finetune as ft
+
+p = LVMFinetuneRun.from_namespace(globals())
+run = RunContext.from_namespace(globals(), p)
+p"""
+
+FT_CELLS = [
+    ("## 1. The new data as latents", """data = ft.load_data(p)
+print(data.train_source, "|", data.heldout_source)"""),
+    ("## 2. The base on the new data", """base = ft.measure_base(data, p, run.result_dir)
+base"""),
+    ("## 3. The method, trained under the resource tracker", """built = ft.build(data, p)
+print(built.description)
+steps, tracker = ft.finetune(built, data, p)
+train_metrics = ft.training_metrics(built, steps, tracker, p)
+{k: m.value for k, m in train_metrics.items()}"""),
+    ("## 4. After: held-out loss, samples and FD", """quality = ft.measure_after(built, data, p, steps, base, run.result_dir)
+quality"""),
+    ("## Result record", """from efficientllm_utils.lvm.train import curve
+
+record = run.write(metrics=train_metrics, quality=quality,
+                   raw={"steps": curve(steps), "tracker_samples": tracker.samples})
+metrics_table(record)"""),
+    (None, """import matplotlib.pyplot as plt
+import seaborn as sns
+from IPython.display import Image, Video, display
+
+sns.set_theme(style="whitegrid")
+fig, ax = plt.subplots(figsize=(6, 3.4))
+ax.plot([s.step for s in steps], [s.loss for s in steps], lw=1, label="training batch")
+ax.axhline(quality["heldout_loss_base"], ls=":", color="grey", lw=1, label="held-out, base")
+ax.axhline(quality["heldout_loss"], ls="--", color="black", lw=1, label="held-out, after")
+ax.set(xlabel="step", ylabel="flow-matching loss", title=f"{run.label}")
+ax.legend()
+fig.tight_layout()
+plt.show()
+display(Image(filename=str(run.result_dir / ft.BEFORE_GRID_FILE)))  # the base, same prompts and seed
+display(Image(filename=str(run.result_dir / ft.GRID_FILE)))  # after fine-tuning
+if (run.result_dir / ft.CLIP_FILE).exists():
+    display(Video(str(run.result_dir / ft.CLIP_FILE), embed=True))"""),
+]
 
 if __name__ == "__main__":
     for name, nb in notebooks().items():
