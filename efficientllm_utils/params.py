@@ -15,7 +15,7 @@ import itertools
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -385,9 +385,10 @@ class FinetuneRun(RunParams, MethodSettings, TrainSettings, DataSettings):
         overrides = data.pop("method_overrides") or {}
         if not isinstance(overrides, dict):
             raise ValueError(f"method_overrides must map a method to its settings, got {overrides!r}")
-        unknown = sorted(set(overrides) - set(METHOD_NAMES))
+        methods = get_args(cls.model_fields["method"].annotation)  # this run model's methods
+        unknown = sorted(set(overrides) - set(methods))
         if unknown:
-            raise ValueError(f"method_overrides: {unknown} are not methods; allowed: {', '.join(METHOD_NAMES)}")
+            raise ValueError(f"method_overrides: {unknown} are not methods; allowed: {', '.join(methods)}")
         allowed = set(cls.model_fields) - {"method", "model"}
         for method, fields in overrides.items():
             bad = sorted(set(fields or {}) - allowed)
