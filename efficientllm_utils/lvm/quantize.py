@@ -11,7 +11,8 @@ On CUDA, ``from_pretrained(..., quantization_config=diffusers.BitsAndBytesConfig
 loading. diffusers' bitsandbytes quantizer refuses to run without a GPU, so on the CPU the same diffusers
 function that quantizer calls, ``replace_with_bnb_linear``, swaps the linear layers for bitsandbytes' classes
 and the loaded fp32 weights are quantized by bitsandbytes' own ``Int8Params``/``Params4bit`` (its CPU path).
-Either way only ``nn.Linear`` layers are quantized; norms, the patch embedding and biases stay in the
+Either way only ``nn.Linear`` layers are quantized, except those in the model's ``_keep_in_fp32_modules``
+(Wan: its time embedding), as diffusers' quantizer leaves them; norms, the patch embedding and biases stay in the
 float dtype. Sizes come from counted bytes (:func:`..models.count_model_bytes`).
 """
 from __future__ import annotations
