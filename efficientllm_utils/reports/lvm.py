@@ -149,6 +149,10 @@ def finetune_findings(table: pd.DataFrame) -> list[str]:
                    f"{'yes' if len(lowered) == len(part) else 'no'}** ({len(lowered)} of {len(part)}; base "
                    f"{part['heldout_loss_base'].iloc[0]:.4f}, after: " + ", ".join(
                        f"{m} {v:.4f}" for m, v in zip(part["method"], part["heldout_loss"], strict=True)) + ").")
+        better_fd = part[part["FD"] < part["FD_base"]]["method"].tolist()
+        out.append(f"**{name}, samples for the new captions move closer to the real new data (FD, Lite0): "
+                   f"{len(better_fd)} of {len(part)} methods** (base FD {part['FD_base'].iloc[0]:.2f}; after "
+                   f"{part['FD'].min():.2f}-{part['FD'].max():.2f}; one sample set per run, no interval).")
         if "Full" in set(part["method"]):
             best = part.loc[part["heldout_loss"].idxmin()]
             full = part[part["method"] == "Full"].iloc[0]
