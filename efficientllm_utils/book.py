@@ -48,6 +48,8 @@ RUN_TITLES = {
     "peft": "PEFT: {method}",
     "vlm_peft": "VLM fine-tuning: {method}",
     "vlm_quantization": "VLM quantization: {precision}",
+    "lvm_quantization": "Vision generation, quantization: {model} at {precision}",
+    "lvm_finetune": "Vision generation, fine-tuning: {model} with {method}",
     "selftest": "Self-test: {mode} {value}",
 }
 # stream output lines that are library chatter, not results (the runner silences most at the source)

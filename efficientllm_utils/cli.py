@@ -23,6 +23,7 @@ AXES: dict[str, list[str]] = {
     "peft": ["peft"],
     "dit": ["dit_attention", "dit_moe"],
     "vlm": ["vlm_peft", "vlm_quantization"],
+    "lvm": ["lvm_quantization", "lvm_finetune"],
 }
 
 

@@ -15,7 +15,7 @@ import itertools
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -25,6 +25,8 @@ from .arch.attention_free import PAPER_SHAPES as AF_PAPER_SHAPES
 from .arch.config import ATTENTION_KINDS, FFN_KINDS, PAPER_SHAPES, POSITION_KINDS, DecoderConfig, paper_config
 from .cpu_4bit import KERNELS as CPU_4BIT_KERNELS
 from .finetune.config import METHOD_NAMES, DataSettings, MethodSettings, TrainSettings
+from .finetune.methods import MODULE_METHOD_NAMES
+from .lvm.quantize import PRECISIONS as LVM_PRECISIONS
 from .models import OFFLINE_MODELS, PRECISIONS, SHAPE_MODELS, SHAPE_PREFIX, is_shape_model
 from .quality import TASKS
 from .vlm.config import PRECISIONS as VLM_PRECISIONS
@@ -355,6 +357,71 @@ class DiTRun(RunParams):
         return DiTConfig(**settings)
 
 
+class LVMRun(RunParams):
+    """Settings shared by the vision-generation studies (SD3.5, Wan 2.1): the model and how it samples.
+
+    ``model`` is a small preset pretrained here (``sd3-small``, ``wan-small``...; ``lvm/presets.py``) or the
+    paper's checkpoint by hub id; its family (SD3 or Wan) follows from it.
+    """
+
+    model: str
+    torch_threads: int | None = Field(1, ge=1)  # intra-op threads (None: torch's default); 1 suits a shared CPU
+    n_samples: int = Field(64, ge=2)  # generated images (SD) or clips (Wan) for fidelity and FD
+    grid_samples: int = Field(16, ge=1)  # of which the first go into the saved grid / strip
+    sampling_steps: int = Field(10, ge=1)  # Euler steps of the flow-matching scheduler
+    guidance_scale: float = Field(1.0, ge=1.0)  # 1: no classifier-free guidance
+    fd_image_size: int = Field(32, ge=32)  # EfficientNet-Lite0's input size for FD
+    sample_interval_s: float = Field(0.5, gt=0)
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        from .lvm.presets import family_name
+
+        family_name(value)  # raises with the allowed presets and checkpoints
+        return value
+
+    @model_validator(mode="after")
+    def _enough_samples(self) -> "LVMRun":
+        if self.grid_samples > self.n_samples:
+            raise ValueError(f"grid_samples={self.grid_samples} is more than n_samples={self.n_samples}")
+        return self
+
+
+class LVMQuantizationRun(LVMRun):
+    """The denoising transformer at one precision: fidelity to the fp32 reference, FD, latency, memory."""
+
+    precision: Literal[LVM_PRECISIONS]  # type: ignore[valid-type]
+    reference_precision: Literal[LVM_PRECISIONS] = "fp32"  # type: ignore[valid-type]
+    warmup: int = Field(1, ge=0)  # untimed generations before the timed one
+
+
+class LVMFinetuneRun(LVMRun, MethodSettings, TrainSettings):
+    """One fine-tuning method on a pretrained denoiser, adapting it to data the base has not seen."""
+
+    method: Literal[MODULE_METHOD_NAMES]  # type: ignore[valid-type]
+    timing_warmup_steps: int = Field(1, ge=0)
+    n_train: int | None = Field(None, ge=1)  # new training examples kept (None: all)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_overrides(cls, data: Any) -> Any:  # the same per-method overrides as the LLM study
+        return FinetuneRun._method_overrides.__func__(cls, data)
+
+    @model_validator(mode="after")
+    def _timed_steps(self) -> "LVMFinetuneRun":
+        if self.timing_warmup_steps >= self.steps:
+            raise ValueError(f"timing_warmup_steps={self.timing_warmup_steps} leaves no timed step "
+                             f"of steps={self.steps}")
+        return self
+
+    def method_settings(self) -> MethodSettings:
+        return MethodSettings.model_validate({k: getattr(self, k) for k in MethodSettings.model_fields})
+
+    def train_settings(self) -> TrainSettings:
+        return TrainSettings.model_validate({k: getattr(self, k) for k in TrainSettings.model_fields})
+
+
 class FinetuneBase(RunParams, MethodSettings, TrainSettings):
     """What every fine-tuning study's run holds: the model, the method, the library's ``MethodSettings`` and
     ``TrainSettings``, per-method overrides and the timing settings (``FinetuneRun``, ``VLMFinetuneRun``).
@@ -379,9 +446,10 @@ class FinetuneBase(RunParams, MethodSettings, TrainSettings):
         overrides = data.pop("method_overrides") or {}
         if not isinstance(overrides, dict):
             raise ValueError(f"method_overrides must map a method to its settings, got {overrides!r}")
-        unknown = sorted(set(overrides) - set(METHOD_NAMES))
+        methods = get_args(cls.model_fields["method"].annotation)  # this run model's methods
+        unknown = sorted(set(overrides) - set(methods))
         if unknown:
-            raise ValueError(f"method_overrides: {unknown} are not methods; allowed: {', '.join(METHOD_NAMES)}")
+            raise ValueError(f"method_overrides: {unknown} are not methods; allowed: {', '.join(methods)}")
         allowed = set(cls.model_fields) - {"method", "model"}
         for method, fields in overrides.items():
             bad = sorted(set(fields or {}) - allowed)
@@ -518,6 +586,8 @@ STUDIES: dict[str, type[RunParams]] = {
     "vlm_quantization": VLMQuantizationRun,
     "dit_attention": DiTRun,
     "dit_moe": DiTRun,
+    "lvm_quantization": LVMQuantizationRun,
+    "lvm_finetune": LVMFinetuneRun,
     "selftest": SelfTestRun,
 }
 

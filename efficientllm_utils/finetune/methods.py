@@ -19,6 +19,8 @@ freeze    no adapter: only the last ``freeze_trainable_layers`` decoder layers t
           LLaMA-Factory's ``finetuning_type: freeze`` with ``freeze_trainable_modules: all``
           and no ``freeze_extra_modules``; embeddings, final norm and the (tied) head stay frozen
 full      every parameter trains
+loha      ``LoHaConfig``: Hadamard product of two low-rank pairs (any module: ``build_module_method``)
+lokr      ``LoKrConfig``: Kronecker product with a low-rank factor (any module: ``build_module_method``)
 qlora     the base loaded in 4-bit (bitsandbytes NF4, double quantisation), then
           ``peft.prepare_model_for_kbit_training`` and the LoRA adapter; on the CPU every 4-bit layer
           is pinned to bitsandbytes' dequantising kernel (see ``efficientllm_utils.cpu_4bit``)
@@ -304,6 +306,56 @@ def check_method(name: str) -> str:
 def build_method(name: str, model, settings: MethodSettings) -> BuiltMethod:
     """``METHODS[name](model, settings)`` with a clear error for an unknown name."""
     return METHODS[check_method(name)](model, settings)
+
+
+# --- adapters on any torch module (the diffusion denoisers) -------------------------------
+
+def loha_config(settings: MethodSettings, **overrides):
+    """LoHa (Hadamard product of two low-rank pairs): ``r``, ``alpha``, dropout on the rank dimension."""
+    from peft import LoHaConfig
+
+    kwargs = dict(r=settings.rank, alpha=settings.alpha, rank_dropout=settings.dropout,
+                  target_modules=settings.target_modules)
+    return LoHaConfig(**(kwargs | overrides))
+
+
+def lokr_config(settings: MethodSettings, **overrides):
+    """LoKr (Kronecker product with a low-rank factor): ``r``, ``alpha``, dropout on the rank dimension."""
+    from peft import LoKrConfig
+
+    kwargs = dict(r=settings.rank, alpha=settings.alpha, rank_dropout=settings.dropout,
+                  target_modules=settings.target_modules)
+    return LoKrConfig(**(kwargs | overrides))
+
+
+# method -> (peft config builder, its overrides, scaling words); ``task_type=None``: a plain module
+MODULE_ADAPTERS = {
+    "lora": (lora_config, {}, "LoRA, scale alpha/r"),
+    "rslora": (lora_config, {"use_rslora": True}, "rsLoRA, scale alpha/sqrt(r)"),
+    "dora": (lora_config, {"use_dora": True}, "DoRA, scale alpha/r, + a magnitude per output row"),
+    "loha": (loha_config, {}, "LoHa, (B1 A1) * (B2 A2), scale alpha/r"),
+    "lokr": (lokr_config, {}, "LoKr, C kron (B A), scale alpha/r"),
+}
+MODULE_METHOD_NAMES = (*MODULE_ADAPTERS, "full")
+
+
+def build_module_method(name: str, model: torch.nn.Module, settings: MethodSettings) -> BuiltMethod:
+    """A method of :data:`MODULE_METHOD_NAMES` on any torch module (not a causal LM: no task type), e.g. a
+    diffusers denoiser; ``settings.target_modules`` names the wrapped layers."""
+    if name == "full":
+        return build_full(model, settings)
+    if name not in MODULE_ADAPTERS:
+        raise ValueError(f"unknown method {name!r} for a module; allowed: {', '.join(MODULE_METHOD_NAMES)}")
+    from peft import get_peft_model
+
+    _check_float_base(model, name)
+    make_config, overrides, words = MODULE_ADAPTERS[name]
+    overrides = {**overrides, "task_type": None} if make_config is lora_config else overrides
+    m = get_peft_model(model, make_config(settings, **overrides))
+    _upcast_trainable(m)
+    desc = (f"{words}: r={settings.rank}, alpha={settings.alpha:g}, dropout={settings.dropout:g}, "
+            f"targets={settings.target_modules}, lr={settings.lr:g}")
+    return BuiltMethod(m, _groups(m, settings), desc, name, settings)
 
 
 # --- loading the base ------------------------------------------------------------------

@@ -1,0 +1,67 @@
+"""The models a run can name: small presets pretrained here (:mod:`.base`) or the paper's hub checkpoints."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+
+from . import sd3, wan
+
+PAPER_MODELS = {"stabilityai/stable-diffusion-3.5-medium": "sd3", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": "wan"}
+
+
+@dataclass(frozen=True)
+class Preset:
+    family: str
+    shape: object  # the family's shape dataclass
+    vae_steps: int  # VAE reconstruction pretraining
+    vae_lr: float
+    kl_weight: float
+    base_steps: int  # denoiser flow-matching pretraining
+    lr: float
+    batch_size: int
+    heldout_size: int  # images: the DiT axis's fixed CIFAR-10 held-out split
+    max_examples: int | None = None  # cap on the base's training and held-out examples (the smoke bases)
+    seed: int = 0
+
+
+PRESETS = {
+    "sd3-small": Preset("sd3", sd3.SD3Shape(), vae_steps=150, vae_lr=2e-3, kl_weight=1e-3, base_steps=300, lr=1e-3,
+                        batch_size=32, heldout_size=2000),
+    "sd3-tiny": Preset("sd3", sd3.SD3Shape(hidden_heads=2, n_layers=1, vae_channels=(8, 16), text_dim=16, t5_dim=32),
+                       vae_steps=4, vae_lr=2e-3, kl_weight=1e-3, base_steps=4, lr=1e-3, batch_size=8,
+                       heldout_size=2000, max_examples=64),
+    "wan-small": Preset("wan", wan.WanShape(), vae_steps=150, vae_lr=2e-3, kl_weight=1e-3, base_steps=300, lr=1e-3,
+                        batch_size=8, heldout_size=2000),
+    "wan-tiny": Preset("wan", wan.WanShape(heads=2, n_layers=1, ffn_dim=32, vae_base_dim=8, text_dim=16),
+                       vae_steps=4, vae_lr=2e-3, kl_weight=1e-3, base_steps=4, lr=1e-3, batch_size=4,
+                       heldout_size=2000, max_examples=8),
+}
+
+
+def family_name(model: str) -> str:
+    if model in PRESETS:
+        return PRESETS[model].family
+    if model in PAPER_MODELS:
+        return PAPER_MODELS[model]
+    raise ValueError(f"model {model!r} is not a preset {sorted(PRESETS)} or a paper checkpoint {sorted(PAPER_MODELS)}")
+
+
+def family(model: str) -> ModuleType:
+    return {"sd3": sd3, "wan": wan}[family_name(model)]
+
+
+def preset(model: str) -> Preset:
+    if model not in PRESETS:
+        raise ValueError(f"model {model!r} is not a preset; allowed: {sorted(PRESETS)}")
+    return PRESETS[model]
+
+
+PAPER_HELDOUT_SIZE = 2000  # the paper's checkpoints are scored on the same CIFAR-10 split
+
+
+def examples(model: str, part: str, heldout: bool):
+    """The model's ``part`` ('base': what the base learned, 'new': what fine-tuning adapts it to), training or
+    held-out side, as its family cuts it."""
+    p = PRESETS.get(model)
+    return family(model).examples(part, heldout, p.heldout_size if p else PAPER_HELDOUT_SIZE,
+                                  p.shape if p else None)

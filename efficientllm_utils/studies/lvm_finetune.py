@@ -1,0 +1,149 @@
+"""The vision-generation fine-tuning study: one method adapts a pretrained SD3.5 or Wan 2.1 denoiser to new data.
+
+Every run of a profile starts from the same pretrained base (:mod:`..lvm.base`) and trains on the same new
+examples (SD: CIFAR-10 classes the base never saw; Wan: a video it never saw) with the same loop, data order,
+times, noise, steps, schedule and seed (:mod:`..lvm.train`); only the method changes (LoRA, RSLoRA, DoRA, LoHa,
+LoKr through ``peft``, or full fine-tuning). Phases:
+
+1. data: the base pipeline; the new training and held-out examples as latents with their captions;
+2. the base on the new data: held-out flow-matching loss, samples for the new captions and their FD
+   (EfficientNet-Lite0) against the held-out real images -- what every method must improve on;
+3. the method (trainable parameters), trained under the resource tracker (1 s samples): AL, ST, AMU, AEC;
+4. after: held-out loss, the same samples (same prompts and seed) and their FD, the adapter's bytes on disk;
+   a sample grid (and for video a clip) beside the record.
+"""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..finetune.methods import BuiltMethod, build_module_method, trainable_parameters
+from ..lvm import pipelines
+from ..lvm.base import capped, latent_set
+from ..lvm.flow import heldout_loss
+from ..lvm.presets import examples, family
+from ..lvm.train import FlowStep, LatentSet, train
+from ..metrics.tracker import ResourceTracker
+from ..metrics.training import step_latency_metrics
+from ..metrics.values import MetricValue
+from ..params import LVMFinetuneRun
+from ..vision import fd
+from .lvm_quantization import CLIP_FILE, GRID_FILE, cycled_cond
+
+BEFORE_GRID_FILE = "samples_base.png"
+
+
+@dataclass
+class Data:
+    fam: object
+    pipe: object
+    train: LatentSet
+    heldout: LatentSet
+    cond: dict  # the sampling prompts' conditioning rows (the new captions, cycled)
+    real_features: np.ndarray  # held-out real images (frames) of the new data
+    train_source: str
+    heldout_source: str
+
+
+def load_data(p: LVMFinetuneRun) -> Data:
+    if p.torch_threads:
+        torch.set_num_threads(p.torch_threads)
+    fam = family(p.model)
+    pipe = pipelines.load_pipeline(p.model, p.device)
+    pipe.transformer.requires_grad_(False)
+    new_train = capped(examples(p.model, "new", heldout=False), p.n_train)
+    new_held = examples(p.model, "new", heldout=True)
+    with torch.no_grad():
+        train_set, held_set = latent_set(pipe, fam, new_train), latent_set(pipe, fam, new_held)
+    cond, _ = cycled_cond(fam, pipe, new_held.captions, p.n_samples)
+    real = fd.cached_features(pipelines.frames(new_held.pixels), p.fd_image_size)
+    return Data(fam, pipe, train_set, held_set, cond, real, new_train.source, new_held.source)
+
+
+def heldout(model, data: Data, p: LVMFinetuneRun) -> float:
+    return heldout_loss(model, data.fam.denoise, data.heldout.latents, data.heldout.cond(slice(None)), p.seed)
+
+
+def sample_fd(data: Data, p: LVMFinetuneRun, grid: Path | None = None) -> tuple[float, torch.Tensor]:
+    samples = data.fam.generate(data.pipe, data.cond, p.sampling_steps, p.seed, p.guidance_scale).cpu()
+    if grid is not None:
+        pipelines.save_grid(samples[:p.grid_samples], grid)
+    return fd.frechet_distance(fd.cached_features(pipelines.frames(samples), p.fd_image_size), data.real_features), samples
+
+
+def measure_base(data: Data, p: LVMFinetuneRun, result_dir: Path | None = None) -> dict:
+    """The base on the new data: the numbers every method must improve on."""
+    grid = Path(result_dir) / BEFORE_GRID_FILE if result_dir is not None else None
+    base_fd, _ = sample_fd(data, p, grid)
+    return {"heldout_loss_base": heldout(data.pipe.transformer, data, p), "fd_base": base_fd}
+
+
+def build(data: Data, p: LVMFinetuneRun) -> BuiltMethod:
+    settings = p.method_settings()
+    if settings.target_modules == "all-linear":  # the family's attention and FFN projections
+        settings = settings.model_copy(update={"target_modules": list(data.fam.ADAPTER_TARGETS)})
+    built = build_module_method(p.method, data.pipe.transformer, settings)
+    data.pipe.transformer = built.model
+    return built
+
+
+def finetune(built: BuiltMethod, data: Data, p: LVMFinetuneRun) -> tuple[list[FlowStep], ResourceTracker]:
+    with ResourceTracker(interval_s=p.sample_interval_s, use_gpu=p.device == "cuda") as tracker:
+        steps = train(built.model, built.param_groups, data.train, p.train_settings(), data.fam.denoise)
+    return steps, tracker
+
+
+def training_metrics(built: BuiltMethod, steps: list[FlowStep], tracker: ResourceTracker,
+                     p: LVMFinetuneRun) -> dict[str, MetricValue]:
+    out, counter = step_latency_metrics([s.seconds for s in steps], p.timing_warmup_steps)
+    timed = steps[p.timing_warmup_steps:]
+    out["st_samples_per_s"] = MetricValue.measured(sum(s.samples for s in timed) / sum(s.seconds for s in timed),
+                                                   "samples/s", counter)
+    counts = trainable_parameters(built.model)
+    out["trainable_params"] = MetricValue.measured(counts["trainable"], "params", "counted-requires-grad")
+    out["trainable_share"] = MetricValue.measured(counts["share"], "fraction", "counted-requires-grad/total")
+    out["adapter_bytes"] = MetricValue.measured(saved_bytes(built), "bytes", saved_how(built))
+    tracked = tracker.metrics()
+    tracked["train_wall_s"] = tracked.pop("phase_wall_s")
+    return {**out, **tracked}
+
+
+def saved_how(built: BuiltMethod) -> str:
+    return ("file-size(peft-save_pretrained,safetensors)" if built.method != "full"
+            else "file-size(safetensors,every-trainable-tensor)")
+
+
+def saved_bytes(built: BuiltMethod) -> int:
+    """What the method adds to the base on disk: peft's adapter files, or every trained tensor for ``full``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if built.method == "full":
+            from safetensors.torch import save_file
+
+            save_file({n: q.detach().contiguous() for n, q in built.model.named_parameters() if q.requires_grad},
+                      f"{tmp}/model.safetensors")
+        else:
+            built.model.save_pretrained(tmp)
+        return sum(f.stat().st_size for f in Path(tmp).iterdir() if f.suffix == ".safetensors")
+
+
+def measure_after(built: BuiltMethod, data: Data, p: LVMFinetuneRun, steps: list[FlowStep], base: dict,
+                  result_dir: Path | None = None) -> dict:
+    grid = Path(result_dir) / GRID_FILE if result_dir is not None else None
+    after_fd, samples = sample_fd(data, p, grid)
+    if result_dir is not None and samples.dim() == 5:
+        pipelines.save_clip(samples[0], Path(result_dir) / CLIP_FILE)
+    tail = steps[-max(1, len(steps) // 10):]
+    loss = heldout(built.model, data, p)
+    return {
+        "heldout_loss": loss, **base, "heldout_loss_change": loss - base["heldout_loss_base"],
+        "fd": after_fd, "fd_change": after_fd - base["fd_base"],
+        "initial_loss": steps[0].loss, "final_loss": sum(s.loss for s in tail) / len(tail),
+        "fd_metric": (f"frechet-distance(efficientnet-lite0-pooled-1280,{p.fd_image_size}px,"
+                      f"{len(pipelines.frames(samples))}-generated-vs-{len(data.real_features)}-real;not-inception-FID)"),
+        "method_description": built.description,
+        "train_data": data.train_source, "heldout_data": data.heldout_source,
+    }

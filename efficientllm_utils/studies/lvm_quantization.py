@@ -1,0 +1,133 @@
+"""The vision-generation quantization study: the denoising transformer of SD3.5 or Wan 2.1 at one precision.
+
+Phases of one run (one model, one precision):
+
+1. set-up: the pipeline with the fp32 (``reference_precision``) denoiser, the prompts (the base's own
+   captions, cycled over ``n_samples``), the reference's samples for those prompts and one seed, and the
+   features of held-out real images (frames) for FD;
+2. the denoiser at ``precision`` (diffusers' bitsandbytes integration, :mod:`..lvm.quantize`): counted bytes
+   and its linear layer classes;
+3. generation under the resource tracker: a warm-up, then one timed generation of every sample with each
+   denoiser step timed by hooks (latency per step, per image or clip, images or frames per second, AMU, AEC);
+4. quality: PSNR and SSIM of each image (frame) against the reference's, FD (EfficientNet-Lite0) against the
+   held-out real images; a grid (and for video, a clip) saved beside the record.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..lvm import pipelines
+from ..lvm.base import base_summary
+from ..lvm.presets import PAPER_MODELS, examples, family
+from ..lvm.quantize import psnr, ssim
+from ..metrics.stats import summarize
+from ..metrics.tracker import ResourceTracker
+from ..metrics.values import MetricValue
+from ..models import count_model_bytes, linear_layer_kinds
+from ..params import LVMQuantizationRun
+from ..vision import fd
+
+GRID_FILE = "samples.png"
+CLIP_FILE = "sample.mp4"
+
+
+@dataclass
+class Setup:
+    fam: object  # the family module (lvm.sd3 or lvm.wan)
+    pipe: object
+    cond: dict  # conditioning rows, one per sample
+    prompts: list[str]
+    reference: torch.Tensor  # the reference precision's samples
+    reference_bytes: int
+    real_features: np.ndarray
+    real_source: str
+    base: dict  # the pretrained base's summary (CPU presets)
+
+
+def cycled_cond(fam, pipe, captions: list[str], n: int) -> tuple[dict, list[str]]:
+    prompts = [captions[i % len(captions)] for i in range(n)]
+    table = fam.encode_captions(pipe, captions)
+    index = torch.arange(n) % len(captions)
+    return {k: v[index] for k, v in table.items()}, prompts
+
+
+def prepare(p: LVMQuantizationRun) -> Setup:
+    if p.torch_threads:
+        torch.set_num_threads(p.torch_threads)
+    fam = family(p.model)
+    base = {} if p.model in PAPER_MODELS else base_summary(p.model)
+    reference_transformer = pipelines.load_transformer(p.model, p.reference_precision, p.device)
+    pipe = pipelines.load_pipeline(p.model, p.device, transformer=reference_transformer)
+    held = examples(p.model, "base", heldout=True)
+    cond, prompts = cycled_cond(fam, pipe, held.captions, p.n_samples)
+    reference = fam.generate(pipe, cond, p.sampling_steps, p.seed, p.guidance_scale).cpu()
+    real = pipelines.frames(held.pixels)
+    return Setup(fam, pipe, cond, prompts, reference, count_model_bytes(reference_transformer)["total_bytes"],
+                 fd.cached_features(real, p.fd_image_size), held.source, base)
+
+
+def quantized(p: LVMQuantizationRun, setup: Setup) -> tuple[dict[str, MetricValue], dict]:
+    """Swap the run's precision of the denoiser into the pipeline; its counted bytes and layer classes."""
+    transformer = pipelines.load_transformer(p.model, p.precision, p.device)
+    setup.pipe.transformer = transformer
+    counted = count_model_bytes(transformer)
+    metrics = {
+        "model_bytes": MetricValue.measured(counted["total_bytes"], "bytes", "counted-tensor-bytes(denoiser)"),
+        "linear_weight_bytes": MetricValue.measured(counted["linear_weight_bytes"], "bytes",
+                                                    "counted-tensor-bytes(linear-weights+scales)"),
+        "mcr": MetricValue.measured(setup.reference_bytes / counted["total_bytes"], "ratio",
+                                    f"counted-bytes({p.reference_precision})/counted-bytes({p.precision})"),
+    }
+    return metrics, {"bytes_by_dtype": counted["bytes_by_dtype"], "linear_layers": linear_layer_kinds(transformer)}
+
+
+def generate(p: LVMQuantizationRun, setup: Setup) -> tuple[pipelines.Timed, dict[str, MetricValue]]:
+    for _ in range(p.warmup):
+        setup.fam.generate(setup.pipe, {k: v[:1] for k, v in setup.cond.items()}, p.sampling_steps, p.seed)
+    with ResourceTracker(interval_s=p.sample_interval_s, use_gpu=p.device == "cuda") as tracker:
+        timed = pipelines.timed_generate(setup.pipe, setup.fam, setup.cond, p.sampling_steps, p.seed,
+                                         p.guidance_scale)
+    n_frames = len(pipelines.frames(timed.samples))
+    counter = f"perf-counter(pipeline-call,{p.n_samples}-samples,{p.sampling_steps}-steps)"
+    step = summarize(timed.step_seconds)
+    unit = "image" if timed.samples.dim() == 4 else "clip"
+    metrics = {
+        "step_latency_s": MetricValue.measured(step["mean"], "s/step",
+                                               f"perf-counter(denoiser-forward-hooks,batch={p.n_samples})"),
+        f"latency_s_per_{unit}": MetricValue.measured(timed.seconds / p.n_samples, f"s/{unit}", counter),
+        "frames_per_s": MetricValue.measured(n_frames / timed.seconds, "frames/s", counter),
+        **{k: v for k, v in tracker.metrics().items() if k != "phase_wall_s"},
+        "generation_wall_s": MetricValue.measured(timed.seconds, "s", counter),
+    }
+    return timed, metrics
+
+
+def quality(p: LVMQuantizationRun, setup: Setup, timed: pipelines.Timed, result_dir: Path | None = None) -> dict:
+    ours, ref = pipelines.frames(timed.samples), pipelines.frames(setup.reference)
+    per_psnr, per_ssim = psnr(ours, ref), ssim(ours, ref)
+    features = fd.cached_features(ours, p.fd_image_size)
+    out = {
+        "psnr_db": float(per_psnr.clamp_max(100).mean()), "psnr_db_min": float(per_psnr.clamp_max(100).min()),
+        "ssim": float(per_ssim.mean()), "ssim_min": float(per_ssim.min()),
+        "identical_to_reference": bool(torch.equal(ours, ref)),
+        "fd": fd.frechet_distance(features, setup.real_features),
+        "fd_reference": fd.frechet_distance(fd.cached_features(ref, p.fd_image_size), setup.real_features),
+        "fd_metric": (f"frechet-distance(efficientnet-lite0-pooled-1280,{p.fd_image_size}px,{len(ours)}-generated-vs-"
+                      f"{len(setup.real_features)}-real;not-inception-FID)"),
+        "fidelity_metric": f"psnr(peak-to-peak 2, capped at 100 dB), ssim(skimage, gaussian 1.5), per "
+                           f"{'image' if timed.samples.dim() == 4 else 'frame'}, same prompts and seed as "
+                           f"{p.reference_precision}",
+        "prompts": sorted(set(setup.prompts)),
+        "real_data": setup.real_source,
+        **{f"base_{k}": v for k, v in setup.base.items() if k in ("heldout_loss_init", "heldout_loss", "base_steps",
+                                                                 "vae_heldout_mse", "train_data")},
+    }
+    if result_dir is not None:
+        pipelines.save_grid(timed.samples[:p.grid_samples], Path(result_dir) / GRID_FILE)
+        if timed.samples.dim() == 5:
+            pipelines.save_clip(timed.samples[0], Path(result_dir) / CLIP_FILE)
+    return out

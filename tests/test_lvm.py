@@ -1,0 +1,146 @@
+"""Vision generation (SD3.5, Wan 2.1): paper loading without network, quantized layers, adapters, params."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from efficientllm_utils import cli
+from efficientllm_utils.lvm import pipelines, quantize, sd3, wan
+from efficientllm_utils.lvm.presets import PRESETS
+from efficientllm_utils.models import count_model_bytes, linear_layer_kinds
+from efficientllm_utils.params import ParamsError, expand, params_path
+from efficientllm_utils.records import load_records
+
+TINY_SD3 = PRESETS["sd3-tiny"].shape
+
+
+class Requested(Exception):
+    """Raised by the stand-in ``from_pretrained``: what would have been fetched, and with which settings."""
+
+
+def test_paper_profile_requests_the_right_repositories_and_classes(monkeypatch):
+    import diffusers
+
+    calls = []
+
+    def recorder(cls_name):
+        def from_pretrained(source, **kwargs):
+            calls.append((cls_name, source, kwargs))
+            raise Requested()
+        return from_pretrained
+
+    for name in ("StableDiffusion3Pipeline", "WanPipeline", "SD3Transformer2DModel", "WanTransformer3DModel"):
+        monkeypatch.setattr(getattr(diffusers, name), "from_pretrained", recorder(name))
+    models = {s.params["model"] for study in cli.AXES["lvm"] for s in expand(params_path(study), "paper")}
+    assert models == {"stabilityai/stable-diffusion-3.5-medium", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"}
+    for model, pipe_cls, transformer_cls in (
+            ("stabilityai/stable-diffusion-3.5-medium", "StableDiffusion3Pipeline", "SD3Transformer2DModel"),
+            ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "WanPipeline", "WanTransformer3DModel")):
+        calls.clear()
+        with pytest.raises(Requested):
+            pipelines.load_pipeline(model, "cuda")
+        with pytest.raises(Requested):
+            pipelines.load_transformer(model, "int4-nf4", "cuda")
+        (c1, s1, k1), (c2, s2, k2) = calls
+        assert (c1, s1, k1["torch_dtype"]) == (pipe_cls, model, torch.bfloat16)
+        assert (c2, s2, k2["subfolder"]) == (transformer_cls, model, "transformer")
+        config = k2["quantization_config"]
+        assert isinstance(config, diffusers.BitsAndBytesConfig) and config.load_in_4bit
+        assert config.bnb_4bit_quant_type == "nf4"
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sd3") / "transformer"
+    sd3.build_transformer(TINY_SD3, seed=0).save_pretrained(path)
+    return path
+
+
+def _velocity(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cond = {"encoder_hidden_states": torch.randn(2, 2 * TINY_SD3.max_tokens, TINY_SD3.t5_dim, generator=g),
+            "pooled_projections": torch.randn(2, 2 * TINY_SD3.text_dim, generator=g)}
+    latents = torch.randn(2, TINY_SD3.latent_channels, TINY_SD3.latent_size, TINY_SD3.latent_size, generator=g)
+    with torch.no_grad():
+        return sd3.denoise(model, latents, torch.tensor([100.0, 700.0]), cond)
+
+
+@pytest.mark.parametrize("precision,layer,stored", [("int8", "Linear8bitLt", "int8"), ("int4-nf4", "Linear4bit", "uint8")])
+def test_integer_precisions_hold_quantized_weights(tiny_sd3_dir, precision, layer, stored):
+    from diffusers import SD3Transformer2DModel
+
+    reference = quantize.load_transformer(SD3Transformer2DModel, str(tiny_sd3_dir), "fp32")
+    model = quantize.load_transformer(SD3Transformer2DModel, str(tiny_sd3_dir), precision)
+    kinds = linear_layer_kinds(model)
+    assert set(kinds) == {layer}, kinds  # every linear layer of the denoiser is bitsandbytes'
+    counted, ref_counted = count_model_bytes(model), count_model_bytes(reference)
+    assert counted["bytes_by_dtype"][stored] > 0
+    assert counted["linear_weight_bytes"] < ref_counted["linear_weight_bytes"] / 2
+    out, ref = _velocity(model), _velocity(reference)
+    assert out.dtype == torch.float32  # the pipeline's latents stay fp32
+    assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.9
+
+
+def test_bf16_denoiser_takes_fp32_inputs_and_returns_fp32(tiny_sd3_dir):
+    from diffusers import SD3Transformer2DModel
+
+    model = quantize.load_transformer(SD3Transformer2DModel, str(tiny_sd3_dir), "bf16")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert _velocity(model).dtype == torch.float32
+
+
+def test_fidelity_metrics_rank_closer_images_higher():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.rand(3, 3, 32, 32, generator=g) * 2 - 1
+    near, far = ref + 0.01 * torch.randn(ref.shape, generator=g), ref + 0.3 * torch.randn(ref.shape, generator=g)
+    assert (quantize.psnr(near, ref) > quantize.psnr(far, ref)).all()
+    assert (quantize.ssim(near, ref) > quantize.ssim(far, ref)).all()
+    assert quantize.ssim(ref, ref).min() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("method", ["loha", "lokr", "dora"])
+def test_adapters_on_a_denoiser_train_only_their_parameters(method):
+    from efficientllm_utils.finetune.config import MethodSettings
+    from efficientllm_utils.finetune.methods import build_module_method, trainable_parameters
+
+    settings = MethodSettings(rank=2, alpha=4, dropout=0.0, target_modules=list(wan.ADAPTER_TARGETS))
+    shape = PRESETS["wan-tiny"].shape
+    built = build_module_method(method, wan.build_transformer(shape, seed=0), settings)
+    counts = trainable_parameters(built.model)
+    assert 0 < counts["trainable"] < counts["total"] / 2
+    trainable = {n for n, p in built.model.named_parameters() if p.requires_grad}
+    marker = {"loha": "hada_", "lokr": "lokr_", "dora": "lora_"}[method]  # peft's names of each adapter's tensors
+    assert trainable and all(marker in n for n in trainable)
+
+
+def test_lvm_params_fail_early_with_the_allowed_values():
+    with pytest.raises(ParamsError) as err:
+        expand(params_path("lvm_quantization"), "smoke", {"precision": "int3"})
+    assert "int4-nf4" in str(err.value) and "precision" in str(err.value)
+    with pytest.raises(ParamsError) as err:
+        expand(params_path("lvm_finetune"), "smoke", {"method": "glora"})
+    assert "lokr" in str(err.value)
+    with pytest.raises(ParamsError) as err:
+        expand(params_path("lvm_finetune"), "smoke", {"model": "sd4"})
+    assert "sd3-small" in str(err.value) and "Wan-AI/Wan2.1-T2V-1.3B-Diffusers" in str(err.value)
+
+
+@pytest.mark.slow
+def test_lvm_smoke_profile_end_to_end(results_root):
+    assert cli.main(["run", "lvm", "--profile", "smoke", "--results", str(results_root)]) == 0
+    quant = {(r.params["model"], r.params["precision"]): r for r in load_records("lvm_quantization", "smoke", results_root)}
+    assert set(quant) == {(m, p) for m in ("sd3-tiny", "wan-tiny") for p in ("fp32", "int4-nf4")}
+    for model in ("sd3-tiny", "wan-tiny"):
+        assert quant[(model, "fp32")].quality["identical_to_reference"]
+        assert quant[(model, "int4-nf4")].quality["ssim"] < 1.0
+        assert quant[(model, "int4-nf4")].metrics["mcr"].value > 1.5
+        layers = quant[(model, "int4-nf4")].raw["linear_layers"]  # all but the modules diffusers keeps in float
+        assert sum(layers.values()) == sum(quant[(model, "fp32")].raw["linear_layers"].values())
+        assert layers["Linear4bit"] > 4 * layers.get("Linear", 0)
+    clip = results_root / "lvm_quantization" / "smoke"
+    assert list(clip.glob("model=wan-tiny*/sample.mp4")) and list(clip.glob("model=sd3-tiny*/samples.png"))
+    for record in load_records("lvm_finetune", "smoke", results_root):
+        assert record.status == "ok"
+        assert "not-inception-FID" in record.quality["fd_metric"]
+        assert record.metrics["adapter_bytes"].value > 0
+        assert record.quality["heldout_loss_base"] > 0
