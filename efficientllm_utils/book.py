@@ -57,6 +57,7 @@ NOISE = re.compile("|".join([
     r"\d+%\|",  # a tqdm progress bar
     r"^\s*(Loading weights|Loading checkpoint shards|Converting and de-quantizing GGUF|Writing model shards)\b",
     r"Failed to load CPU gemm_4bit_forward",  # bitsandbytes without the optional `kernels` package
+    r"^MatMul8bitLt: inputs will be cast",  # bitsandbytes' LLM.int8() on every matmul
     r"site-packages/\S+:\d+: \w*Warning: ",  # a library's warning (and the source line under it, see _quiet)
 ]))
 
@@ -97,7 +98,11 @@ def without_machine_paths(text: str, results_root: Path) -> str:
     becomes relative to it, one in the repository relative to the repository)."""
     for root in (Path(results_root).resolve(), Path(results_root), REPO_ROOT):  # longest first
         text = text.replace(json.dumps(f"{root}/")[1:-1], "").replace(json.dumps(str(root))[1:-1], ".")
-    return text
+    return OTHER_CHECKOUT.sub("", text)
+
+
+# a path into another checkout of this repository (a run made elsewhere): its package or notebooks stay, relative
+OTHER_CHECKOUT = re.compile(r"(?:(?<=\\n)|(?<![\w.]))/[^\s\"'\\:]*?/(?=(?:efficientllm_utils|notebooks)/)")
 
 
 def portable_notebook(text: str, results_root: Path) -> str:
