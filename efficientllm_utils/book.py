@@ -166,7 +166,8 @@ def build_book(results_root: Path = RESULTS_DIR, book_dir: Path = BOOK_DIR, quie
     """
     index = book_dir / "_build" / "html" / "index.html"
     stamp = book_dir / "_build" / ".fingerprint"
-    view = book_view(results_root, book_dir / "_build" / "results_view", published_root)
+    view = book_dir / "_build" / "results_view"
+    book_view(results_root, view, published_root)
     current = fingerprint(view, book_dir)
     if not force and index.exists() and stamp.exists() and stamp.read_text() == current:
         print("book: up to date (no result, page or code changed since the last build)", file=sys.stderr)

@@ -1,8 +1,9 @@
 """The published copy: results committed in the repository, so that a fresh clone's book shows every chapter
 without running anything.
 
-``published/<study>/<profile>/<run_id>/`` holds each run's ``record.json`` and its executed ``notebook.ipynb``
-(library noise and machine paths removed), nothing else: no logs, claims or score caches. ``make reproduce``
+``published/<study>/<profile>/<run_id>/`` holds each run's ``record.json``, its executed ``notebook.ipynb``
+(library noise and machine paths removed) and the pictures it saved for the book (sample grids, clips; up to
+2 MB each), nothing else: no logs, claims, checkpoints or score caches. ``make reproduce``
 refreshes a study's copy after running one of ``PUBLISHED_PROFILES`` (``publish``).
 
 The book reads a *view* (``book_view``): per study and profile, the local results when there are any, else the
@@ -20,6 +21,9 @@ from .records import NOTEBOOK_NAME, RECORD_NAME, REPO_ROOT, RunRecord, atomic_wr
 
 PUBLISHED_DIR = REPO_ROOT / "published"
 PUBLISHED_PROFILES = ("cpu", "gpu")  # the profiles whose results the repository carries (smoke's are meaningless)
+# a run's own pictures the book shows (sample grids, clips), kept when small enough to commit
+MEDIA_SUFFIXES = (".png", ".jpg", ".gif", ".mp4", ".webm", ".svg")
+MAX_MEDIA_BYTES = 2_000_000
 SOURCES_FILE = "sources.json"  # in a view: where each study's profile comes from
 
 
@@ -49,6 +53,9 @@ def publish(study: str, profile: str, results_root: Path, published_root: Path =
         atomic_write_text(out / RECORD_NAME, RunRecord.model_validate_json(text).model_dump_json(indent=1))
         if (run / NOTEBOOK_NAME).exists():
             atomic_write_text(out / NOTEBOOK_NAME, portable_notebook((run / NOTEBOOK_NAME).read_text(), results_root))
+        for media in run.iterdir():
+            if media.suffix in MEDIA_SUFFIXES and media.stat().st_size <= MAX_MEDIA_BYTES:
+                shutil.copy2(media, out / media.name)
     shutil.rmtree(target, ignore_errors=True)  # then swap in the new copy whole
     staging.rename(target)
     return target

@@ -33,6 +33,8 @@ def _write_runs(root, profile="cpu", labels=None, params_patch=None, load=1.0, c
                     "nbformat": 4, "nbformat_minor": 5}
         (run_dir / "notebook.ipynb").write_text(json.dumps(notebook))
         (run_dir / "kernel.log").write_text("noise")
+        (run_dir / "samples.png").write_bytes(b"\x89PNG")
+        (run_dir / "checkpoint.bin").write_bytes(b"0")
         (run_dir / ".claim").write_text("")
         written.append(record)
     (root / "selftest" / profile / ".reference").mkdir(parents=True, exist_ok=True)
@@ -50,7 +52,7 @@ def test_publish_copies_records_and_portable_notebooks_of_the_current_grid_only(
     runs = sorted(p.name for p in target.iterdir())
     assert runs == sorted(s.run_id for s in expand(params_path("selftest"), "cpu"))
     for run in target.iterdir():
-        assert sorted(p.name for p in run.iterdir()) == ["notebook.ipynb", "record.json"]
+        assert sorted(p.name for p in run.iterdir()) == ["notebook.ipynb", "record.json", "samples.png"]
         text = (run / "notebook.ipynb").read_text()
         assert str(tmp_path) not in text and "50%|" not in text and "result in" in text
         assert "/elsewhere" not in text and '"notebooks/selftest.ipynb"' in text

@@ -86,6 +86,8 @@ def media(res: StudyResults, table: pd.DataFrame, key: str, filename: str, root:
           ) -> list[tuple[str, Path]]:
     """(label, path) of each run's saved grid or clip that exists, in the table's order."""
     out = []
+    if table.empty:
+        return out
     for label, model, run_id in zip(table[key], table["model"], table["run_id"], strict=True):
         path = run_dir(res.study, res.profile, run_id, root or RESULTS_DIR) / filename
         if path.exists():
@@ -115,6 +117,8 @@ def tradeoff_plot(table: pd.DataFrame, x: str, y: str, hue: str, xlabel: str, yl
 
 def quant_findings(table: pd.DataFrame) -> list[str]:
     out = []
+    if table.empty:  # no runs yet
+        return out
     for fam, part in table.groupby("family"):
         by = part.set_index("precision")
         name = FAMILY.get(fam, fam)
@@ -142,6 +146,8 @@ def quant_findings(table: pd.DataFrame) -> list[str]:
 
 def finetune_findings(table: pd.DataFrame) -> list[str]:
     out = []
+    if table.empty:  # no runs yet
+        return out
     for fam, part in table.groupby("family"):
         name = FAMILY.get(fam, fam)
         lowered = part[part["heldout_loss"] < part["heldout_loss_base"]]["method"].tolist()
