@@ -81,5 +81,5 @@ def smoke_book(tmp_path_factory):
         code = cli.main(["run", "quantization", "--profile", "smoke", "--results", str(results_root)])
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EFFICIENTLLM_BOOK_PROFILE", "smoke")
-        index = build_book(results_root, book_copy(tmp))
+        index = build_book(results_root, book_copy(tmp), published_root=None)  # the smoke runs only
     return types.SimpleNamespace(code=code, runner_output=output["text"], results_root=results_root, index=index)
