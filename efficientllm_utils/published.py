@@ -3,7 +3,10 @@ without running anything.
 
 ``published/<study>/<profile>/<run_id>/`` holds each run's ``record.json``, its executed ``notebook.ipynb``
 (library noise and machine paths removed) and the pictures it saved for the book (sample grids, clips; up to
-2 MB each), nothing else: no logs, claims, checkpoints or score caches. ``make reproduce``
+2 MB each), nothing else: no logs, claims, checkpoints or score caches. Pictures are compressed to keep the repository
+small (``compact_picture``): a notebook's large PNG outputs become JPEG, a saved PNG becomes a 256-colour PNG of the
+same name, each only when that is smaller. Every metric was computed on the originals before; the copy's pictures
+are for looking at, and the chapters say so. ``make reproduce``
 refreshes a study's copy after running one of ``PUBLISHED_PROFILES`` (``publish``).
 
 The book reads a *view* (``book_view``): per study and profile, the local results when there are any, else the
@@ -12,6 +15,8 @@ published copy. Each chapter then says which it shows, with the commit, machine 
 """
 from __future__ import annotations
 
+import base64
+import io
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -25,6 +30,10 @@ PUBLISHED_PROFILES = ("cpu", "gpu")  # the profiles whose results the repository
 MEDIA_SUFFIXES = (".png", ".jpg", ".gif", ".mp4", ".webm", ".svg")
 MAX_MEDIA_BYTES = 2_000_000
 SOURCES_FILE = "sources.json"  # in a view: where each study's profile comes from
+COMPACT_ABOVE_BYTES = 16_000  # pictures smaller than this are copied as they are
+NOTEBOOK_JPEG_QUALITY = 80
+PICTURES_NOTE = ("pictures in the published copy are compressed (JPEG, or 256-colour PNG) to keep the repository "
+                 "small; every metric was computed on the original pictures")
 
 
 def publish(study: str, profile: str, results_root: Path, published_root: Path = PUBLISHED_DIR,
@@ -52,13 +61,57 @@ def publish(study: str, profile: str, results_root: Path, published_root: Path =
         text = without_machine_paths(record.model_dump_json(indent=1), results_root)  # e.g. an adapter's folder
         atomic_write_text(out / RECORD_NAME, RunRecord.model_validate_json(text).model_dump_json(indent=1))
         if (run / NOTEBOOK_NAME).exists():
-            atomic_write_text(out / NOTEBOOK_NAME, portable_notebook((run / NOTEBOOK_NAME).read_text(), results_root))
+            notebook = portable_notebook((run / NOTEBOOK_NAME).read_text(), results_root)
+            atomic_write_text(out / NOTEBOOK_NAME, compact_notebook_pictures(notebook))
         for media in run.iterdir():
             if media.suffix in MEDIA_SUFFIXES and media.stat().st_size <= MAX_MEDIA_BYTES:
-                shutil.copy2(media, out / media.name)
+                if media.suffix == ".png":
+                    (out / media.name).write_bytes(compact_picture(media.read_bytes(), "png")[1])
+                else:
+                    shutil.copy2(media, out / media.name)
     shutil.rmtree(target, ignore_errors=True)  # then swap in the new copy whole
     staging.rename(target)
     return target
+
+
+def compact_picture(png: bytes, keep: str) -> tuple[str, bytes]:
+    """``(format, bytes)`` of a PNG picture made smaller for the published copy: re-encoded as JPEG
+    (``keep="any"``, for a notebook's output) or as a 256-colour PNG (``keep="png"``, for a file whose name the
+    chapters use), whichever is asked, when that is smaller than the original; else the original."""
+    from PIL import Image
+
+    if len(png) < COMPACT_ABOVE_BYTES:
+        return "png", png
+    with Image.open(io.BytesIO(png)) as image:
+        rgb = image.convert("RGBA")
+        flat = Image.new("RGB", rgb.size, "white")
+        flat.paste(rgb, mask=rgb.getchannel("A"))  # transparency onto white, as the page shows it
+        buffer = io.BytesIO()
+        if keep == "png":
+            flat.quantize(256).save(buffer, "PNG", optimize=True)
+        else:
+            flat.save(buffer, "JPEG", quality=NOTEBOOK_JPEG_QUALITY, optimize=True)
+    smaller = buffer.getvalue()
+    if len(smaller) >= len(png):
+        return "png", png
+    return ("png" if keep == "png" else "jpeg"), smaller
+
+
+def compact_notebook_pictures(notebook_json: str) -> str:
+    """A notebook's JSON whose large PNG outputs are JPEG (``compact_picture``)."""
+    nb = json.loads(notebook_json)
+    for cell in nb["cells"]:
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            if "image/png" not in data:
+                continue
+            encoded = data["image/png"]
+            png = base64.b64decode("".join(encoded) if isinstance(encoded, list) else encoded)
+            kind, picture = compact_picture(png, "any")
+            if kind == "jpeg":
+                del data["image/png"]
+                data["image/jpeg"] = base64.b64encode(picture).decode("ascii")
+    return json.dumps(nb, indent=1, ensure_ascii=False)
 
 
 # --- what the book reads ------------------------------------------------------------------------
@@ -159,6 +212,8 @@ def results_note(study: str, profile: str, records: list[RunRecord], root: Path)
                           "`make reproduce`; run it to replace them with your own)",
              "local": "this machine's results (`results/`)"}.get(source, f"`{root}`")
     lines = [f"These results are {where}: {provenance_line(records)}."]
+    if source == "published":
+        lines[0] += f" The {PICTURES_NOTE}."
     stale, missing = stale_runs(study, profile, records)
     if stale:
         parts = [f"{s.label} ({', '.join(f'{k}: {a!r} then, {b!r} now' for k, (a, b) in s.changed.items())})"

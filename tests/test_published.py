@@ -61,6 +61,43 @@ def test_publish_copies_records_and_portable_notebooks_of_the_current_grid_only(
     assert not list(target.parent.glob(".*"))  # no staging folder left, no score cache copied
 
 
+def _noisy_png(size=160):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_published_pictures_are_compressed_only_when_large_and_keep_their_size_and_format():
+    import base64
+    import io
+
+    from PIL import Image
+
+    png = _noisy_png()
+    kind, smaller = published.compact_picture(png, "png")  # a saved file keeps its name: still a PNG
+    assert kind == "png" and len(smaller) < len(png) / 2
+    with Image.open(io.BytesIO(smaller)) as image:
+        assert image.format == "PNG" and image.size == (160, 160)
+    kind, smaller = published.compact_picture(png, "any")
+    assert kind == "jpeg" and len(smaller) < len(png) / 2
+    tiny = _noisy_png(8)
+    assert published.compact_picture(tiny, "any") == ("png", tiny)  # small pictures are copied as they are
+
+    outputs = [{"output_type": "display_data", "metadata": {},
+                "data": {"image/png": base64.b64encode(p).decode(), "text/plain": "<Figure>"}} for p in (png, tiny)]
+    nb = {"cells": [{"cell_type": "code", "source": "", "metadata": {}, "outputs": outputs}], "metadata": {},
+          "nbformat": 4, "nbformat_minor": 5}
+    large, small = json.loads(published.compact_notebook_pictures(json.dumps(nb)))["cells"][0]["outputs"]
+    assert set(large["data"]) == {"image/jpeg", "text/plain"} and base64.b64decode(large["data"]["image/jpeg"])
+    assert small["data"]["image/png"] == outputs[1]["data"]["image/png"]
+
+
 def test_publish_without_records_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no records of the current selftest cpu grid"):
         published.publish("selftest", "cpu", tmp_path / "results", tmp_path / "published")
@@ -85,6 +122,7 @@ def test_results_note_names_the_source_provenance_and_out_of_date_runs(tmp_path)
     published.book_view(tmp_path / "none", view, pub)
     note = published.results_note("selftest", "cpu", records, view)
     assert "published copy" in note and "`feedc0ffee`" in note and "2026-11-30" in note
+    assert "compressed" in note  # its pictures are not the originals, and the page says so
     assert "Out of date" not in note and "Not run yet:** value=3" in note and "busier" not in note
 
     stale = _write_runs(tmp_path / "other", "cpu", labels={"value=1"}, params_patch={"sleep_s": 5}, load=4.5)
