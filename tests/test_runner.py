@@ -70,3 +70,17 @@ def test_gpu_runs_without_gpu_workers_fail_fast():
     with pytest.raises(runner.ResourceError, match="no workers"):
         runner.check_resources(specs, [])
     runner.check_resources(specs, [{"GPU": 1}])
+
+
+def test_run_kernels_drop_the_malloc_trim_threshold_dask_sets_for_its_workers():
+    """Dask's nanny gives its workers MALLOC_TRIM_THRESHOLD_=65536, which slows torch on a CPU about 2x; the kernels
+    a worker launches must not inherit it. The thread limits it sets stay (runs set their own ``num_threads``)."""
+    import dask
+    import distributed  # noqa: F401 - registers the distributed config
+
+    spawned = {k: str(v) for k, v in dask.config.get("distributed.nanny.pre-spawn-environ").items()}
+    assert "MALLOC_TRIM_THRESHOLD_" in spawned  # else this test no longer tests anything
+    env = runner.kernel_environment({**os.environ, **spawned}, {"TQDM_DISABLE": "1"})
+    assert "MALLOC_TRIM_THRESHOLD_" not in env
+    assert env["TQDM_DISABLE"] == "1" and env["OMP_NUM_THREADS"] == spawned["OMP_NUM_THREADS"]
+    assert env["PATH"] == os.environ["PATH"]
