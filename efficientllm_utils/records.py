@@ -190,7 +190,8 @@ def provenance() -> dict[str, Any]:
             versions[name] = None
     return {
         "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        # changed tracked files other than the published results (``make reproduce`` refreshes those between studies)
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)published")),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "packages": versions,

@@ -156,3 +156,27 @@ def test_a_fresh_clone_reads_every_chapter_from_the_published_copy(tmp_path, mon
     run_pages = [p for study in studies for p in (index.parent / "runs" / study).glob("*.html")]
     assert len(run_pages) == sum(len(list((published.PUBLISHED_DIR / s / "cpu").glob("*/notebook.ipynb")))
                                  for s in studies)
+
+
+def test_records_call_the_code_dirty_for_changed_code_but_not_for_a_refreshed_published_copy(tmp_path, monkeypatch):
+    """``make reproduce`` publishes each study before running the next one: that must not mark the next study's
+    records as made from uncommitted code."""
+    import subprocess
+
+    from efficientllm_utils import records
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "published").mkdir()
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "published" / "record.json").write_text("{}\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "start")
+    monkeypatch.setattr(records, "REPO_ROOT", tmp_path)
+    assert records.provenance()["git_dirty"] is False
+    (tmp_path / "published" / "record.json").write_text('{"refreshed": true}\n')
+    assert records.provenance()["git_dirty"] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert records.provenance()["git_dirty"] is True
