@@ -173,7 +173,10 @@ def build_book(results_root: Path = RESULTS_DIR, book_dir: Path = BOOK_DIR, quie
         print("book: up to date (no result, page or code changed since the last build)", file=sys.stderr)
         return index
     copy_run_notebooks(view, book_dir)
-    env = {**os.environ, "EFFICIENTLLM_RESULTS": str(view)}
+    # chapter pages import libraries that import tqdm.auto, which warns in a kernel without ipywidgets, with a
+    # machine path: not what a reader should see (run pages drop it in ``portable_notebook``)
+    warnings_filter = ",".join(filter(None, (os.environ.get("PYTHONWARNINGS"), "ignore:IProgress not found")))
+    env = {**os.environ, "EFFICIENTLLM_RESULTS": str(view), "PYTHONWARNINGS": warnings_filter}
     jb = Path(sys.executable).parent / "jupyter-book"
     # -W: a page whose code fails is a failed build, not a page with a traceback in it.
     # --all: chapter pages read results/, which Sphinx does not track, so every page is rebuilt.

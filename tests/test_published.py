@@ -153,6 +153,8 @@ def test_a_fresh_clone_reads_every_chapter_from_the_published_copy(tmp_path, mon
         page = pages[chapter_of[study]]
         assert "These results are the published copy" in page and f"No results for <code" not in page, study
         assert "No results yet" not in page.split("These results are the published copy")[0], study
+    for name, page in pages.items():  # no library warning or machine path on any page
+        assert "site-packages" not in page and "Warning:" not in page, name
     run_pages = [p for study in studies for p in (index.parent / "runs" / study).glob("*.html")]
     assert len(run_pages) == sum(len(list((published.PUBLISHED_DIR / s / "cpu").glob("*/notebook.ipynb")))
                                  for s in studies)
