@@ -25,6 +25,25 @@ COLUMNS = {  # our column <- record column
     "peak_GB": "peak_memory_gb", "AEC_W": "aec_w", "energy_J": "energy_j",
     "sample_s_per_image": "sample_latency_s_per_image",
 }
+# what the pages show: table column -> header with its unit (``common.show``: no index, readable numbers)
+HEADERS = {
+    "variant": "variant", "params_M": "parameters (M)", "active_params_M": "active parameters (M)",
+    "GFLOP_per_step": "training (GFLOP/step)", "FD": "FD", "FD_untrained": "FD untrained",
+    "FD_noise_floor": "FD noise floor", "heldout_loss": "held-out loss", "AL_s": "AL (s/step)",
+    "AL_p90_s": "p90 step (s)", "TT": "TT (tokens/param/s)", "AMU_GB": "AMU (GB)", "peak_GB": "peak memory (GB)",
+    "AEC_W": "AEC (W, estimated)", "sample_s_per_image": "sampling (s/image)",
+    "our_FD_rank": "our FD rank", "paper_model": "paper's model", "paper_FID": "paper's FID",
+    "paper_FID_rank": "paper's FID rank", "paper_AMU": "paper's AMU (GB)",
+    "model": "model", "method": "method", "metric": "metric", "value": "value", "unit": "unit",
+    "source": "source", "confidence": "confidence",
+}
+
+
+def show(table: pd.DataFrame, columns: list[str]):
+    """``table``'s ``columns`` as a page shows them, with ``HEADERS``."""
+    return c.show(table, {k: HEADERS.get(k, k) for k in columns})
+
+
 LOWER_IS_BETTER = {"FD": True, "AL_s": True, "AMU_GB": True, "AEC_W": True, "TT": False,
                    "sample_s_per_image": True}
 MIN_COST_TOLERANCE = 0.02  # cost gaps under 2% are ties even when the repeated run agrees more closely
@@ -116,7 +135,7 @@ def leaderboard(study: str, table: pd.DataFrame) -> pd.DataFrame:
         models, left_on="variant", right_index=True, how="left")
     if "paper_FID" in side:
         side["paper_FID_rank"] = side["paper_FID"].rank(method="min")
-    return side.set_index("variant")
+    return side
 
 
 def tradeoff_plot(table: pd.DataFrame, costs: dict[str, str]):
