@@ -125,6 +125,59 @@ def test_lvm_params_fail_early_with_the_allowed_values():
     assert "sd3-small" in str(err.value) and "Wan-AI/Wan2.1-T2V-1.3B-Diffusers" in str(err.value)
 
 
+@pytest.mark.parametrize("n_a,n_b,dim", [(60, 25, 80), (300, 200, 16)])
+def test_frechet_distance_matches_the_matrix_square_root(n_a, n_b, dim):
+    """The exact trace without ``sqrtm`` (fewer samples than dimensions: singular values; more: eigenvalues)."""
+    import numpy as np
+    from scipy import linalg
+
+    from efficientllm_utils.vision.fd import frechet_distance
+
+    rng = np.random.default_rng(0)
+    a, b = np.abs(rng.normal(size=(n_a, dim))) ** 1.5, 1.2 * np.abs(rng.normal(size=(n_b, dim)))
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = linalg.sqrtm(cov_a @ cov_b).real
+    expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(cov_a + cov_b) - 2 * np.trace(root)
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-5)
+    assert abs(frechet_distance(a, a)) < 1e-8
+
+
+def _finetune_results(shift: float, n_items: int = 40):
+    """Two methods' records on the same held-out items: LoRA ``shift`` below the base per item, full 1% below,
+    with item-to-item spread far larger than either shift (the pairing is what separates them)."""
+    import pandas as pd
+
+    from efficientllm_utils.metrics.values import MetricValue
+    from efficientllm_utils.records import RunRecord
+    from efficientllm_utils.reports.common import StudyResults
+
+    base = (0.5 + torch.rand(n_items, generator=torch.Generator().manual_seed(0))).tolist()
+    records = []
+    for method, drop, params in (("lora", shift, 900), ("full", 0.01, 9000)):
+        records.append(RunRecord(
+            run_id=method, study="lvm_finetune", profile="cpu", label=method, status="ok",
+            params={"model": "sd3-small", "method": method, "timing_warmup_steps": 1},
+            metrics={"trainable_params": MetricValue.measured(params, "params", "counted-requires-grad")},
+            quality={"heldout_loss_base": sum(base) / n_items},
+            raw={"heldout_item_losses_base": base, "heldout_item_losses": [b * (1 - drop) for b in base],
+                 "steps": [{"seconds": 0.1 + 0.001 * (i % 3)} for i in range(12)]}))
+    return StudyResults("lvm_finetune", "cpu", records, pd.DataFrame([r.flat() for r in records]))
+
+
+def test_finetune_verdicts_pair_held_out_items():
+    """A 1% drop of every item's loss is a verdict despite a spread of 0.5-1.5 between items; no drop is not."""
+    from efficientllm_utils.reports import lvm
+
+    verdicts = {f.claim_id: f.verdict for f in lvm.finetune_findings(_finetune_results(0.01))}
+    assert verdicts["lf-lora-adapts"] == verdicts["lf-full-adapts"] == "agrees"
+    assert verdicts["lf-lora-params"] == "agrees"  # counted exactly
+    assert verdicts["lf-full-best"] == "inconclusive"  # the same 1% drop: a tie is no evidence either way
+    verdicts = {f.claim_id: f.verdict for f in lvm.finetune_findings(_finetune_results(0.0))}
+    assert verdicts["lf-lora-adapts"] == "inconclusive" and verdicts["lf-full-best"] == "agrees"
+    verdicts = {f.claim_id: f.verdict for f in lvm.finetune_findings(_finetune_results(-0.02))}
+    assert verdicts["lf-lora-adapts"] == "disagrees"
+
+
 @pytest.mark.slow
 def test_lvm_smoke_profile_end_to_end(results_root):
     assert cli.main(["run", "lvm", "--profile", "smoke", "--results", str(results_root)]) == 0
@@ -144,3 +197,12 @@ def test_lvm_smoke_profile_end_to_end(results_root):
         assert "not-inception-FID" in record.quality["fd_metric"]
         assert record.metrics["adapter_bytes"].value > 0
         assert record.quality["heldout_loss_base"] > 0
+        held = record.raw["heldout_item_losses"]  # per item, paired with the base's for the verdicts
+        assert len(held) == len(record.raw["heldout_item_losses_base"]) > 0
+    reused = [r.quality["base_reused"] for r in load_records("lvm_finetune", "smoke", results_root)]
+    assert reused.count(False) == 2 and len(reused) == 4  # the base measured once per family, reused once
+    quant_reused = [r.quality["reference_reused"] for r in quant.values()]
+    assert quant_reused.count(False) == 2  # the fp32 reference's samples: once per family
+    for record in quant.values():
+        assert len(record.raw["ssim_per_frame"]) == len(record.raw["psnr_db_per_frame"]) > 0
+        assert len(record.raw["base_heldout_item_losses"]) == len(record.raw["base_heldout_item_losses_init"])

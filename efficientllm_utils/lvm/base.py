@@ -10,7 +10,8 @@ methods start from a base that has learned something:
 
 The whole pipeline is saved with ``save_pretrained`` under ``<cache>/models/lvm/<model>-<hash>/`` (the
 hash covers the preset, the captions and this module's version), with ``base.json``: the budget, the data, the wall time,
-and the held-out flow-matching loss of the untrained and the pretrained denoiser.
+and the held-out flow-matching loss of the untrained and the pretrained denoiser (per item too, the same times and
+noise for both: the chapter's paired test that pretraining taught the base something).
 """
 from __future__ import annotations
 
@@ -27,11 +28,11 @@ import torch
 from ..assets import cache_dir
 from ..finetune.config import TrainSettings
 from . import data as lvm_data
-from .flow import heldout_loss
+from .flow import heldout_item_losses
 from .presets import Preset, family, preset
 from .train import LatentSet, train
 
-VERSION = 1  # bump when pretraining changes what it produces
+VERSION = 2  # bump when pretraining changes what it produces
 BASE_JSON = "base.json"
 
 
@@ -96,19 +97,20 @@ def pretrain(model: str) -> Path:
     pipe = fam.make_pipeline(comps["transformer"], vae, text)
     train_set, held_set = latent_set(pipe, fam, train_pixels), latent_set(pipe, fam, held_pixels)
     transformer = comps["transformer"]
-    loss_init = heldout_loss(transformer, fam.denoise, held_set.latents, held_set.cond(slice(None)), p.seed)
+    items_init = heldout_item_losses(transformer, fam.denoise, held_set.latents, held_set.cond(slice(None)), p.seed)
     settings = TrainSettings(steps=p.base_steps, batch_size=p.batch_size, warmup_steps=max(1, p.base_steps // 20),
                              min_lr_ratio=0.1, seed=p.seed)
     steps = train(transformer, [{"params": list(transformer.parameters()), "lr": p.lr, "weight_decay": 0.0}],
                   train_set, settings, fam.denoise)
-    loss_final = heldout_loss(transformer, fam.denoise, held_set.latents, held_set.cond(slice(None)), p.seed)
+    items = heldout_item_losses(transformer, fam.denoise, held_set.latents, held_set.cond(slice(None)), p.seed)
     summary = {
         "model": model, "preset": repr(p), "pipeline_class": fam.PIPELINE_CLASS,
         "train_data": train_pixels.source, "heldout_data": held_pixels.source,
         "vae_steps": p.vae_steps, "vae_first_loss": vae_losses[0], "vae_last_loss": vae_losses[-1],
         "vae_heldout_mse_init": recon_init, "vae_heldout_mse": reconstruction_mse(vae, held_pixels.pixels),
         "base_steps": p.base_steps, "base_first_loss": steps[0].loss, "base_last_loss": steps[-1].loss,
-        "heldout_loss_init": loss_init, "heldout_loss": loss_final,
+        "heldout_loss_init": float(items_init.mean()), "heldout_loss": float(items.mean()),
+        "heldout_item_losses_init": items_init.tolist(), "heldout_item_losses": items.tolist(),
         "params": sum(q.numel() for q in transformer.parameters()),
         "wall_s": time.perf_counter() - start,
     }

@@ -32,16 +32,24 @@ def velocity_loss(transformer: nn.Module, denoise: Denoise, latents: torch.Tenso
 
 
 @torch.no_grad()
-def heldout_loss(transformer: nn.Module, denoise: Denoise, latents: torch.Tensor, cond: dict, seed: int = 0,
-                 batch_size: int = 64) -> float:
-    """Mean flow-matching loss over held-out latents with seeded times and noise (the same for every model)."""
+def heldout_item_losses(transformer: nn.Module, denoise: Denoise, latents: torch.Tensor, cond: dict, seed: int = 0,
+                        batch_size: int = 64) -> torch.Tensor:
+    """Flow-matching loss of each held-out latent (n,), with seeded times and noise (the same for every model, so
+    two models' losses pair item by item)."""
     was_training = transformer.training
     transformer.eval()
     generator = torch.Generator().manual_seed(seed)
-    total = 0.0
+    losses = []
     for start in range(0, len(latents), batch_size):
         rows = slice(start, start + batch_size)
-        total += velocity_loss(transformer, denoise, latents[rows], {k: v[rows] for k, v in cond.items()},
-                               generator, reduction="sum").item()
+        error = velocity_loss(transformer, denoise, latents[rows], {k: v[rows] for k, v in cond.items()},
+                              generator, reduction="none")  # (b, ...)
+        losses.append(error.flatten(1).mean(1))
     transformer.train(was_training)
-    return total / latents.numel()
+    return torch.cat(losses)
+
+
+def heldout_loss(transformer: nn.Module, denoise: Denoise, latents: torch.Tensor, cond: dict, seed: int = 0,
+                 batch_size: int = 64) -> float:
+    """Mean flow-matching loss over held-out latents (every item has the same size: the mean of the items')."""
+    return float(heldout_item_losses(transformer, denoise, latents, cond, seed, batch_size).mean())

@@ -350,6 +350,8 @@ def paper_rank_phrase(axis: str, group: str, size_group_name: str | None, method
 # interval of that difference, never on the two point values alone:
 # * accuracy: both scored on the same items; a paired bootstrap interval over items of the difference;
 # * latency and throughput: a bootstrap interval of the ratio of means from the raw samples of each run;
+# * values per item of two runs on the same items (per-item loss under the same noise, per-image fidelity): a
+#   paired bootstrap interval over items of the ratio of means;
 # * a single value per run (perplexity, memory, loss): the value, with a relative noise tolerance (the spread of
 #   repeated runs where the profile has them) as its interval;
 # * a difference between two estimated values (energy without a counter) is no evidence at all.
@@ -421,6 +423,23 @@ def paired_accuracy(subject: list[int], baseline: list[int], seed: int = 0) -> D
         low, high = -3 / n / base, 3 / n / base
     return Difference(estimate, float(low), float(high), f"paired bootstrap over {n} items, {flips} answered "
                                                          "differently")
+
+
+def paired_ratio(subject: list[float], baseline: list[float], seed: int = 0) -> Difference:
+    """Relative difference of the means of two runs' values on the same items (e.g. per-item held-out losses under
+    the same noise, per-image SSIM against one reference), with a paired bootstrap interval over items; no interval
+    under ``MIN_SAMPLES`` items."""
+    a, b = np.asarray(subject, float), np.asarray(baseline, float)
+    if len(a) != len(b) or not len(a):
+        raise ValueError(f"a paired difference needs the same items: {len(a)} vs {len(b)}")
+    estimate, n = a.mean() / b.mean() - 1, len(a)
+    if n < MIN_SAMPLES:
+        return Difference(estimate, -np.inf, np.inf, f"only {n} items: too few for an interval, fewer than "
+                                                     f"{MIN_SAMPLES}")
+    idx = np.random.default_rng(seed).integers(0, n, (BOOTSTRAP_DRAWS, n))
+    tail = 100 * (1 - CONFIDENCE) / 2
+    low, high = np.percentile(a[idx].mean(1) / b[idx].mean(1), [tail, 100 - tail])
+    return Difference(estimate, float(low - 1), float(high - 1), f"paired bootstrap over {n} items")
 
 
 def point_difference(subject: float, baseline: float, tolerance: float, what: str) -> Difference:

@@ -8,15 +8,13 @@ import numpy as np
 import pandas as pd
 
 from ..records import RESULTS_DIR, run_dir
+from . import common as c
 from .common import StudyResults
 
 FAMILY = {"sd3": "SD3.5 (text-to-image)", "wan": "Wan 2.1 (text-to-video)"}
 PRECISION_ORDER = ("fp32", "bf16", "fp16", "int8", "int4-nf4")
 METHOD_ORDER = ("lora", "rslora", "dora", "loha", "lokr", "full")
 METHOD_NAMES = {"lora": "LoRA", "rslora": "RSLoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr", "full": "Full"}
-# thresholds of the verdicts, stated in the chapter
-SSIM_KEEPS_FIDELITY = 0.95  # mean SSIM to the fp32 reference's samples
-LOSS_TIE = 0.01  # relative held-out loss gap under which two methods tie
 
 
 def family_of(model: str) -> str:
@@ -27,43 +25,45 @@ def _col(frame: pd.DataFrame, name: str) -> np.ndarray:
     return frame[name].values if name in frame else np.full(len(frame), np.nan)
 
 
-def quant_table(res: StudyResults) -> pd.DataFrame:
+def _table(res: StudyResults, key: str, order: tuple[str, ...], columns: dict[str, str]) -> pd.DataFrame:
+    """One row per successful run: model, family, ``key`` (precision or method, in ``order``) and ``columns``
+    (ours <- record column; NaN where a record lacks one)."""
     ok = res.ok
     if not len(ok):
         return pd.DataFrame()
-    t = pd.DataFrame({"model": ok["param_model"].values, "precision": ok["param_precision"].values,
-                      "run_id": ok["run_id"].values})
+    t = pd.DataFrame({"model": ok["param_model"].values, key: ok[f"param_{key}"].values, "run_id": ok["run_id"].values})
     t["family"] = [family_of(m) for m in t["model"]]
-    t["model_MB"] = _col(ok, "model_bytes") / 1e6
-    t["MCR"] = _col(ok, "mcr")
-    for ours, theirs in {"PSNR_dB": "quality_psnr_db", "SSIM": "quality_ssim", "SSIM_min": "quality_ssim_min",
-                         "FD": "quality_fd", "FD_reference": "quality_fd_reference", "step_s": "step_latency_s",
-                         "frames_per_s": "frames_per_s", "AMU_GB": "amu_gb", "AEC_W": "aec_w",
-                         "energy_J": "energy_j"}.items():
+    for ours, theirs in columns.items():
         t[ours] = _col(ok, theirs)
-    per_sample = [c for c in ("latency_s_per_image", "latency_s_per_clip") if c in ok]
-    t["s_per_sample"] = ok[per_sample].bfill(axis=1).iloc[:, 0].values if per_sample else np.nan
-    t["order"] = [PRECISION_ORDER.index(p) if p in PRECISION_ORDER else 99 for p in t["precision"]]
+    t["order"] = [order.index(v) if v in order else 99 for v in t[key]]
     return t.sort_values(["family", "order"]).drop(columns="order").reset_index(drop=True)
+
+
+def quant_table(res: StudyResults) -> pd.DataFrame:
+    t = _table(res, "precision", PRECISION_ORDER, {
+        "model_MB": "model_bytes", "MCR": "mcr", "PSNR_dB": "quality_psnr_db", "SSIM": "quality_ssim",
+        "SSIM_min": "quality_ssim_min", "FD": "quality_fd", "FD_reference": "quality_fd_reference",
+        "step_s": "step_latency_s", "frames_per_s": "frames_per_s", "AMU_GB": "amu_gb", "AEC_W": "aec_w",
+        "energy_J": "energy_j", "s_per_image": "latency_s_per_image", "s_per_clip": "latency_s_per_clip"})
+    if t.empty:
+        return t
+    t["model_MB"] = t["model_MB"] / 1e6
+    t["s_per_sample"] = t["s_per_image"].fillna(t["s_per_clip"])
+    return t.drop(columns=["s_per_image", "s_per_clip"])
 
 
 def finetune_table(res: StudyResults) -> pd.DataFrame:
-    ok = res.ok
-    if not len(ok):
-        return pd.DataFrame()
-    t = pd.DataFrame({"model": ok["param_model"].values, "method": ok["param_method"].values,
-                      "run_id": ok["run_id"].values})
-    t["family"] = [family_of(m) for m in t["model"]]
-    for ours, theirs in {"trainable_params": "trainable_params", "adapter_MB": "adapter_bytes",
-                         "heldout_loss_base": "quality_heldout_loss_base", "heldout_loss": "quality_heldout_loss",
-                         "final_loss": "quality_final_loss", "FD_base": "quality_fd_base", "FD": "quality_fd",
-                         "AL_s": "al_s", "ST": "st_samples_per_s", "AMU_GB": "amu_gb", "AEC_W": "aec_w"}.items():
-        t[ours] = _col(ok, theirs)
+    t = _table(res, "method", METHOD_ORDER, {
+        "trainable_params": "trainable_params", "adapter_MB": "adapter_bytes",
+        "heldout_loss_base": "quality_heldout_loss_base", "heldout_loss": "quality_heldout_loss",
+        "final_loss": "quality_final_loss", "FD_base": "quality_fd_base", "FD": "quality_fd", "AL_s": "al_s",
+        "ST": "st_samples_per_s", "AMU_GB": "amu_gb", "AEC_W": "aec_w"})
+    if t.empty:
+        return t
     t["adapter_MB"] = t["adapter_MB"] / 1e6
     t["heldout_change_pct"] = 100 * (t["heldout_loss"] / t["heldout_loss_base"] - 1)
-    t["order"] = [METHOD_ORDER.index(m) if m in METHOD_ORDER else 99 for m in t["method"]]
     t["method"] = t["method"].map(lambda m: METHOD_NAMES.get(m, m))
-    return t.sort_values(["family", "order"]).drop(columns="order").reset_index(drop=True)
+    return t
 
 
 def base_note(res: StudyResults) -> str:
@@ -114,65 +114,114 @@ def tradeoff_plot(table: pd.DataFrame, x: str, y: str, hue: str, xlabel: str, yl
 
 
 # --- findings -------------------------------------------------------------------------------------------------
+# The claims are rows of book/paper/claims.csv (chapter = the study), decided by reports.common's rules:
+# per-item values of two runs on the same items (held-out losses under the same times and noise, per-image PSNR and
+# SSIM against one reference) by a paired bootstrap over items; step times by a bootstrap over the timed steps;
+# counted bytes and parameters exactly.
 
-def quant_findings(table: pd.DataFrame) -> list[str]:
-    out = []
-    if table.empty:  # no runs yet
-        return out
-    for fam, part in table.groupby("family"):
-        by = part.set_index("precision")
-        name = FAMILY.get(fam, fam)
-        if {"int4-nf4", "fp32"} <= set(by.index):
-            q = by.loc["int4-nf4"]
-            keeps = q["SSIM"] >= SSIM_KEEPS_FIDELITY
-            out.append(f"**{name}, int4 (NF4) keeps fidelity at a fraction of the memory: "
-                       f"{'transfers' if keeps else 'does not transfer'}.** Its denoiser holds "
-                       f"{q['model_MB']:.3g} MB against {by.loc['fp32', 'model_MB']:.3g} MB (MCR {q['MCR']:.2f}, "
-                       f"counted bytes), with mean SSIM {q['SSIM']:.3f} (PSNR {q['PSNR_dB']:.1f} dB) to the fp32 "
-                       f"samples (threshold {SSIM_KEEPS_FIDELITY}); FD {q['FD']:.2f} against fp32's "
-                       f"{by.loc['fp32', 'FD']:.2f}.")
-        if {"int8", "int4-nf4"} <= set(by.index):
-            closer = by.loc["int8", "PSNR_dB"] > by.loc["int4-nf4", "PSNR_dB"]
-            out.append(f"**{name}, int8 is closer to the reference than int4: {'yes' if closer else 'no'}** "
-                       f"(PSNR {by.loc['int8', 'PSNR_dB']:.1f} against {by.loc['int4-nf4', 'PSNR_dB']:.1f} dB).")
-        if {"int8", "fp32"} <= set(by.index):
-            slower = by.loc["int8", "step_s"] > by.loc["fp32", "step_s"]
-            out.append(f"**{name}, memory is not speed on this hardware: int8 steps are "
-                       f"{'slower' if slower else 'not slower'} than fp32** ({by.loc['int8', 'step_s']:.3g} against "
-                       f"{by.loc['fp32', 'step_s']:.3g} s per denoising step, one timed generation each, a shared CPU: "
-                       f"bitsandbytes dequantizes on the fly).")
+BASE = "base"  # the fine-tuning claims' name for the base before training
+PRETRAINED, UNTRAINED = "pretrained", "untrained"  # the quantization claims' names for the base's two states
+METRIC_WORDS = {"heldout_loss": "the held-out flow-matching loss", "model_bytes": "the denoiser's counted bytes",
+                "ssim": "the mean SSIM to the reference's samples", "psnr_db": "the mean PSNR to the reference's samples",
+                "step_latency_s": "the time per denoising step", "trainable_params": "the trainable parameters",
+                "AL_s": "the training step time (AL)"}
+PER_FRAME = {"ssim": "ssim_per_frame", "psnr_db": "psnr_db_per_frame"}
+
+
+def _label(model: str) -> str:
+    return f"{FAMILY.get(family_of(model), model)}: {model}"
+
+
+def _runs(res: StudyResults, key: str) -> dict[str, dict[str, object]]:
+    """{model: {precision or method: its record}} of the successful runs (the latest one per grid point)."""
+    out: dict[str, dict[str, object]] = {}
+    for record in sorted(res.ok_records, key=lambda r: r.started or ""):
+        out.setdefault(record.params["model"], {})[record.params[key]] = record
     return out
 
 
-def finetune_findings(table: pd.DataFrame) -> list[str]:
+def _paired(a, b) -> c.Difference | None:
+    return c.paired_ratio(a, b) if a and b and len(a) == len(b) else None
+
+
+def _exact(subject, baseline, what: str) -> c.Difference | None:
+    if subject is None or baseline is None or subject.value is None or baseline.value is None:
+        return None
+    return c.point_difference(subject.value, baseline.value, 0.0, what)
+
+
+def quant_findings(res: StudyResults) -> list[c.Finding]:
+    """The quantization claims (``claims.csv``, chapter ``lvm_quantization``) on each model's runs, and the base's
+    pretraining (pretrained against untrained, from the per-item held-out losses the records carry)."""
+    runs = _runs(res, "precision")
+    references = {m: next(iter(r.values())).params["reference_precision"] for m, r in runs.items()}
+    with_base = {m for m, r in runs.items() if any("base_heldout_item_losses" in x.raw for x in r.values())}
+    variants = {_label(m): [*r, *([PRETRAINED, UNTRAINED] if m in with_base else [])] for m, r in runs.items()}
+    models = {_label(m): m for m in runs}
+
+    def compare(claim, label, subject, baseline):
+        by, metric = runs[models[label]], claim["metric"]
+        if metric == "heldout_loss":  # the base, from any run's record (every run loads the same base)
+            raw = next(r.raw for r in by.values() if "base_heldout_item_losses" in r.raw)
+            return _paired(raw["base_heldout_item_losses"], raw["base_heldout_item_losses_init"])
+        a, b = by[subject], by[baseline]
+        if metric == "model_bytes":
+            return _exact(a.metrics.get("model_bytes"), b.metrics.get("model_bytes"), "counted bytes, exact")
+        if metric in PER_FRAME:
+            return _paired(a.raw.get(PER_FRAME[metric]), b.raw.get(PER_FRAME[metric]))
+        if metric == "step_latency_s":
+            return c.bootstrap_ratio(a.raw.get("step_seconds", []), b.raw.get("step_seconds", []))
+        return None
+
+    def resolve(label, name):
+        return references[models[label]] if name == "reference" else name
+
+    return c.test_claims("lvm_quantization", "inference", variants, compare, METRIC_WORDS, resolve=resolve,
+                         margin=lambda claim: float(claim["tolerance"]))
+
+
+def finetune_findings(res: StudyResults) -> list[c.Finding]:
+    """The fine-tuning claims (``claims.csv``, chapter ``lvm_finetune``) on each model's runs: every method's held-out
+    loss against the base's on the same items, and the costs of the methods against full fine-tuning."""
+    runs = _runs(res, "method")
+    variants = {_label(m): [*r, BASE] for m, r in runs.items()}
+    models = {_label(m): m for m in runs}
+
+    def compare(claim, label, subject, baseline):
+        by, metric = runs[models[label]], claim["metric"]
+        a = by[subject]
+        if metric == "heldout_loss":
+            b = a.raw.get("heldout_item_losses_base") if baseline == BASE else by[baseline].raw.get("heldout_item_losses")
+            return _paired(a.raw.get("heldout_item_losses"), b)
+        b = by[baseline]
+        if metric == "trainable_params":
+            return _exact(a.metrics.get("trainable_params"), b.metrics.get("trainable_params"), "counted, exact")
+        if metric == "AL_s":
+            def timed(r):
+                return [x["seconds"] for x in r.raw.get("steps", [])[r.params.get("timing_warmup_steps", 0):]]
+            return c.bootstrap_ratio(timed(a), timed(b))
+        return None
+
+    return c.test_claims("lvm_finetune", "vision", variants, compare, METRIC_WORDS)
+
+
+def observations(qt: pd.DataFrame, ft: pd.DataFrame) -> list[str]:
+    """What the records show without a claim or an interval: FD (one sample set per run)."""
     out = []
-    if table.empty:  # no runs yet
-        return out
-    for fam, part in table.groupby("family"):
-        name = FAMILY.get(fam, fam)
-        lowered = part[part["heldout_loss"] < part["heldout_loss_base"]]["method"].tolist()
-        out.append(f"**{name}, every method lowers the held-out loss on the new data: "
-                   f"{'yes' if len(lowered) == len(part) else 'no'}** ({len(lowered)} of {len(part)}; base "
-                   f"{part['heldout_loss_base'].iloc[0]:.4f}, after: " + ", ".join(
-                       f"{m} {v:.4f}" for m, v in zip(part["method"], part["heldout_loss"], strict=True)) + ").")
-        better_fd = part[part["FD"] < part["FD_base"]]["method"].tolist()
-        out.append(f"**{name}, samples for the new captions move closer to the real new data (FD, Lite0): "
-                   f"{len(better_fd)} of {len(part)} methods** (base FD {part['FD_base'].iloc[0]:.2f}; after "
-                   f"{part['FD'].min():.2f}-{part['FD'].max():.2f}; one sample set per run, no interval).")
-        if "Full" in set(part["method"]):
-            best = part.loc[part["heldout_loss"].idxmin()]
-            full = part[part["method"] == "Full"].iloc[0]
-            tie = (full["heldout_loss"] - best["heldout_loss"]) / best["heldout_loss"] <= LOSS_TIE
-            out.append(f"**{name}, full fine-tuning reaches the lowest held-out loss: "
-                       f"{'transfers' if tie else 'does not transfer'}** (full {full['heldout_loss']:.4f}; best "
-                       f"{best['method']} {best['heldout_loss']:.4f}; ties within {LOSS_TIE:.0%}).")
-            adapters = part[part["method"] != "Full"]
-            if len(adapters):
-                cheapest = adapters.loc[adapters["trainable_params"].idxmin()]
-                out.append(f"**{name}, the LoRA-family methods are the cheapest: "
-                           f"{'transfers' if adapters['trainable_params'].max() < full['trainable_params'] else 'no'}** "
-                           f"(trainable parameters {adapters['trainable_params'].min():.0f}-"
-                           f"{adapters['trainable_params'].max():.0f}, least {cheapest['method']}, against "
-                           f"{full['trainable_params']:.0f} for full; stored {adapters['adapter_MB'].min():.3g}-"
-                           f"{adapters['adapter_MB'].max():.3g} MB against {full['adapter_MB']:.3g} MB).")
+    for fam, part in qt.groupby("family") if len(qt) else ():
+        out.append(f"{FAMILY.get(fam, fam)}, quantization: FD (EfficientNet-Lite0) "
+                   + ", ".join(f"{r.precision} {r.FD:.2f}" for r in part.itertuples())
+                   + " -- one sample set per run, no interval, so no verdict.")
+    for fam, part in ft.groupby("family") if len(ft) else ():
+        out.append(f"{FAMILY.get(fam, fam)}, fine-tuning: FD of samples for the new captions, base "
+                   f"{part['FD_base'].iloc[0]:.2f}, after " + ", ".join(f"{r.method} {r.FD:.2f}" for r in part.itertuples())
+                   + " -- one sample set per run, no interval, so no verdict.")
     return out
+
+
+def findings_text(quant: StudyResults, finetune: StudyResults, qt: pd.DataFrame, ft: pd.DataFrame) -> str:
+    found = (quant_findings(quant) if len(qt) else []) + (finetune_findings(finetune) if len(ft) else [])
+    if not found and qt.empty and ft.empty:
+        return "*No results yet.*"
+    caveats = c.common_caveats(quant if len(qt) else finetune, {}, 0.0)
+    return c.findings_markdown(found, observations(qt, ft), caveats)

@@ -6,14 +6,18 @@ times, noise, steps, schedule and seed (:mod:`..lvm.train`); only the method cha
 LoKr through ``peft``, or full fine-tuning). Phases:
 
 1. data: the base pipeline; the new training and held-out examples as latents with their captions;
-2. the base on the new data: held-out flow-matching loss, samples for the new captions and their FD
-   (EfficientNet-Lite0) against the held-out real images -- what every method must improve on;
+2. the base on the new data: held-out flow-matching loss (per item), samples for the new captions and their FD
+   (EfficientNet-Lite0) against the held-out real images -- what every method must improve on; the same for
+   every method, so computed by the first run of a profile and reused by the others (``score_cache``, keyed by
+   the base's weights, the held-out latents, the prompts, the settings, the code and the packages);
 3. the method (trainable parameters), trained under the resource tracker (1 s samples): AL, ST, AMU, AEC;
-4. after: held-out loss, the same samples (same prompts and seed) and their FD, the adapter's bytes on disk;
-   a sample grid (and for video a clip) beside the record.
+4. after: held-out loss (per item, the same times and noise as the base's: the chapter pairs them), the same
+   samples (same prompts and seed) and their FD, the adapter's bytes on disk; a sample grid (and for video a
+   clip) beside the record.
 """
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import score_cache
 from ..finetune.methods import BuiltMethod, build_module_method, trainable_parameters
 from ..lvm import pipelines
 from ..lvm.base import capped, latent_set
-from ..lvm.flow import heldout_loss
+from ..lvm.flow import heldout_item_losses
 from ..lvm.presets import examples, family
 from ..lvm.train import FlowStep, LatentSet, train
 from ..metrics.tracker import ResourceTracker
@@ -32,9 +37,10 @@ from ..metrics.training import step_latency_metrics
 from ..metrics.values import MetricValue
 from ..params import LVMFinetuneRun
 from ..vision import fd
-from .lvm_quantization import CLIP_FILE, GRID_FILE, cycled_cond
+from .lvm_quantization import _SAMPLING_CODE, _SAMPLING_PACKAGES, CLIP_FILE, GRID_FILE, cycled_cond, pipeline_modules
 
 BEFORE_GRID_FILE = "samples_base.png"
+BASE_DIR = ".base"  # beside the runs of a profile: the base's held-out losses and samples by fingerprint
 
 
 @dataclass
@@ -44,6 +50,7 @@ class Data:
     train: LatentSet
     heldout: LatentSet
     cond: dict  # the sampling prompts' conditioning rows (the new captions, cycled)
+    prompts: list[str]
     real_features: np.ndarray  # held-out real images (frames) of the new data
     train_source: str
     heldout_source: str
@@ -59,27 +66,50 @@ def load_data(p: LVMFinetuneRun) -> Data:
     new_held = examples(p.model, "new", heldout=True)
     with torch.no_grad():
         train_set, held_set = latent_set(pipe, fam, new_train), latent_set(pipe, fam, new_held)
-    cond, _ = cycled_cond(fam, pipe, new_held.captions, p.n_samples)
+    cond, prompts = cycled_cond(fam, pipe, new_held.captions, p.n_samples)
     real = fd.cached_features(pipelines.frames(new_held.pixels), p.fd_image_size)
-    return Data(fam, pipe, train_set, held_set, cond, real, new_train.source, new_held.source)
+    return Data(fam, pipe, train_set, held_set, cond, prompts, real, new_train.source, new_held.source)
 
 
-def heldout(model, data: Data, p: LVMFinetuneRun) -> float:
-    return heldout_loss(model, data.fam.denoise, data.heldout.latents, data.heldout.cond(slice(None)), p.seed)
+def heldout(model, data: Data, p: LVMFinetuneRun) -> torch.Tensor:
+    """Each held-out item's flow-matching loss (n,), seeded: every model sees the same times and noise."""
+    return heldout_item_losses(model, data.fam.denoise, data.heldout.latents, data.heldout.cond(slice(None)), p.seed)
 
 
 def sample_fd(data: Data, p: LVMFinetuneRun, grid: Path | None = None) -> tuple[float, torch.Tensor]:
     samples = data.fam.generate(data.pipe, data.cond, p.sampling_steps, p.seed, p.guidance_scale).cpu()
     if grid is not None:
         pipelines.save_grid(samples[:p.grid_samples], grid)
-    return fd.frechet_distance(fd.cached_features(pipelines.frames(samples), p.fd_image_size), data.real_features), samples
+    features = fd.cached_features(pipelines.frames(samples), p.fd_image_size)
+    return fd.cached_frechet_distance(features, data.real_features), samples
 
 
-def measure_base(data: Data, p: LVMFinetuneRun, result_dir: Path | None = None) -> dict:
-    """The base on the new data: the numbers every method must improve on."""
-    grid = Path(result_dir) / BEFORE_GRID_FILE if result_dir is not None else None
-    base_fd, _ = sample_fd(data, p, grid)
-    return {"heldout_loss_base": heldout(data.pipe.transformer, data, p), "fd_base": base_fd}
+def base_fingerprint(data: Data, p: LVMFinetuneRun) -> str:
+    """What the base's numbers on the new data depend on: its weights, the held-out latents and captions, the
+    prompts and settings, the code and the packages (``score_cache.fingerprint``)."""
+    held = hashlib.sha256(data.heldout.latents.numpy().tobytes() + data.heldout.caption_ids.numpy().tobytes())
+    inputs = {"prompts": data.prompts, "heldout": held.hexdigest(), "heldout_source": data.heldout_source,
+              "settings": {k: getattr(p, k) for k in ("n_samples", "sampling_steps", "seed", "guidance_scale",
+                                                      "fd_image_size", "device", "torch_threads")}}
+    return score_cache.fingerprint(pipeline_modules(data.pipe), inputs,
+                                   (*_SAMPLING_CODE, "lvm/flow.py", "studies/lvm_finetune.py"), _SAMPLING_PACKAGES)
+
+
+def measure_base(data: Data, p: LVMFinetuneRun, result_dir: Path | None = None, cache_dir: Path | None = None,
+                 run_label: str = "manual") -> tuple[dict, dict]:
+    """The base on the new data: the numbers every method must improve on (quality), and its per-item held-out
+    losses (raw). Every method's run starts from the same base, so an earlier run's numbers are reused from
+    ``cache_dir`` when ``base_fingerprint`` matches (the very same computation; None: always computed)."""
+    def compute() -> dict:
+        base_fd, samples = sample_fd(data, p)
+        return {"item_losses": heldout(data.pipe.transformer, data, p), "fd_base": base_fd, "samples": samples}
+
+    stored = score_cache.cached(base_fingerprint(data, p), compute, cache_dir, run_label)
+    if result_dir is not None:
+        pipelines.save_grid(stored["samples"][:p.grid_samples], Path(result_dir) / BEFORE_GRID_FILE)
+    quality = {"heldout_loss_base": float(stored["item_losses"].mean()), "fd_base": stored["fd_base"],
+               "base_reused": stored["reused"], "base_computed_by": stored["computed_by"]}
+    return quality, {"heldout_item_losses_base": stored["item_losses"].tolist()}
 
 
 def build(data: Data, p: LVMFinetuneRun) -> BuiltMethod:
@@ -131,13 +161,15 @@ def saved_bytes(built: BuiltMethod) -> int:
 
 
 def measure_after(built: BuiltMethod, data: Data, p: LVMFinetuneRun, steps: list[FlowStep], base: dict,
-                  result_dir: Path | None = None) -> dict:
+                  result_dir: Path | None = None) -> tuple[dict, dict]:
+    """After training: held-out loss, samples and FD (quality), and the per-item held-out losses (raw)."""
     grid = Path(result_dir) / GRID_FILE if result_dir is not None else None
     after_fd, samples = sample_fd(data, p, grid)
     if result_dir is not None and samples.dim() == 5:
         pipelines.save_clip(samples[0], Path(result_dir) / CLIP_FILE)
     tail = steps[-max(1, len(steps) // 10):]
-    loss = heldout(built.model, data, p)
+    items = heldout(built.model, data, p)
+    loss = float(items.mean())
     return {
         "heldout_loss": loss, **base, "heldout_loss_change": loss - base["heldout_loss_base"],
         "fd": after_fd, "fd_change": after_fd - base["fd_base"],
@@ -146,4 +178,4 @@ def measure_after(built: BuiltMethod, data: Data, p: LVMFinetuneRun, steps: list
                       f"{len(pipelines.frames(samples))}-generated-vs-{len(data.real_features)}-real;not-inception-FID)"),
         "method_description": built.description,
         "train_data": data.train_source, "heldout_data": data.heldout_source,
-    }
+    }, {"heldout_item_losses": items.tolist()}

@@ -3,8 +3,9 @@
 Phases of one run (one model, one precision):
 
 1. set-up: the pipeline with the fp32 (``reference_precision``) denoiser, the prompts (the base's own
-   captions, cycled over ``n_samples``), the reference's samples for those prompts and one seed, and the
-   features of held-out real images (frames) for FD;
+   captions, cycled over ``n_samples``), the reference's samples for those prompts and one seed (computed by
+   the first run of a profile and reused by the others: ``score_cache``, keyed by the reference's weights, the
+   prompts, the settings, the code and the packages), and the features of held-out real images (frames) for FD;
 2. the denoiser at ``precision`` (diffusers' bitsandbytes integration, :mod:`..lvm.quantize`): counted bytes
    and its linear layer classes;
 3. generation under the resource tracker: a warm-up, then one timed generation of every sample with each
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import score_cache
 from ..lvm import pipelines
 from ..lvm.base import base_summary
 from ..lvm.presets import PAPER_MODELS, examples, family
@@ -33,6 +35,10 @@ from ..vision import fd
 
 GRID_FILE = "samples.png"
 CLIP_FILE = "sample.mp4"
+REFERENCE_DIR = ".reference"  # beside the runs of a profile: the reference precision's samples by fingerprint
+# what the reference's samples depend on besides the pipeline's weights and the prompts: this code and these packages
+_SAMPLING_CODE = ("lvm/sd3.py", "lvm/wan.py", "lvm/pipelines.py", "lvm/quantize.py")
+_SAMPLING_PACKAGES = ("torch", "diffusers", "transformers", "bitsandbytes")
 
 
 @dataclass
@@ -46,6 +52,7 @@ class Setup:
     real_features: np.ndarray
     real_source: str
     base: dict  # the pretrained base's summary (CPU presets)
+    reference_reused: bool = False  # the reference's samples came from an earlier run's cache
 
 
 def cycled_cond(fam, pipe, captions: list[str], n: int) -> tuple[dict, list[str]]:
@@ -55,7 +62,22 @@ def cycled_cond(fam, pipe, captions: list[str], n: int) -> tuple[dict, list[str]
     return {k: v[index] for k, v in table.items()}, prompts
 
 
-def prepare(p: LVMQuantizationRun) -> Setup:
+def pipeline_modules(pipe) -> torch.nn.ModuleDict:
+    """Every weight the pipeline samples with (denoiser, VAE, text encoders), for a fingerprint."""
+    return torch.nn.ModuleDict({k: v for k, v in pipe.components.items() if isinstance(v, torch.nn.Module)})
+
+
+def sampling_fingerprint(pipe, prompts: list[str], p, extra: dict | None = None) -> str:
+    """``score_cache.fingerprint`` of samples from ``pipe``: its weights, the prompts, the sampling settings."""
+    inputs = {"prompts": prompts, **(extra or {}),
+              "settings": {k: getattr(p, k) for k in ("n_samples", "sampling_steps", "seed", "guidance_scale",
+                                                      "device", "torch_threads")}}
+    return score_cache.fingerprint(pipeline_modules(pipe), inputs, _SAMPLING_CODE, _SAMPLING_PACKAGES)
+
+
+def prepare(p: LVMQuantizationRun, cache_dir: Path | None = None, run_label: str = "manual") -> Setup:
+    """The reference pipeline and its samples (reused from ``cache_dir`` when an earlier run of the profile made
+    the very same ones; None: always generated), the prompts and the real images' features."""
     if p.torch_threads:
         torch.set_num_threads(p.torch_threads)
     fam = family(p.model)
@@ -64,10 +86,13 @@ def prepare(p: LVMQuantizationRun) -> Setup:
     pipe = pipelines.load_pipeline(p.model, p.device, transformer=reference_transformer)
     held = examples(p.model, "base", heldout=True)
     cond, prompts = cycled_cond(fam, pipe, held.captions, p.n_samples)
-    reference = fam.generate(pipe, cond, p.sampling_steps, p.seed, p.guidance_scale).cpu()
+    stored = score_cache.cached(
+        sampling_fingerprint(pipe, prompts, p, {"reference_precision": p.reference_precision}),
+        lambda: {"samples": fam.generate(pipe, cond, p.sampling_steps, p.seed, p.guidance_scale).cpu()},
+        cache_dir, run_label)
     real = pipelines.frames(held.pixels)
-    return Setup(fam, pipe, cond, prompts, reference, count_model_bytes(reference_transformer)["total_bytes"],
-                 fd.cached_features(real, p.fd_image_size), held.source, base)
+    return Setup(fam, pipe, cond, prompts, stored["samples"], count_model_bytes(reference_transformer)["total_bytes"],
+                 fd.cached_features(real, p.fd_image_size), held.source, base, stored["reused"])
 
 
 def quantized(p: LVMQuantizationRun, setup: Setup) -> tuple[dict[str, MetricValue], dict]:
@@ -106,16 +131,19 @@ def generate(p: LVMQuantizationRun, setup: Setup) -> tuple[pipelines.Timed, dict
     return timed, metrics
 
 
-def quality(p: LVMQuantizationRun, setup: Setup, timed: pipelines.Timed, result_dir: Path | None = None) -> dict:
+def quality(p: LVMQuantizationRun, setup: Setup, timed: pipelines.Timed, result_dir: Path | None = None
+            ) -> tuple[dict, dict]:
+    """Fidelity to the reference and FD (quality), and the per-image (frame) values behind them (raw)."""
     ours, ref = pipelines.frames(timed.samples), pipelines.frames(setup.reference)
-    per_psnr, per_ssim = psnr(ours, ref), ssim(ours, ref)
+    per_psnr, per_ssim = psnr(ours, ref).clamp_max(100), ssim(ours, ref)
     features = fd.cached_features(ours, p.fd_image_size)
     out = {
-        "psnr_db": float(per_psnr.clamp_max(100).mean()), "psnr_db_min": float(per_psnr.clamp_max(100).min()),
+        "psnr_db": float(per_psnr.mean()), "psnr_db_min": float(per_psnr.min()),
         "ssim": float(per_ssim.mean()), "ssim_min": float(per_ssim.min()),
         "identical_to_reference": bool(torch.equal(ours, ref)),
-        "fd": fd.frechet_distance(features, setup.real_features),
-        "fd_reference": fd.frechet_distance(fd.cached_features(ref, p.fd_image_size), setup.real_features),
+        "fd": fd.cached_frechet_distance(features, setup.real_features),
+        "fd_reference": fd.cached_frechet_distance(fd.cached_features(ref, p.fd_image_size), setup.real_features),
+        "reference_reused": setup.reference_reused,
         "fd_metric": (f"frechet-distance(efficientnet-lite0-pooled-1280,{p.fd_image_size}px,{len(ours)}-generated-vs-"
                       f"{len(setup.real_features)}-real;not-inception-FID)"),
         "fidelity_metric": f"psnr(peak-to-peak 2, capped at 100 dB), ssim(skimage, gaussian 1.5), per "
@@ -124,10 +152,13 @@ def quality(p: LVMQuantizationRun, setup: Setup, timed: pipelines.Timed, result_
         "prompts": sorted(set(setup.prompts)),
         "real_data": setup.real_source,
         **{f"base_{k}": v for k, v in setup.base.items() if k in ("heldout_loss_init", "heldout_loss", "base_steps",
-                                                                 "vae_heldout_mse", "train_data")},
+                                                                 "vae_heldout_mse", "train_data", "heldout_data")},
     }
+    raw = {"psnr_db_per_frame": per_psnr.tolist(), "ssim_per_frame": per_ssim.tolist(),
+           **{f"base_{k}": setup.base[k] for k in ("heldout_item_losses_init", "heldout_item_losses")
+              if k in setup.base}}
     if result_dir is not None:
         pipelines.save_grid(timed.samples[:p.grid_samples], Path(result_dir) / GRID_FILE)
         if timed.samples.dim() == 5:
             pipelines.save_clip(timed.samples[0], Path(result_dir) / CLIP_FILE)
-    return out
+    return out, raw

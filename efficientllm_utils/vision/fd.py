@@ -20,7 +20,6 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-from scipy import linalg
 
 FEATURE_DIM = 1280
 INPUT_SIZE = 224
@@ -62,16 +61,30 @@ def classify(images: torch.Tensor) -> torch.Tensor:
     return feature_model()(preprocess(images)).softmax(-1)
 
 
+def _trace_sqrt_product(centred_a: np.ndarray, centred_b: np.ndarray) -> float:
+    """``Tr((S_a S_b)^(1/2))`` of the two sets' covariances, from their centred (n, d) features, exactly and without
+    a d x d matrix square root: S_a S_b's eigenvalues are real and non-negative (it is similar to the symmetric
+    S_a^(1/2) S_b S_a^(1/2)). With fewer samples than dimensions its nonzero eigenvalues are the squared singular
+    values of ``A B^T / sqrt((n_a - 1)(n_b - 1))`` (n_a x n_b: milliseconds, where ``scipy.linalg.sqrtm`` of a
+    singular 1280 x 1280 product takes seconds and warns); otherwise the eigenvalues of the symmetric form."""
+    n_a, n_b, dim = len(centred_a), len(centred_b), centred_a.shape[1]
+    if min(n_a, n_b) <= dim:
+        singular = np.linalg.svd(centred_a @ centred_b.T, compute_uv=False)
+        return float(singular.sum() / np.sqrt((n_a - 1) * (n_b - 1)))
+    cov_a, cov_b = centred_a.T @ centred_a / (n_a - 1), centred_b.T @ centred_b / (n_b - 1)
+    w, v = np.linalg.eigh(cov_a)
+    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    return float(np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ cov_b @ root_a), 0, None)).sum())
+
+
 def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
-    """Fréchet distance between Gaussians fitted to two (n, d) feature sets."""
-    mu_a, mu_b = features_a.mean(0), features_b.mean(0)
-    cov_a, cov_b = np.cov(features_a, rowvar=False), np.cov(features_b, rowvar=False)
-    covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
-    if not np.isfinite(covmean).all():  # singular product (few samples): regularise, as pytorch-fid does
-        offset = np.eye(len(cov_a)) * 1e-6
-        covmean = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
-    covmean = covmean.real  # tiny imaginary parts are numerical noise
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean))
+    """Fréchet distance between Gaussians fitted to two (n, d) feature sets:
+    ``|mu_a - mu_b|^2 + Tr(S_a) + Tr(S_b) - 2 Tr((S_a S_b)^(1/2))`` (sample covariances, ddof 1)."""
+    a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    centred_a, centred_b = a - mu_a, b - mu_b
+    trace_a, trace_b = (centred_a ** 2).sum() / (len(a) - 1), (centred_b ** 2).sum() / (len(b) - 1)
+    return float(((mu_a - mu_b) ** 2).sum() + trace_a + trace_b - 2 * _trace_sqrt_product(centred_a, centred_b))
 
 
 def _cache_file(key: bytes, cache_dir=None):
@@ -110,6 +123,6 @@ def cached_features(images: torch.Tensor, size: int = INPUT_SIZE, cache_dir=None
 
 def cached_frechet_distance(features_a: np.ndarray, features_b: np.ndarray, cache_dir=None) -> float:
     """``frechet_distance``, kept on disk under the hash of both feature sets: the noise floor and the untrained
-    samples' FD are the same for every run of a profile, and a 1280-d matrix square root costs seconds."""
+    samples' FD are the same for every run of a profile."""
     key = f"fd|{features_a.shape}|{features_b.shape}|".encode() + np.ascontiguousarray(features_a).tobytes() + b"|" + np.ascontiguousarray(features_b).tobytes()
     return float(_disk_cached(_cache_file(key, cache_dir), lambda: frechet_distance(features_a, features_b)))

@@ -1,0 +1,40 @@
+"""What every notebook generator script writes the same way: the setup cell and the notebook itself.
+
+A generated run notebook is a list of ``(kind, source)`` cells, ``kind`` one of ``md``, ``code`` or
+``parameters`` (the cell papermill replaces; ``params.notebook_parameters_source`` writes it), committed without
+outputs and with stable cell ids, so regenerating an unchanged notebook leaves the file unchanged.
+"""
+from __future__ import annotations
+
+import nbformat
+
+KERNELSPEC = {"display_name": "Python 3", "language": "python", "name": "python3"}
+
+
+def setup_source(run_model: str, module: str, alias: str | None = None, extra: str = "") -> str:
+    """The cell after the parameters: validate them into ``p`` (a wrong value fails here, naming the field and the
+    allowed values) and open the run's context ``run``; ``extra`` lines run before ``p`` is shown."""
+    return (f"from efficientllm_utils.params import {run_model}\n"
+            "from efficientllm_utils.records import RunContext, metrics_table\n"
+            f"from efficientllm_utils.studies import {module}{f' as {alias}' if alias else ''}\n\n"
+            f"p = {run_model}.from_namespace(globals())  # a wrong value fails here, naming the field and the allowed values\n"
+            "run = RunContext.from_namespace(globals(), p)\n"
+            f"{extra}p")
+
+
+def build(cells: list[tuple[str, str]], prefix: str) -> nbformat.NotebookNode:
+    """A notebook of ``cells`` (kind, source) without outputs; cell ids ``<prefix>-00``, ``<prefix>-01``..."""
+    kinds = {"md": nbformat.v4.new_markdown_cell, "code": nbformat.v4.new_code_cell,
+             "parameters": nbformat.v4.new_code_cell}
+    unknown = sorted({kind for kind, _ in cells} - set(kinds))
+    if unknown:
+        raise ValueError(f"cell kinds {unknown} are not among {sorted(kinds)}")
+    nb = nbformat.v4.new_notebook()
+    for i, (kind, source) in enumerate(cells):
+        cell = kinds[kind](source)
+        if kind == "parameters":
+            cell.metadata["tags"] = ["parameters"]
+        cell.id = f"{prefix}-{i:02d}"  # stable ids: regenerating gives the same file
+        nb.cells.append(cell)
+    nb.metadata = {"kernelspec": dict(KERNELSPEC), "language_info": {"name": "python"}}
+    return nb
