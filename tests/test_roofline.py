@@ -196,3 +196,73 @@ def test_published_gpu_peaks_are_matched_by_model_and_labelled():
     assert machine_probe.published_peaks("NVIDIA H100 PCIe")["bandwidth"] == 2.0e12
     assert machine_probe.published_peaks("NVIDIA H100 80GB HBM3")["bandwidth"] == 3.35e12
     assert machine_probe.published_peaks("NVIDIA GeForce RTX 4090") is None
+
+
+# --- the report: runs with and without the probe -------------------------------------------------------------------
+
+def _record(run_id: str, precision: str, with_probe: bool):
+    from efficientllm_utils.records import RunRecord
+
+    metrics = {"model_bytes": MetricValue.measured(1e8, "bytes", "counted"),
+               "amu_gb": MetricValue.measured(0.5, "GB", "psutil-process-rss-sampler"),
+               "pcu": MetricValue.unavailable("fraction", "no-gpu(PCU is NVML utilization.gpu)")}
+    raw, provenance = {}, {}
+    if with_probe:
+        probe = {**fake_probe(fp32=100e9, bandwidth=10e9), "published": None, "torch_threads": 2, "probe_s": 9.0,
+                 "measured_at": "2026-11-30T00:00:00Z", "key": {"cpu": "test CPU", "torch": "2.x"}}
+        probe["matmul"]["fp32"] |= {"n": 512, "repeats": 9}
+        probe["bandwidth"] |= {"copy_bytes_per_s": 8e9, "read_bytes_per_s": 10e9, "tensor_bytes": 2 ** 28}
+        decode = roofline.Phase("decode", flops=2e8, bytes=1e8, seconds=0.05, dtype="fp32")  # bound 0.01 s
+        prefill = roofline.Phase("prefill", flops=2e10, bytes=1e8, seconds=0.5, dtype="fp32")
+        metrics |= roofline.phase_metrics(decode, probe, "decode") | roofline.phase_metrics(prefill, probe, "prefill")
+        metrics["predicted_memory_gb"] = roofline.predicted_memory({"weights": 1e8}, "test")
+        raw = {"roofline": {"phases": [roofline.point(prefill), roofline.point(decode)]}}
+        provenance = {"machine_probe": {"cpu": probe}}
+    return RunRecord(run_id=run_id, study="quantization", profile="cpu", label=precision, status="ok",
+                     params={"model": "m", "precision": precision, "device": "cpu"}, metrics=metrics, raw=raw,
+                     provenance=provenance, finished="2026-11-30T00:00:00")
+
+
+def test_report_shows_mfu_mbu_and_says_why_a_record_has_none(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from efficientllm_utils.records import write_record
+    from efficientllm_utils.reports import common
+    from efficientllm_utils.reports import quantization as qr
+    from efficientllm_utils.reports import roofline as rl
+
+    for run_id, precision, probed in (("a", "fp32", True), ("b", "bf16", False)):
+        write_record(_record(run_id, precision, probed), tmp_path / "quantization" / "cpu" / run_id)
+    res = common.load_study("quantization", "cpu", root=tmp_path)
+    label = qr.run_label(res)
+    table = rl.utilisation_table(res, label, qr.ROOFLINE_METRICS).set_index("run")
+    assert table.loc["fp32", "decode MBU"] == "20%"  # 1e8 bytes / 0.05 s / 10 GB/s
+    assert table.loc["fp32", "prefill MFU"] == "40%"  # 2e10 FLOPs / 0.5 s / 100 GFLOP/s
+    assert table.loc["bf16", "decode MBU"].startswith("missing: record made before the machine probe")
+    assert table.loc["fp32", "PCU (NVML utilization.gpu)"].startswith("missing: no-gpu")
+    costs = rl.cost_model_table(res, label, lambda name: name == "decode").set_index("run")
+    assert costs.loc["fp32", "time_ratio"] == pytest.approx(5.0)  # 0.05 s measured against a 0.01 s bound
+    assert costs.loc["fp32", "time_gap"].startswith("80% of each step")
+    assert costs.loc["fp32", "memory_ratio"] == pytest.approx(5.0) and "framework overhead" in costs.loc["fp32", "memory_gap"]
+    assert rl.points(res, label)["run"].tolist() == ["fp32", "fp32"]
+    fig = rl.roofline_plot(rl.points(res, label), rl.probe_of(res))
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and "FLOP/byte" in ax.get_xlabel() and "FLOP/s" in ax.get_ylabel()
+    assert "fp32 20%" in rl.decode_mbu_summary(res, label)
+    assert rl.probe_table(rl.probe_of(res))["measured"].iloc[0] == pytest.approx(100.0)  # GFLOP/s
+    qr.show_roofline(res)  # the chapter's cell runs on a mix of old and new records
+
+
+def test_report_of_records_without_any_probe_never_crashes(tmp_path):
+    from efficientllm_utils.records import write_record
+    from efficientllm_utils.reports import common
+    from efficientllm_utils.reports import quantization as qr
+    from efficientllm_utils.reports import roofline as rl
+
+    write_record(_record("b", "bf16", False), tmp_path / "quantization" / "cpu" / "b")
+    res = common.load_study("quantization", "cpu", root=tmp_path)
+    assert rl.probe_of(res) is None and "no machine probe" in rl.probe_note(None)
+    assert rl.points(res, qr.run_label(res)).empty
+    qr.show_roofline(res)
+    qr.show_roofline(common.load_study("quantization", "cpu", root=tmp_path / "none"))
