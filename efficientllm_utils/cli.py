@@ -140,6 +140,10 @@ def cmd_gpu_check(args) -> int:
 def cmd_probe(args) -> int:
     from .metrics import machine_probe
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     print(machine_probe.describe(machine_probe.load_or_measure(args.device, refresh=args.refresh)))
     print(f"cached in {machine_probe.cache_path(args.device)}")
     return 0
@@ -199,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
                                          "bandwidth) behind MFU/MBU; measured once per machine, then cached")
     probe.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     probe.add_argument("--refresh", action="store_true", help="measure again and replace the cached probe")
+    probe.add_argument("--threads", type=int, default=None,
+                       help="torch threads to probe with (default: torch's; runs under the Dask runner use 1)")
     probe.set_defaults(func=cmd_probe)
 
     args = parser.parse_args(argv)

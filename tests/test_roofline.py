@@ -159,21 +159,30 @@ def test_probe_is_measured_once_per_machine_and_cached(monkeypatch, tmp_path):
     monkeypatch.setenv("EFFICIENTLLM_PROBE_CACHE", str(tmp_path))
     calls = []
     monkeypatch.setattr(machine_probe, "measure", lambda device: calls.append(device) or {**fake_probe()})
-    assert machine_probe.cached("cpu") is None
+    threads = torch.get_num_threads()
+    assert machine_probe.cached("cpu") is None and machine_probe.cached_all() == {}
     first = machine_probe.load_or_measure("cpu")
     second = machine_probe.load_or_measure("cpu")
-    assert calls == ["cpu"] and first == second and first["key"]["device"] == "cpu"
+    assert calls == ["cpu"] and first == second and first["key"]["torch_threads"] == threads
     assert json.loads(machine_probe.cache_path("cpu").read_text()) == first
     from efficientllm_utils.records import provenance
 
-    assert provenance()["machine_probe"]["cpu"] == first  # every record carries it, read from the cache
+    assert provenance()["machine_probe"] == {f"cpu-{threads}t": first}  # every record carries it, from the cache
     machine_probe.load_or_measure("cpu", refresh=True)
     assert calls == ["cpu", "cpu"]
+    # another thread count is probed once more, and both stay cached
+    torch.set_num_threads(threads + 1)
+    try:
+        machine_probe.load_or_measure("cpu")
+        machine_probe.load_or_measure("cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert calls == ["cpu", "cpu", "cpu"] and len(machine_probe.cached_all()) == 2
     # another torch (or CPU, or GPU) is another machine: its own probe
-    key = machine_probe.machine_key("cpu")
-    monkeypatch.setattr(machine_probe, "machine_key", lambda device: {**key, "torch": "0.0-other"})
+    key = machine_probe.machine_key
+    monkeypatch.setattr(machine_probe, "machine_key", lambda device, t: {**key(device, t), "torch": "0.0-other"})
     machine_probe.load_or_measure("cpu")
-    assert calls == ["cpu", "cpu", "cpu"]
+    assert calls == ["cpu", "cpu", "cpu", "cpu"]
     with pytest.raises(ValueError, match="device must be one of"):
         machine_probe.load_or_measure("tpu")
 
@@ -187,7 +196,7 @@ def test_probe_measures_every_dtype_or_says_why_not(monkeypatch):
         assert (peak["value"] > 0 and peak["n"] == 256) or peak["method"].startswith("unavailable:")
     assert probe["matmul"]["fp32"]["value"] > 0 and probe["bandwidth"]["value"] > 0
     assert probe["published"] is None  # no GPU: nothing published to set beside it
-    assert "matmul fp32" in machine_probe.describe({**probe, "key": machine_probe.machine_key("cpu")})
+    assert "matmul fp32" in machine_probe.describe({**probe, "key": machine_probe.machine_key("cpu", 1)})
 
 
 def test_published_gpu_peaks_are_matched_by_model_and_labelled():
@@ -216,8 +225,8 @@ def _record(run_id: str, precision: str, with_probe: bool):
         prefill = roofline.Phase("prefill", flops=2e10, bytes=1e8, seconds=0.5, dtype="fp32")
         metrics |= roofline.phase_metrics(decode, probe, "decode") | roofline.phase_metrics(prefill, probe, "prefill")
         metrics["predicted_memory_gb"] = roofline.predicted_memory({"weights": 1e8}, "test")
-        raw = {"roofline": {"phases": [roofline.point(prefill), roofline.point(decode)]}}
-        provenance = {"machine_probe": {"cpu": probe}}
+        raw = {"roofline": {"phases": [roofline.point(prefill), roofline.point(decode)], "probe": probe}}
+        provenance = {"machine_probe": {"cpu-2t": probe}}
     return RunRecord(run_id=run_id, study="quantization", profile="cpu", label=precision, status="ok",
                      params={"model": "m", "precision": precision, "device": "cpu"}, metrics=metrics, raw=raw,
                      provenance=provenance, finished="2026-11-30T00:00:00")

@@ -3,7 +3,7 @@
 MFU and MBU (``metrics.roofline``) divide a run's achieved rate by these peaks. They are measured with torch on
 the device the runs use (the CPU, or CUDA with synchronisation), once per machine, and cached under
 ``.cache/machine_probe/`` keyed by what decides them: the CPU model, its flags and core count, the torch version and
-the device (a GPU's name). Every record's provenance carries the cached figures (``records.provenance``); a run never
+its thread count, and the device (a GPU's name). Every record's provenance carries the cached figures (``records.provenance``); a run never
 re-measures them. ``python -m efficientllm_utils probe`` shows them, ``--refresh`` measures again.
 
 How each peak is measured (the record says so beside each figure):
@@ -83,8 +83,10 @@ def _gpu_name() -> str | None:
         return None
 
 
-def machine_key(device: str) -> dict[str, Any]:
-    """What decides the peaks: CPU model, flags and cores, the torch version, the device (a GPU's name)."""
+def machine_key(device: str, threads: int) -> dict[str, Any]:
+    """What decides the peaks: CPU model, flags and cores, the torch version and its intra-op threads, the device
+    (a GPU's name). Runs under the Dask runner get one torch thread per worker, a user's shell all cores: each
+    thread count is probed once."""
     model, flags = _cpu_model_and_flags()
     try:
         torch_version = metadata.version("torch")
@@ -92,41 +94,63 @@ def machine_key(device: str) -> dict[str, Any]:
         torch_version = None
     return {"probe_version": PROBE_VERSION, "device": device, "cpu": model,
             "cpu_flags_sha256": hashlib.sha256(flags.encode()).hexdigest()[:16], "logical_cores": os.cpu_count(),
-            "torch": torch_version, "gpu": _gpu_name() if device == "cuda" else None}
+            "torch": torch_version, "gpu": _gpu_name() if device == "cuda" else None, "torch_threads": threads}
 
 
-def cache_path(device: str) -> Path:
-    key = json.dumps(machine_key(device), sort_keys=True)
-    return cache_dir() / f"{device}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+def _machine_hash(device: str) -> str:
+    key = {k: v for k, v in machine_key(device, 0).items() if k != "torch_threads"}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def cached(device: str) -> dict | None:
-    """The probe of this machine for ``device`` if it was measured, else None; never measures."""
+def _threads(threads: int | None) -> int:
+    if threads is not None:
+        return threads
+    import torch
+
+    return torch.get_num_threads()
+
+
+def cache_path(device: str, threads: int | None = None) -> Path:
+    return cache_dir() / f"{device}-{_machine_hash(device)}-{_threads(threads)}t.json"
+
+
+def cached(device: str, threads: int | None = None) -> dict | None:
+    """The probe of this machine for ``device`` at ``threads`` torch threads (default: torch's current setting) if it
+    was measured, else None; never measures."""
     try:
-        return json.loads(cache_path(device).read_text())
+        return json.loads(cache_path(device, threads).read_text())
     except (OSError, ValueError):
         return None
 
 
 def cached_all() -> dict[str, dict]:
-    """Every device's cached probe of this machine (``cpu``, ``cuda``): what a record's provenance carries."""
-    return {device: probe for device in ("cpu", "cuda") if (probe := cached(device)) is not None}
+    """Every cached probe of this machine (``cpu-1t``, ``cpu-2t``, ``cuda-8t``, ...): what a record's provenance
+    carries. Reads files only: no torch import, no measuring."""
+    out = {}
+    for device in MAX_N:
+        for path in sorted(cache_dir().glob(f"{device}-{_machine_hash(device)}-*t.json")):
+            try:
+                out[path.stem.split("-", 1)[0] + "-" + path.stem.rsplit("-", 1)[1]] = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+    return out
 
 
 def load_or_measure(device: str = "cpu", refresh: bool = False) -> dict:
-    """This machine's probe for ``device``: from the cache, or measured once and cached (under a lock, so that
-    runs started together measure it once)."""
+    """This machine's probe for ``device`` at torch's current thread count: from the cache, or measured once and
+    cached (under a lock, so that runs started together measure it once)."""
     if device not in MAX_N:
         raise ValueError(f"device must be one of {sorted(MAX_N)}, got {device!r}")
-    path = cache_path(device)
-    if not refresh and (probe := cached(device)) is not None:
+    threads = _threads(None)
+    path = cache_path(device, threads)
+    if not refresh and (probe := cached(device, threads)) is not None:
         return probe
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent run waits, then reads what this one measured
-        if not refresh and (probe := cached(device)) is not None:
+        if not refresh and (probe := cached(device, threads)) is not None:
             return probe
-        probe = {**measure(device), "key": machine_key(device)}
+        probe = {**measure(device), "key": machine_key(device, threads)}
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(probe, indent=1))
         os.replace(tmp, path)

@@ -418,7 +418,7 @@ def perplexity_plots(table: pd.DataFrame, costs: dict[str, str]):
 
 def run_label(res: c.StudyResults):
     """A run's name in the roofline section: the value of the study's swapped field."""
-    field = STUDY_FIELD.get(res.study, "variant")
+    field = {**STUDY_FIELD, "attention_free": "architecture"}.get(res.study, "variant")
     return lambda r: str(r.params.get(field) or r.label)
 
 

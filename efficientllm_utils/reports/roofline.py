@@ -21,10 +21,11 @@ def _kind(phase_name: str) -> str:
 
 
 def probe_of(res: c.StudyResults) -> dict | None:
-    """The machine probe the study's runs were held against (the newest record's, for the runs' device)."""
+    """The machine probe the study's runs were held against: the one the newest run used (``raw["roofline"]``),
+    else one its provenance carries."""
     for record in sorted(res.ok_records, key=lambda r: r.finished or "", reverse=True):
-        probes = record.provenance.get("machine_probe") or {}
-        probe = probes.get(record.params.get("device", "cpu")) or next(iter(probes.values()), None)
+        probe = (record.raw.get("roofline") or {}).get("probe") or next(
+            iter((record.provenance.get("machine_probe") or {}).values()), None)
         if probe:
             return probe
     return None
@@ -61,7 +62,17 @@ def probe_note(probe: dict | None) -> str:
     return (f"Machine probe of {key.get('cpu', '?')}" + (f" with {key['gpu']}" if key.get("gpu") else "")
             + f" ({probe['device']}, torch {key.get('torch')}, {probe['torch_threads']} threads), measured once on "
               f"{probe['measured_at']} in {probe['probe_s']:.0f} s and cached; every run of this machine reads the "
-              f"same figures{source}.")
+              f"same figures{source}." + _load_words(probe))
+
+
+def _load_words(probe: dict) -> str:
+    """A warning when other work shared the machine while it was probed: its peaks then read low, and MFU/MBU high."""
+    load, cores = (probe.get("load_average") or [None])[0], (probe.get("key") or {}).get("logical_cores")
+    if load is None or not cores or load <= cores:
+        return ""
+    return (f" The machine was shared while it was probed (load average {load:.1f} on {cores} cores): its peaks may "
+            "read low, and MFU and MBU high, against an idle machine (`python -m efficientllm_utils probe --refresh` "
+            "on an idle machine measures them again).")
 
 
 def utilisation_table(res: c.StudyResults, label: Label, metrics: dict[str, str]) -> pd.DataFrame:

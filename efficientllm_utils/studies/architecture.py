@@ -326,5 +326,5 @@ def measure_roofline(model, p: PretrainRun, metrics: dict[str, MetricValue]) -> 
         phases += [prefill, decode]
     out["predicted_memory_gb"] = roofline.predicted_memory(training_parts, f"counted params x {dtype_bytes} bytes; "
                                                                            "activations not counted")
-    return out, {"phases": [roofline.point(ph) for ph in phases], "weight_bytes_read": weights,
+    return out, {"phases": [roofline.point(ph) for ph in phases], "probe": probe, "weight_bytes_read": weights,
                  "training_memory_parts": training_parts}

@@ -201,6 +201,6 @@ def measure_roofline(model, tokenizer, p: QuantizationRun, metrics: dict[str, Me
     final_kv = b * (prompt + p.new_tokens) * kv_per_token
     out["predicted_memory_gb"] = roofline.predicted_memory(
         {"weights": metrics["model_bytes"].value, "kv-cache": final_kv}, "counted weights, KV at the final context")
-    raw = {"phases": [roofline.point(ph) for ph in phases], "weight_bytes_read": weights,
+    raw = {"phases": [roofline.point(ph) for ph in phases], "probe": probe, "weight_bytes_read": weights,
            "kv_bytes_per_token": kv_per_token, "decode_context": decode_context}
     return out, raw
