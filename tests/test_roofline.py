@@ -275,3 +275,28 @@ def test_report_of_records_without_any_probe_never_crashes(tmp_path):
     assert rl.points(res, qr.run_label(res)).empty
     qr.show_roofline(res)
     qr.show_roofline(common.load_study("quantization", "cpu", root=tmp_path / "none"))
+
+
+def test_lora_training_step_mfu_counts_the_adapters_and_their_weight_gradients_only(monkeypatch):
+    from efficientllm_utils import finetune as ft
+    from efficientllm_utils.params import FinetuneRun
+    from efficientllm_utils.studies import finetune as fts
+
+    model = small_llama()
+    base_linear = model_costs.linear_flops_per_token(model)  # 8704, as counted by hand above
+    p = FinetuneRun(model="smollm2-135m-instruct", method="lora", rank=2, target_modules="all-linear",
+                    timing_warmup_steps=1, steps=3, batch_size=2)
+    built, counts = fts.build(model, p)
+    # LoRA rank 2 on every linear layer but the head adds (in + out) x 2 weights: q (16+16), k (16+8), v (16+8),
+    # o (16+16), gate (16+24), up (16+24), down (24+16) -> 232 x 2 = 464 per layer, 928 over the 2 layers
+    assert counts["trainable"] == 2 * 2 * (32 + 24 + 24 + 32 + 40 + 40 + 40) == 928
+    assert model_costs.linear_flops_per_token(built.model) == base_linear + 2 * 928
+    probe = fake_probe(fp32=10e9, bandwidth=1e9)
+    monkeypatch.setattr(machine_probe, "load_or_measure", lambda device, refresh=False: probe)
+    steps = [ft.StepRecord(step=i, loss=1.0, seconds=0.2, lr=1e-3, grad_norm=1.0, samples=2, tokens=20,
+                           padded_tokens=20, loss_tokens=4, indices=[0, 1], rows=[0, 1]) for i in (1, 2, 3)]
+    out, raw = fts.measure_roofline(built, p, steps, counts["trainable"],
+                                    {"al_s": MetricValue.measured(0.2, "s/iter", "t")})
+    forward = model_costs.flops_per_token(built.model, (10 + 1) / 2)  # sequences of 20 / 2 = 10 padded tokens
+    assert out["train_mfu"].value == pytest.approx(20 * (2 * forward + 2 * 928) / 0.2 / 10e9)
+    assert raw["phases"][0]["dtype"] == "fp32" and out["predicted_memory_gb"].method.startswith("estimated:")
