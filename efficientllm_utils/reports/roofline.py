@@ -115,7 +115,7 @@ def roofline_plot(pts: pd.DataFrame, probe: dict | None):
     if pts.empty or not probe:
         return None
     sns.set_theme(style="whitegrid")
-    fig, ax = plt.subplots(figsize=(8, 4.4))
+    fig, ax = plt.subplots(figsize=(10, 4.6))
     bw = probe["bandwidth"]["value"]
     dtypes = list(dict.fromkeys(pts["dtype"]))
     peaks = {d: (probe["matmul"].get(d) or {}).get("value") for d in dtypes}
@@ -132,8 +132,11 @@ def roofline_plot(pts: pd.DataFrame, probe: dict | None):
             ax.plot(xs, [roofline.attainable_flops_per_s(x, published[dtype], published["bandwidth"]) for x in xs],
                     ":", color=palette[dtype], lw=1, label=f"roofline, {dtype} (published by the vendor)")
     sns.scatterplot(data=pts, x="intensity", y="achieved_flops_per_s", hue="run", style="kind", s=70, ax=ax)
-    ax.set(xscale="log", yscale="log", xlabel="arithmetic intensity (FLOP/byte: analytical FLOPs / bytes read)",
-           ylabel="achieved FLOP/s (analytical FLOPs / measured s)")
+    top = max([p for p in peaks.values() if p] + [pts["achieved_flops_per_s"].max()]) * 3
+    bottom = min(pts["achieved_flops_per_s"].min(), low * bw) / 3
+    ax.set(xscale="log", yscale="log", ylim=(bottom, top), xlabel="arithmetic intensity (FLOP/byte)",
+           ylabel="achieved FLOP/s",
+           title="analytical FLOPs and bytes over measured time, under the probed ceilings")
     sns.move_legend(ax, "upper left", bbox_to_anchor=(1, 1), fontsize=8)
     fig.tight_layout()
     return fig
