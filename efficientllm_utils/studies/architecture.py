@@ -299,8 +299,8 @@ def measure_roofline(model, p: PretrainRun, metrics: dict[str, MetricValue]) -> 
     params = int(metrics["params_total"].value)
     weights = model_costs.weight_bytes_read_per_token(model, params * dtype_bytes)
     training_parts = roofline.training_memory_parts(params, dtype_bytes)
-    flops_method = "analytical" if isinstance(model.config, DecoderConfig) else f"no FLOPs model for " \
-                                                                                f"{type(model).__name__}"
+    flops_method = ("analytical" if isinstance(model.config, DecoderConfig)
+                    else f"{type(model).__name__} has none in this project")
     tokens = p.batch_size * p.seq_len
     forward = _flops_per_token(model, (p.seq_len + 1) / 2)
     train_step = roofline.Phase("train-step", flops=None if forward is None else roofline.TRAIN_FLOPS_PER_FORWARD
