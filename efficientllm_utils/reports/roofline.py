@@ -41,7 +41,8 @@ def probe_table(probe: dict | None) -> pd.DataFrame:
         rows.append({"ceiling": f"dense matmul, {name}", "unit": f"G{peak['unit']}",
                      "measured": peak["value"] / 1e9 if peak["value"] else np.nan,
                      "published": published[name] / 1e9 if published.get(name) else np.nan,
-                     "how obtained": (f"best of {peak['repeats']} products of {peak['n']} x {peak['n']}"
+                     "how obtained": (f"best of {peak['repeats']} products ({peak.get('op', 'matmul')}) of "
+                                      f"{peak['n']} x {peak['n']}"
                                       if peak["value"] else peak["method"].removeprefix("unavailable:"))})
     bw = probe["bandwidth"]
     rows.append({"ceiling": "memory bandwidth", "unit": "GB/s", "measured": bw["value"] / 1e9,
@@ -87,8 +88,8 @@ def utilisation_table(res: c.StudyResults, label: Label, metrics: dict[str, str]
                 row[header] = "missing: record made before the machine probe"
             elif metric.value is None:
                 row[header] = "missing: " + metric.method.removeprefix("unavailable:")
-            else:
-                row[header] = f"{100 * metric.value:.3g}%"
+            else:  # above 100%: the probe's peak read low (a shared machine), or the kernel beat the probe's op
+                row[header] = f"{100 * metric.value:.3g}%" + (" (above the probed peak)" if metric.value > 1 else "")
         rows.append(row)
     return pd.DataFrame(rows)
 
