@@ -194,6 +194,7 @@ def test_probe_measures_every_dtype_or_says_why_not(monkeypatch):
     for name in machine_probe.DTYPES:
         peak = probe["matmul"][name]
         assert (peak["value"] > 0 and peak["n"] == 256) or peak["method"].startswith("unavailable:")
+    assert probe["matmul"]["fp32"]["op"].endswith(("(256x256x256)", "(64x256x256)"))
     assert probe["matmul"]["fp32"]["value"] > 0 and probe["bandwidth"]["value"] > 0
     assert probe["published"] is None  # no GPU: nothing published to set beside it
     assert "matmul fp32" in machine_probe.describe({**probe, "key": machine_probe.machine_key("cpu", 1)})
@@ -204,6 +205,7 @@ def test_published_gpu_peaks_are_matched_by_model_and_labelled():
     assert h200["bandwidth"] == 4.8e12 and "published by the vendor" in h200["source"]
     assert machine_probe.published_peaks("NVIDIA H100 PCIe")["bandwidth"] == 2.0e12
     assert machine_probe.published_peaks("NVIDIA H100 80GB HBM3")["bandwidth"] == 3.35e12
+    assert machine_probe.published_peaks("NVIDIA A100 80GB PCIe")["bandwidth"] == 1.935e12
     assert machine_probe.published_peaks("NVIDIA GeForce RTX 4090") is None
 
 
@@ -219,7 +221,7 @@ def _record(run_id: str, precision: str, with_probe: bool):
     if with_probe:
         probe = {**fake_probe(fp32=100e9, bandwidth=10e9), "published": None, "torch_threads": 2, "probe_s": 9.0,
                  "measured_at": "2026-11-30T00:00:00Z", "key": {"cpu": "test CPU", "torch": "2.x"}}
-        probe["matmul"]["fp32"] |= {"n": 512, "repeats": 9}
+        probe["matmul"]["fp32"] |= {"n": 512, "repeats": 9, "op": "linear(64x512x512)"}
         probe["bandwidth"] |= {"copy_bytes_per_s": 8e9, "read_bytes_per_s": 10e9, "tensor_bytes": 2 ** 28}
         decode = roofline.Phase("decode", flops=2e8, bytes=1e8, seconds=0.05, dtype="fp32")  # bound 0.01 s
         prefill = roofline.Phase("prefill", flops=2e10, bytes=1e8, seconds=0.5, dtype="fp32")

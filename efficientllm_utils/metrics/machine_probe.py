@@ -8,11 +8,12 @@ re-measures them. ``python -m efficientllm_utils probe`` shows them, ``--refresh
 
 How each peak is measured (the record says so beside each figure):
 
-* matmul: square ``n x n`` products (``F.linear``, the op ``nn.Linear`` runs, and ``torch.matmul``; on a CPU
-  without AVX512-BF16 only the first reaches oneDNN's bf16/fp16 kernels) at ``n`` = 256, 512, ... (doubled until one product takes >= 0.2 s, the
+* matmul: ``n x n`` products and ``64 x n`` by ``n x n`` ones (a short prompt's tokens through a layer), with
+  ``F.linear`` (the op ``nn.Linear`` runs) and ``torch.matmul`` (on a CPU without AVX512-BF16 only the first reaches
+  oneDNN's bf16/fp16 kernels, and those run several times faster on the 64-row shape) at ``n`` = 256, 512, ... (doubled until one product takes >= 0.2 s, the
   device's cap, or ``seconds_per_dtype`` is spent), each size repeated and its **best** (shortest) time kept; the
   peak is the best rate over the sizes (a peak, not a typical rate: on a shared machine the short products that
-  run between interruptions show what the cores can do). FLOPs = 2 n^3. int8 runs ``torch._int_mm``
+  run between interruptions show what the cores can do). FLOPs = 2 rows n^2. int8 runs ``torch._int_mm``
   (int8 x int8 -> int32) where it has a kernel; otherwise it is recorded missing with the error.
 * bandwidth: a large tensor (well beyond the last-level cache) copied (bytes read + written) and summed (bytes read),
   each repeated, the best time kept; the peak is the higher of the two rates.
@@ -31,13 +32,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-PROBE_VERSION = 2  # bump when the procedure changes: older caches are then ignored
+PROBE_VERSION = 3  # bump when the procedure changes: older caches are then ignored
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 DTYPES = ("fp32", "bf16", "fp16", "int8")
+ROWS = 64  # the short side of the second shape probed: oneDNN's bf16/fp16 kernels are far faster on it on some CPUs
 MAX_CALL_S = 0.2  # a product this long already shows the sustained rate: stop growing n
 MAX_N = {"cpu": 2048, "cuda": 8192}
 BANDWIDTH_BYTES = {"cpu": 256 * 2 ** 20, "cuda": 2 * 2 ** 30}  # per tensor; far beyond any last-level cache
-MATMUL_METHOD = "measured:torch-linear-or-matmul(best-of-repeats-and-sizes,2n^3-flops)"
+MATMUL_METHOD = "measured:torch-linear-or-matmul(best-of-repeats-shapes-and-sizes,2-rows-n^2-flops)"
 BANDWIDTH_METHOD = "measured:torch-copy-and-sum(best-of-repeats,max-of-copy-read+write-and-sum-read)"
 
 # Dense (no structured sparsity) peaks from NVIDIA's datasheets, per GPU model, matched against the NVML name in
@@ -46,6 +48,7 @@ PUBLISHED_GPU_PEAKS: list[tuple[str, dict[str, float]]] = [
     ("H200", {"fp32": 67e12, "bf16": 989e12, "fp16": 989e12, "int8": 1979e12, "bandwidth": 4.8e12}),
     ("H100 PCIe", {"fp32": 51e12, "bf16": 756e12, "fp16": 756e12, "int8": 1513e12, "bandwidth": 2.0e12}),
     ("H100", {"fp32": 67e12, "bf16": 989e12, "fp16": 989e12, "int8": 1979e12, "bandwidth": 3.35e12}),  # SXM5
+    ("A100 80GB PCIe", {"fp32": 19.5e12, "bf16": 312e12, "fp16": 312e12, "int8": 624e12, "bandwidth": 1.935e12}),
     ("A100-SXM4-80GB", {"fp32": 19.5e12, "bf16": 312e12, "fp16": 312e12, "int8": 624e12, "bandwidth": 2.039e12}),
     ("A100", {"fp32": 19.5e12, "bf16": 312e12, "fp16": 312e12, "int8": 624e12, "bandwidth": 1.555e12}),  # 40 GB
 ]
@@ -201,10 +204,12 @@ def matmul_peak(dtype_name: str, device: str = "cpu", seconds_per_dtype: float =
             a, b = _operands(dtype_name, n, device)
             slowest = 0.0
             for op, product in products.items():
-                t, repeats = _best_time(lambda: product(a, b), sync, seconds_per_dtype / 4 / len(products))
-                slowest = max(slowest, t)
-                if best is None or 2 * n ** 3 / t > best[0]:
-                    best = (2 * n ** 3 / t, n, repeats, t, op)
+                for rows in (n, ROWS):  # a square product, and the (ROWS, n) x (n, n) of a short prompt's tokens
+                    x = a[:rows]
+                    t, repeats = _best_time(lambda: product(x, b), sync, seconds_per_dtype / 8 / len(products))
+                    slowest = max(slowest, t)
+                    if best is None or 2 * rows * n * n / t > best[0]:
+                        best = (2 * rows * n * n / t, n, repeats, t, f"{op}({rows}x{n}x{n})")
             if slowest >= MAX_CALL_S or time.perf_counter() - started > seconds_per_dtype:
                 break
             n *= 2
@@ -278,7 +283,7 @@ def describe(probe: dict) -> str:
     published = probe.get("published") or {}
     for name, peak in probe["matmul"].items():
         value = f"{peak['value'] / 1e9:,.1f} G{peak['unit']}" if peak["value"] else peak["method"]
-        extra = f" ({peak.get('op', 'matmul')}, n={peak['n']}, best of {peak['repeats']})" if peak["value"] else ""
+        extra = f" ({peak.get('op', 'matmul')}, best of {peak['repeats']})" if peak["value"] else ""
         pub = f"; published {published[name] / 1e12:,.0f} T{peak['unit']}" if published.get(name) else ""
         lines.append(f"  matmul {name}: {value}{extra}{pub}")
     bw = probe["bandwidth"]

@@ -41,8 +41,8 @@ def probe_table(probe: dict | None) -> pd.DataFrame:
         rows.append({"ceiling": f"dense matmul, {name}", "unit": f"G{peak['unit']}",
                      "measured": peak["value"] / 1e9 if peak["value"] else np.nan,
                      "published": published[name] / 1e9 if published.get(name) else np.nan,
-                     "how obtained": (f"best of {peak['repeats']} products ({peak.get('op', 'matmul')}) of "
-                                      f"{peak['n']} x {peak['n']}"
+                     "how obtained": (f"best of {peak['repeats']} products, {peak.get('op', 'matmul')}"
+                                      + ("" if "(" in peak.get("op", "") else f" of {peak['n']} x {peak['n']}")
                                       if peak["value"] else peak["method"].removeprefix("unavailable:"))})
     bw = probe["bandwidth"]
     rows.append({"ceiling": "memory bandwidth", "unit": "GB/s", "measured": bw["value"] / 1e9,
