@@ -137,6 +137,18 @@ def cmd_gpu_check(args) -> int:
     return gpu_main()
 
 
+def cmd_probe(args) -> int:
+    from .metrics import machine_probe
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    print(machine_probe.describe(machine_probe.load_or_measure(args.device, refresh=args.refresh)))
+    print(f"cached in {machine_probe.cache_path(args.device)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="efficientllm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -186,6 +198,14 @@ def main(argv: list[str] | None = None) -> int:
 
     gpu = sub.add_parser("gpu-check", help="NVML sampling, energy counter and int4 on CUDA (skips without a GPU)")
     gpu.set_defaults(func=cmd_gpu_check)
+
+    probe = sub.add_parser("probe", help="show this machine's measured peaks (matmul FLOP/s per dtype, memory "
+                                         "bandwidth) behind MFU/MBU; measured once per machine, then cached")
+    probe.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    probe.add_argument("--refresh", action="store_true", help="measure again and replace the cached probe")
+    probe.add_argument("--threads", type=int, default=None,
+                       help="torch threads to probe with (default: torch's; runs under the Dask runner use 1)")
+    probe.set_defaults(func=cmd_probe)
 
     args = parser.parse_args(argv)
     # Dask's INFO logs would drown the progress lines; set before distributed is imported, so workers inherit it.

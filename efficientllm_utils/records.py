@@ -15,6 +15,7 @@ from typing import Any, Literal
 import psutil
 from pydantic import BaseModel, Field
 
+from .metrics import machine_probe
 from .metrics.values import MetricValue, flatten
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -199,6 +200,9 @@ def provenance() -> dict[str, Any]:
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),  # a run on a Slurm worker job
         "load_average": load_average(),
+        # the machine's probed peaks (matmul FLOP/s per dtype, bandwidth) behind MFU/MBU: read from the cache
+        # the probe left once per machine (metrics/machine_probe.py), never re-measured here
+        "machine_probe": machine_probe.cached_all(),
     }
 
 

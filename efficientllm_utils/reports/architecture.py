@@ -412,3 +412,26 @@ def perplexity_plots(table: pd.DataFrame, costs: dict[str, str]):
     """Perplexity against each cost (``costs``: column -> axis label with its unit)."""
     return c.tradeoff_plots(table, "perplexity", costs, hue="variant", higher_is_better=False,
                             quality_label="held-out perplexity", style="model")
+
+
+# --- against the machine's limits (reports/roofline.py) -----------------------------------------
+
+def run_label(res: c.StudyResults):
+    """A run's name in the roofline section: the value of the study's swapped field."""
+    field = {**STUDY_FIELD, "attention_free": "architecture"}.get(res.study, "variant")
+    return lambda r: str(r.params.get(field) or r.label)
+
+
+def show_roofline(res: c.StudyResults) -> None:
+    """Training MFU, and the longest context's prefill MFU and decode MBU, per run (``reports.roofline``)."""
+    from . import roofline as rl
+
+    contexts = sorted({c_ for r in res.ok_records for c_ in r.params.get("decode_contexts", [])})
+    longest = contexts[-1] if contexts else None
+    metrics = {"train_mfu": "training-step MFU"}
+    if longest:
+        metrics |= {f"decode_ctx{longest}_prefill_mfu": f"prefill MFU ({longest} tokens)",
+                    f"decode_ctx{longest}_mbu": f"decode MBU (context {longest})"}
+    metrics["pcu"] = "PCU (NVML utilization.gpu)"
+    rl.show_section(res, run_label(res), metrics, lambda name: name == f"decode-ctx{longest}",
+                    f"decode_ctx{longest}_mbu")

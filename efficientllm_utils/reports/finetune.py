@@ -269,3 +269,14 @@ def show_tables(table) -> None:
 
 def legend(res):
     return c.show(c.methods_legend(res, LEGEND), {"metric": "metric", "how obtained": "how obtained"})
+
+
+# --- against the machine's limits (reports/roofline.py) -----------------------------------------
+
+def show_roofline(res: c.StudyResults) -> None:
+    """Training-step MFU and MBU per method, the roofline plot, the cost model's memory against AMU."""
+    from . import roofline as rl
+
+    rl.show_section(res, lambda r: str(r.params.get("method") or r.label),
+                    {"train_mfu": "training-step MFU", "train_mbu": "training-step MBU",
+                     "pcu": "PCU (NVML utilization.gpu)"}, lambda name: False, "")

@@ -264,3 +264,22 @@ def kernel_note(res: c.StudyResults) -> str:
     return ("**4-bit kernels.** On a CPU, bitsandbytes runs 4-bit layers by one of two kernels; the study pins one "
             "per run and records it. The two agree within bf16 rounding of the scales (tested), so int4 figures from "
             "CPUs with and without AVX512-BF16 compare, but not to the last digit:\n\n" + "\n".join(lines))
+
+
+# --- against the machine's limits (reports/roofline.py) -----------------------------------------
+
+ROOFLINE_METRICS = {"prefill_mfu": "prefill MFU", "decode_mbu": "decode MBU", "decode_mfu": "decode MFU",
+                    "pcu": "PCU (NVML utilization.gpu)"}
+
+
+def run_label(res: c.StudyResults):
+    """A run's name in the roofline section: its precision (and model, where the study has several)."""
+    several = len({r.params["model"] for r in res.ok_records}) > 1
+    return lambda r: (f"{c.model_label(r.params['model'])} {r.params['precision']}" if several
+                      else r.params["precision"])
+
+
+def show_roofline(res: c.StudyResults) -> None:
+    from . import roofline as rl
+
+    rl.show_section(res, run_label(res), ROOFLINE_METRICS, lambda name: name == "decode", "decode_mbu")

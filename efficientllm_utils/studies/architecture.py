@@ -13,7 +13,9 @@ part under study (attention, positions, FFN) changes. Phases:
 3. quality: perplexity on held-out text (never trained on), the paper's quality metric;
 4. decoding: fixed-length greedy generation at several context lengths, timed with
    no sampler running (``metrics.inference``), to show how each variant's decode
-   cost grows with the context.
+   cost grows with the context;
+5. roofline: each training step's MFU, each context's prefill MFU and decode MBU against the machine probe's
+   peaks, with their roofline-bound times and the cost model's training memory (``metrics.roofline``).
 
 The ``cpu``/``smoke`` profiles read ``text_data``'s offline corpus with its BPE; the
 ``paper`` profile streams FineWeb-Edu from the Hugging Face hub (``datasets``,
@@ -30,6 +32,8 @@ from .. import text_data
 from ..arch import EfficientDecoderForCausalLM
 from ..arch.analysis import flops_per_token, kv_cache_bytes_per_token, measure_kv_cache_bytes_per_token, param_counts
 from ..arch.train import StepSample, evaluate_perplexity, pretrain
+from ..arch.config import DecoderConfig
+from ..metrics import machine_probe, model_costs, roofline
 from ..metrics.inference import generation_benchmark, inference_metrics
 from ..metrics.tracker import ResourceTracker
 from ..metrics.training import step_latency_metrics
@@ -37,6 +41,7 @@ from ..metrics.values import MetricValue
 from ..params import PretrainRun
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+PEAK_DTYPE = {"float32": "fp32", "bfloat16": "bf16"}  # which probed matmul peak a run's MFU is held against
 # decode metrics kept per context length: name in the record <- name in metrics.inference
 DECODE_METRICS = {"latency_s": "al_s", "ttft_s": "ttft_p50_s", "tpot_s": "tpot_p50_s",
                   "tokens_per_s": "it_tokens_per_s"}
@@ -262,3 +267,64 @@ def loss_curve(samples: list[StepSample]) -> list[dict]:
     """The raw per-step samples as plain dicts (the record keeps them: the loss curve and step times)."""
     return [asdict(s) for s in samples]
 
+
+
+# --- against the machine's limits -------------------------------------------------------------
+
+def _flops_per_token(model, context: float) -> float | None:
+    """Our decoder's analytical forward FLOPs per token (``arch.analysis``); None for a model without a FLOPs model."""
+    return flops_per_token(model.config, context) if isinstance(model.config, DecoderConfig) else None
+
+
+def _cache_bytes(metrics: dict[str, MetricValue], context: int, extra_tokens: float) -> float:
+    """Analytical cache or state bytes of one sequence after ``context + extra_tokens`` tokens: the per-context
+    state of the attention-free study where the record has it, else the KV bytes per token x tokens."""
+    growth = metrics["kv_cache_bytes_per_token"].value
+    state = metrics.get(f"state_ctx{context}_bytes")
+    return (state.value + growth * extra_tokens) if state is not None else growth * (context + extra_tokens)
+
+
+def measure_roofline(model, p: PretrainRun, metrics: dict[str, MetricValue]) -> tuple[dict[str, MetricValue], dict]:
+    """Training and decoding against the machine's limits, from this run's ``metrics`` (parameters, KV bytes per
+    token, AL, TTFT and TPOT per context): MFU, MBU and the roofline-bound time of each phase, and the cost model's
+    training memory (weights, gradients, AdamW's moments; activations not counted) beside AMU.
+
+    * train step: 3 x the forward FLOPs of ``batch_size x seq_len`` tokens; bytes: weights, gradients and moments,
+      each touched at least once; timed by AL.
+    * prefill at context c: c tokens at the average causal context; timed by TTFT (which includes the first step).
+    * decode at context c: one token at the mean context ``c + new_tokens / 2``, reading every weight once and the
+      cache; timed by TPOT."""
+    probe = machine_probe.load_or_measure(p.device)
+    dtype, dtype_bytes = PEAK_DTYPE[p.dtype], DTYPES[p.dtype].itemsize
+    params = int(metrics["params_total"].value)
+    weights = model_costs.weight_bytes_read_per_token(model, params * dtype_bytes)
+    training_parts = roofline.training_memory_parts(params, dtype_bytes)
+    flops_method = ("analytical" if isinstance(model.config, DecoderConfig)
+                    else f"{type(model).__name__} has none in this project")
+    tokens = p.batch_size * p.seq_len
+    forward = _flops_per_token(model, (p.seq_len + 1) / 2)
+    train_step = roofline.Phase("train-step", flops=None if forward is None else roofline.TRAIN_FLOPS_PER_FORWARD
+                                * tokens * forward, bytes=sum(training_parts.values()),
+                                seconds=metrics["al_s"].value, dtype=dtype, flops_method=flops_method,
+                                bytes_method="counted-params-x(weights+gradients+adamw-moments)",
+                                seconds_method="al-mean")
+    out = roofline.phase_metrics(train_step, probe, "train")
+    phases = [train_step]
+    for context in p.decode_contexts:
+        prefill_flops = _flops_per_token(model, (context + 1) / 2)
+        prefill = roofline.Phase(f"prefill-ctx{context}", flops=None if prefill_flops is None else
+                                 context * prefill_flops, bytes=weights + _cache_bytes(metrics, context, 0),
+                                 seconds=metrics[f"decode_ctx{context}_ttft_s"].value, dtype=dtype,
+                                 flops_method=flops_method, seconds_method="ttft-p50")
+        decode = roofline.Phase(f"decode-ctx{context}", flops=_flops_per_token(model, context + p.new_tokens / 2),
+                                bytes=weights + _cache_bytes(metrics, context, p.new_tokens / 2),
+                                seconds=metrics[f"decode_ctx{context}_tpot_s"].value, dtype=dtype,
+                                flops_method=flops_method, bytes_method="counted-weights+analytical-cache",
+                                seconds_method="tpot-p50")
+        out[f"decode_ctx{context}_prefill_mfu"] = roofline.mfu(prefill, probe)
+        out |= roofline.phase_metrics(decode, probe, f"decode_ctx{context}")  # decode_ctx<c>_mfu, _mbu, _bound_s
+        phases += [prefill, decode]
+    out["predicted_memory_gb"] = roofline.predicted_memory(training_parts, f"counted params x {dtype_bytes} bytes; "
+                                                                           "activations not counted")
+    return out, {"phases": [roofline.point(ph) for ph in phases], "probe": probe, "weight_bytes_read": weights,
+                 "training_memory_parts": training_parts}

@@ -20,10 +20,11 @@ from ..arch.analysis import kv_cache_bytes_per_token
 from ..metrics.values import MetricValue
 from ..params import AttentionFreeRun
 from . import architecture
-from .architecture import Data, load_data, loss_curve, measure_decode, measure_quality, train, training_metrics
+from .architecture import (Data, load_data, loss_curve, measure_decode, measure_quality, measure_roofline, train,
+                           training_metrics)
 
 __all__ = ["Data", "load_data", "set_threads", "build_model", "measure_model", "train", "training_metrics",
-           "measure_quality", "measure_decode", "loss_curve", "implementation", "state_curve"]
+           "measure_quality", "measure_decode", "measure_roofline", "loss_curve", "implementation", "state_curve"]
 
 
 def set_threads(p: AttentionFreeRun) -> int:

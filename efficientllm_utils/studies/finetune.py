@@ -262,3 +262,45 @@ def raw(result: ft.TrainResult, tracker: ResourceTracker, built: ft.BuiltMethod,
         **adapter,
     }
 
+
+
+# --- against the machine's limits -------------------------------------------------------------
+
+def _compute_dtype(model, p: FinetuneRun) -> str:
+    """The dtype the training matmuls run in: QLoRA's ``qlora_compute_dtype``, else the base's float dtype."""
+    if p.method == "qlora":
+        return p.qlora_compute_dtype
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(model.dtype, "fp32")
+
+
+def measure_roofline(built: ft.BuiltMethod, p: FinetuneRun, steps: list[ft.StepRecord], trainable: int,
+                     metrics: dict[str, MetricValue]) -> tuple[dict[str, MetricValue], dict]:
+    """Each training step against the machine's limits: MFU (analytical FLOPs of the step's padded tokens over AL,
+    against the probed matmul peak of the compute dtype), MBU and the roofline-bound time, and the cost model's
+    memory (counted weights + gradients and AdamW's two moments of the trainable parameters) beside AMU.
+
+    FLOPs per padded token: the forward (``model_costs.flops_per_token``, adapters' layers included, at the average
+    causal context of the mean padded length), the backward's input gradients (as much again) and the weight
+    gradients of the trainable parameters only (``2 x trainable``): ``2 x forward + 2 x trainable``."""
+    from ..metrics import machine_probe, model_costs, roofline
+    from ..models import count_model_bytes
+
+    model = built.model
+    with ft.threads(p.num_threads):  # the peak at the thread count the run trained with
+        probe = machine_probe.load_or_measure(p.device)
+    timed = steps[p.timing_warmup_steps:] or steps
+    tokens = sum(s.padded_tokens for s in timed) / len(timed)
+    length = sum(s.padded_tokens / s.samples for s in timed) / len(timed)
+    forward = model_costs.flops_per_token(model, (length + 1) / 2)
+    weights = count_model_bytes(model)["total_bytes"]
+    optimizer_parts = {k: v for k, v in roofline.training_memory_parts(trainable, 4).items() if k != "weights"}
+    step = roofline.Phase("train-step", flops=tokens * (2 * forward + 2 * trainable),
+                          bytes=weights + sum(optimizer_parts.values()), seconds=metrics["al_s"].value,
+                          dtype=_compute_dtype(model, p), bytes_method="counted-weights+trainable-x(gradients+moments)",
+                          seconds_method="al-mean")
+    out = roofline.phase_metrics(step, probe, "train")
+    out["predicted_memory_gb"] = roofline.predicted_memory({"weights": weights, **optimizer_parts},
+                                                           "counted weights; float32 gradients and AdamW moments of "
+                                                           "the trainable parameters; activations not counted")
+    return out, {"phases": [roofline.point(step)], "probe": probe, "tokens_per_step": tokens,
+                 "mean_padded_length": length}

@@ -9,7 +9,9 @@
    code and packages (``score_cache``), so runs may execute in any order;
 3. inference: timing of fixed-length greedy generation with no sampler running,
    then the same requests again under the resource tracker (memory, utilisation,
-   energy), so that instrumentation never disturbs the latency figures.
+   energy), so that instrumentation never disturbs the latency figures;
+4. roofline: prefill MFU and decode MBU from analytical FLOPs, counted bytes and the measured times against the
+   machine probe's peaks, and the cost model's memory and decode-time predictions (``metrics.roofline``).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .. import models, quality, score_cache
+from ..metrics import machine_probe, model_costs, roofline
 from ..metrics.inference import generation_benchmark, inference_metrics, time_one_request
 from ..metrics.tracker import ResourceTracker
 from ..metrics.values import MetricValue
@@ -162,3 +165,42 @@ def measure_inference(model, tokenizer, p: QuantizationRun) -> tuple[dict[str, M
                                                 method=f"{energy.method}/generated-tokens")
     raw = {"requests": samples, "tracker_samples": tracker.samples, "tracked_requests": p.tracked_requests}
     return metrics, raw
+
+
+# The dtype each precision's matmuls run in: which probed peak its MFU is held against. 4-bit layers compute in
+# bitsandbytes' ``bnb_4bit_compute_dtype`` (bf16, ``models.quantization_config``); LLM.int8()'s main product is int8.
+COMPUTE_DTYPE = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16", "int8": "int8", "int4-nf4": "bf16",
+                 "int4-fp4": "bf16"}
+
+
+def measure_roofline(model, tokenizer, p: QuantizationRun, metrics: dict[str, MetricValue]) -> tuple[dict, dict]:
+    """Prefill and decode against the machine's limits, from this run's ``metrics`` (counted bytes, TTFT, TPOT,
+    AMU): MFU, MBU and the roofline-bound time of each phase, and the cost model's memory prediction.
+
+    Prefill: ``batch x prompt_tokens`` tokens at the average causal context, timed by TTFT (which includes the
+    first decode step). Decode: one step of ``batch`` tokens at the mean context of the generation, reading the
+    weights once and each sequence's KV cache (its bytes per token measured from a real prefill), timed by TPOT."""
+    probe = machine_probe.load_or_measure(p.device)
+    inputs = prompt_ids(tokenizer, p)
+    kv_per_token = model_costs.measured_kv_bytes_per_token(model, inputs[:1])
+    weights = model_costs.weight_bytes_read_per_token(model, int(metrics["model_bytes"].value))
+    dtype = COMPUTE_DTYPE[p.precision]
+    b, prompt = p.batch_size, p.prompt_tokens
+    decode_context = prompt + p.new_tokens / 2  # the mean context over the generated tokens
+    prefill = roofline.Phase("prefill", flops=b * prompt * model_costs.flops_per_token(model, (prompt + 1) / 2),
+                             bytes=weights + b * prompt * kv_per_token, seconds=metrics["ttft_p50_s"].value,
+                             dtype=dtype, seconds_method="ttft-p50")
+    out = roofline.phase_metrics(prefill, probe, "prefill")
+    phases = [prefill]
+    if "tpot_p50_s" in metrics:
+        decode = roofline.Phase("decode", flops=b * model_costs.flops_per_token(model, decode_context),
+                                bytes=weights + b * decode_context * kv_per_token, seconds=metrics["tpot_p50_s"].value,
+                                dtype=dtype, seconds_method="tpot-p50")
+        out |= roofline.phase_metrics(decode, probe, "decode")
+        phases.append(decode)
+    final_kv = b * (prompt + p.new_tokens) * kv_per_token
+    out["predicted_memory_gb"] = roofline.predicted_memory(
+        {"weights": metrics["model_bytes"].value, "kv-cache": final_kv}, "counted weights, KV at the final context")
+    raw = {"phases": [roofline.point(ph) for ph in phases], "probe": probe, "weight_bytes_read": weights,
+           "kv_bytes_per_token": kv_per_token, "decode_context": decode_context}
+    return out, raw

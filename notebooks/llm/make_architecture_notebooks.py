@@ -69,9 +69,14 @@ quality"""
 
 DECODE = """decode_metrics, decode_raw = arch.measure_decode(model, p, data)"""
 
-RECORD = """record = run.write(metrics={{**model_metrics, **train_metrics, **decode_metrics}}, quality=quality,
+ROOFLINE = """roofline_metrics, roofline_raw = arch.measure_roofline(model, p, {**model_metrics, **train_metrics,
+                                                                   **decode_metrics})
+{k: m.value for k, m in roofline_metrics.items()}"""
+
+RECORD = """record = run.write(metrics={{**model_metrics, **train_metrics, **decode_metrics, **roofline_metrics}},
+                   quality=quality,
                    raw={{"steps": arch.loss_curve(samples), "tracker_samples": tracker.samples, "decode": decode_raw,
-                        **model_raw}}{provenance})
+                        "roofline": roofline_raw, **model_raw}}{provenance})
 metrics_table(record)"""
 
 STATE = """import pandas as pd
@@ -122,6 +127,13 @@ def notebook(study: str) -> nbformat.NotebookNode:
         code(QUALITY),
         md("## 4. Greedy decoding at several context lengths"),
         code(DECODE),
+        md("## 5. Against the machine's limits: MFU, MBU and the cost model\n\nEach training step's MFU "
+           "(3 x the analytical forward FLOPs of its tokens over AL, against the probed matmul peak of the run's "
+           "dtype); at each context, the prefill's MFU (over TTFT) and the decode step's MBU (every weight once plus "
+           "the cache, over TPOT, against the probed bandwidth), with each phase's roofline-bound time; and the "
+           "predicted training memory (weights, gradients, AdamW's moments). The machine probe runs once per "
+           "machine and is cached (`python -m efficientllm_utils probe`)."),
+        code(ROOFLINE),
         md("## Result record"),
         code(RECORD.format(provenance=",\n                   provenance_extra={\"model\": arch.implementation(model, p)}"
                            if own else "")),
