@@ -219,6 +219,35 @@ def quantization_columns(table: pd.DataFrame):
     return c.show(table, cols, qr.FORMATS)
 
 
+# --- what the profile costs ------------------------------------------------------------------------------
+
+def cpu_budget_text(peft_res, quant_res) -> str:
+    """The profile's cost from the records: the CPU seconds of every run's kernel (the alignment stage runs inside
+    the first run that needs it, so it is part of that run's), summed. Runs execute one after the other on one
+    single-threaded Dask worker at 1 torch thread, so the sum estimates the wall time on an idle machine whatever the
+    load was when the records were made (process start-up, Dask and the book build come on top)."""
+    parts, total, missing = [], 0.0, []
+    for name, res in (("fine-tuning", peft_res), ("quantization", quant_res)):
+        cpu = {r.label: r.raw.get("process_cpu_s") for r in res.ok_records}
+        known = [v for v in cpu.values() if v is not None]
+        missing += [f"{name} {label}" for label, v in cpu.items() if v is None]
+        if known:
+            parts.append(f"{len(known)} {name} runs {sum(known) / 60:.1f} min (the longest {max(known):.0f} s)")
+            total += sum(known)
+    if not parts:
+        return ""
+    align = [r.provenance.get("vlm_alignment", {}).get("cpu_seconds") for r in peft_res.ok_records]
+    align = [a for a in align if a]
+    wall = sum(r.duration_s or 0 for r in [*peft_res.ok_records, *quant_res.ok_records])
+    text = (f"**Cost of this profile** (CPU seconds of each run's process, from the records): " + "; ".join(parts)
+            + (f", the alignment stage's {align[0] / 60:.1f} min included (it ran inside the first run)" if align else "")
+            + f". In all {'at least ' if missing else ''}{total / 60:.1f} min of CPU: at one torch thread per run and one run at a time, about the "
+              f"wall time on an idle machine (these runs took {wall / 60:.1f} min of wall time on a shared, loaded one).")
+    if missing:
+        text += f" Runs without a CPU figure (recorded before it was kept): {', '.join(missing)}."
+    return text
+
+
 # --- findings: do the LLM findings transfer? -----------------------------------------------------------
 
 def transfer_text(peft_res, peft_table, quant_res, quant_table) -> str:
