@@ -513,10 +513,10 @@ class VLMData(BaseModel):
     align_embed_batch_size: int = Field(64, ge=1)
     align_embed_lr: float = Field(3e-3, gt=0)
     align_captions_per_task: int = Field(512, ge=1)
-    align_steps: int = Field(24, ge=1)
+    align_steps: int = Field(12, ge=1)
     align_batch_size: int = Field(8, ge=1)
-    align_lr: float = Field(2e-3, gt=0)
-    align_warmup_steps: int = Field(4, ge=0)
+    align_lr: float = Field(2e-4, gt=0)
+    align_warmup_steps: int = Field(2, ge=0)
 
     @property
     def small(self) -> bool:

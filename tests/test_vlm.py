@@ -263,6 +263,39 @@ def test_the_aligned_checkpoint_is_keyed_by_its_settings_and_reused(tmp_path, mo
     assert align.aligned_checkpoint("smollm2-135m-instruct", TINY_VISION, settings) == target
 
 
+# --- the report: above the majority class --------------------------------------------------------------------
+
+def _majority_record(correct_cifar: list[int]):
+    """A fine-tuning record's quality (100 CIFAR-10 items, "cat" the gold answer of the first 15) and its table row."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    answers = ["cat"] * 15 + ["dog"] * 12 + ["ship"] * 73
+    quality = {"correct_after": correct_cifar, "heldout_tasks": ["cifar10"] * 100, "heldout_answers": answers,
+               "majority_answer_cifar10": "cat"}
+    res = SimpleNamespace(ok_records=[SimpleNamespace(label="method=full", quality=quality)])
+    table = pd.DataFrame([{"label": "method=full", "method": "full", "cifar10_before": 0.1,
+                           "cifar10_after": sum(correct_cifar) / 100, "cifar10_majority": 0.15}])
+    return table, res
+
+
+@pytest.mark.parametrize("correct, verdict", [
+    ([0] * 15 + [1] * 40 + [0] * 45, "agrees"),  # 0.40 against 0.15 on the same 100 items
+    ([1] * 15 + [0] * 85, "inconclusive"),  # exactly the majority class's answers
+    ([0] * 100, "disagrees"),  # 0.00 against 0.15
+])
+def test_above_majority_is_a_verdict_on_a_paired_interval(correct, verdict):
+    from efficientllm_utils.reports import vlm as report
+
+    table, res = _majority_record(correct)
+    row = report.above_majority(table, res).iloc[0]
+    assert (row["verdict"], row["n"], row["above"]) == (verdict, 100, verdict == "agrees")
+    assert "paired bootstrap over 100 items" in row["difference"]
+    assert ("**met**" in report.majority_text(report.above_majority(table, res))) is False  # lora is missing
+    assert report.above_majority(table, None).iloc[0]["verdict"] == "inconclusive"  # no per-item record
+
+
 # --- end to end -------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -277,9 +310,11 @@ def test_vlm_smoke_profiles_end_to_end(results_root):
         for name in ("final_loss", "accuracy_before", "accuracy_after", "acc_cifar10_after", "majority_easy_vqa"):
             assert math.isfinite(r.quality[name]), name
         assert r.provenance["vlm_transplant"]["biases_zeroed"] > 0
+        assert r.provenance["vlm_alignment"]["cpu_seconds"] > 0
     assert len({r.quality["data_order_sha256"] for r in peft.values()}) == 1
     quant = {r.params["precision"]: r for r in load_records("vlm_quantization", "smoke", results_root)}
     assert quant["fp32"].quality["flip_rate"] == 0 and quant["fp32"].quality["kl_to_reference"] == 0
     assert quant["int4-nf4"].metrics["model_bytes"].value < quant["fp32"].metrics["model_bytes"].value
     for r in quant.values():
         assert r.metrics["ttft_p50_s"].value > 0 and r.raw["image_tokens"] > 0
+        assert r.raw["process_cpu_s"] > 0

@@ -37,6 +37,14 @@ _SCORING_CODE = ("vlm/scoring.py", "vlm/data.py", "vlm/processor.py", "models.py
 _SCORING_PACKAGES = ("torch", "transformers", "bitsandbytes", "accelerate", "pillow")
 
 
+def process_cpu_seconds() -> float:
+    """CPU seconds this process (the run's kernel) used so far: about the wall time the run needs at 1 thread on an
+    idle machine, whatever the load was here (as the fine-tuning record's ``process_cpu_s``)."""
+    import psutil
+
+    return sum(psutil.Process().cpu_times()[:2])
+
+
 def load(source: str, p: VLMQuantizationRun, precision: str | None = None):
     """The model at ``precision`` (default: the run's) and its processor; returns (model, processor, seconds)."""
     torch.manual_seed(p.seed)

@@ -41,4 +41,4 @@ def base_provenance(source: str, p) -> dict:
         return {"vlm_base": source}
     info = align.checkpoint_info(source)
     return {"vlm_base": Path(source).name, "vlm_transplant": info["transplant"],
-            "vlm_alignment": {k: info[k] for k in ("align", "vision", "loss_summary", "seconds")}}
+            "vlm_alignment": {k: info.get(k) for k in ("align", "vision", "loss_summary", "seconds", "cpu_seconds")}}

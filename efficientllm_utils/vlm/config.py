@@ -46,11 +46,11 @@ class AlignSettings(BaseModel):
     embed_steps: int = Field(300, ge=0)
     embed_batch_size: int = Field(64, ge=1)
     embed_lr: float = Field(3e-3, gt=0)
-    # stage 2: captions through the frozen language model (LLaVA's stage 1)
-    steps: int = Field(24, ge=1)
+    # stage 2: captions through the frozen language model, only the merger trained (LLaVA's stage 1: the projector)
+    steps: int = Field(12, ge=1)
     batch_size: int = Field(8, ge=1)
-    lr: float = Field(2e-3, gt=0, description="peak lr of the vision tower and merger")
-    warmup_steps: int = Field(4, ge=0)
+    lr: float = Field(2e-4, gt=0, description="peak lr of the patch merger (the vision transformer is frozen)")
+    warmup_steps: int = Field(2, ge=0)
     seed: int = 0
     num_threads: int | None = Field(None, ge=1)
 

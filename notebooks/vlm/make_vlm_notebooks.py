@@ -109,7 +109,8 @@ QUANT_INFERENCE = """inference_metrics, inference_raw = vq.measure_inference(mod
 QUANT_RECORD = """from efficientllm_utils.cpu_4bit import run_provenance
 
 record = run.write(metrics={**size_metrics, **inference_metrics}, quality=quality,
-                   raw={**quality_raw, **inference_raw, "size": size_raw, "load_s": load_s},
+                   raw={**quality_raw, **inference_raw, "size": size_raw, "load_s": load_s,
+                        "process_cpu_s": vq.process_cpu_seconds()},
                    provenance_extra={**run_provenance(model), **vq.base_provenance(source, p)})
 metrics_table(record)"""
 
