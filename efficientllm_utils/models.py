@@ -162,6 +162,30 @@ def quantization_config(precision: str, skip_modules: list[str] | None = None):
     return None
 
 
+def int8_matmul_dtype(device: str) -> str:
+    """The arithmetic LLM.int8()'s main product runs in here, found by running bitsandbytes' op once with
+    ``torch._int_mm`` watched: ``int8`` where bitsandbytes has an int8 kernel (CUDA; a CPU whose torch reports
+    AVX-512, where it registers ``torch._int_mm``), else ``fp32`` (its default kernel multiplies the int8 operands
+    as float32: on an AVX2 CPU an int8 layer's matmul is an fp32 one, and its MFU is held against the fp32 peak)."""
+    if device != "cpu":
+        return "int8"
+    import bitsandbytes  # noqa: F401 (registers torch.ops.bitsandbytes)
+
+    calls, int_mm = [], torch._int_mm
+
+    def watched(*args, **kwargs):
+        calls.append(1)
+        return int_mm(*args, **kwargs)
+
+    a = torch.ones(16, 32, dtype=torch.int8)
+    torch._int_mm = watched
+    try:
+        torch.ops.bitsandbytes.int8_linear_matmul(a, a)
+    finally:
+        torch._int_mm = int_mm
+    return "int8" if calls else "fp32"
+
+
 def load_causal_lm(source: str, precision: str = "fp32", device: str = "cpu", cpu_4bit_kernel: str = "auto"):
     """Load ``(model, tokenizer)`` at ``precision`` on ``device``, in eval mode; a 4-bit model on the CPU runs
     ``cpu_4bit_kernel`` (one of :data:`efficientllm_utils.cpu_4bit.KERNELS`) in every layer that can."""

@@ -36,6 +36,30 @@ def test_flops_per_token_of_a_small_config_by_hand():
     assert model_costs.flops_per_token(model, 10) == 8704 + 1280
 
 
+def test_prefill_counts_the_head_at_each_sequences_last_position_only():
+    model = small_llama()
+    head = 2 * 16 * 32  # the 16 -> 32 head
+    assert model_costs.head_flops_per_token(model) == head
+    per_token = model_costs.flops_per_token(model, 5.5)
+    # 2 sequences of 10 tokens: 20 tokens through the body, the head twice (generate's logits_to_keep=1)
+    assert model_costs.prefill_flops(model, per_token, 20, 2) == 20 * (per_token - head) + 2 * head
+    # and that is what generate runs: the prefill's forward returns the last position's logits only
+    seen = []
+    model.lm_head.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
+    model.generate(input_ids=torch.randint(0, 32, (2, 10)), max_new_tokens=1, do_sample=False, pad_token_id=0)
+    assert seen == [1]
+
+
+def test_int8_mfu_is_held_against_the_arithmetic_bitsandbytes_runs():
+    """bitsandbytes multiplies int8 operands with torch._int_mm only on AVX-512 CPUs; elsewhere in float32."""
+    from efficientllm_utils.models import int8_matmul_dtype
+    from efficientllm_utils.studies.quantization import compute_dtype
+
+    expected = "int8" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "fp32"
+    assert int8_matmul_dtype("cpu") == expected == compute_dtype("int8", "cpu")
+    assert compute_dtype("int8", "cuda") == "int8" and compute_dtype("int4-nf4", "cpu") == "bf16"
+
+
 def test_kv_bytes_per_token_by_hand_and_from_a_real_prefill():
     model = small_llama()
     # keys and values x 2 layers x 2 KV heads x head_dim 4 x 4 bytes (float32) = 128 bytes per token
@@ -110,7 +134,8 @@ def test_quantization_decode_mbu_and_prefill_mfu_from_counted_bytes(monkeypatch,
     assert raw["kv_bytes_per_token"] == kv
     decode_bytes = counted + 2 * (16 + 8 / 2) * kv
     assert out["decode_mbu"].value == pytest.approx(decode_bytes / 0.01 / 5e9)
-    prefill_flops = 2 * 16 * model_costs.flops_per_token(model, (16 + 1) / 2)
+    head = model_costs.head_flops_per_token(model)  # at each sequence's last prompt position only
+    prefill_flops = 2 * 16 * (model_costs.flops_per_token(model, (16 + 1) / 2) - head) + 2 * head
     assert out["prefill_mfu"].value == pytest.approx(prefill_flops / 0.02 / 50e9)
     assert out["decode_bound_s"].value == pytest.approx(decode_bytes / 5e9)  # memory-bound
     assert out["predicted_memory_gb"].value == pytest.approx((counted + 2 * 24 * kv) / 1e9)
@@ -150,6 +175,9 @@ def test_architecture_roofline_counts_training_steps_and_decode_per_context(monk
     assert out["train_mfu"].value == pytest.approx(train_flops / 0.5 / 40e9)
     c = p.decode_contexts[-1]
     assert out[f"decode_ctx{c}_mbu"].value == pytest.approx((params * 4 + kv * (c + p.new_tokens / 2)) / 0.01 / 4e9)
+    head = 2 * model.config.hidden_size * model.config.vocab_size  # our decoder's head, at the last position only
+    prefill = c * (flops_per_token(model.config, (c + 1) / 2) - head) + head
+    assert out[f"decode_ctx{c}_prefill_mfu"].value == pytest.approx(prefill / 0.05 / 40e9)
     assert out["predicted_memory_gb"].value == pytest.approx(16 * params / 1e9)
 
 

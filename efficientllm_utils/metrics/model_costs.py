@@ -7,11 +7,16 @@ the same counts for any ``transformers`` model with standard attention, read fro
   from ``in_features x out_features``, so a bitsandbytes layer counts the product it computes, not its packed
   storage), plus attention's scores and weighted sum, ``4 * n_layers * n_heads * head_dim * context``. Not
   counted: norms, activations, softmax, RoPE, biases.
+* a prefill's FLOPs: every prompt token through the body, but the head only at each sequence's last position where
+  ``generate`` asks the model for ``logits_to_keep=1`` (transformers does for every model whose ``forward`` takes
+  it, ours included): counting the head for all prompt tokens overstated SmolLM2's 64-token prefill by a quarter.
 * bytes a decode step must read: the weights once (counted bytes, ``models.count_model_bytes``, less the input
   embedding matrix unless the head shares it: a lookup reads one row) plus each sequence's KV cache at its context.
 * KV-cache bytes per token: ``2 * n_layers * n_kv_heads * head_dim * dtype bytes`` (keys and values of every layer).
 """
 from __future__ import annotations
+
+import inspect
 
 import torch
 from torch import nn
@@ -35,6 +40,22 @@ def flops_per_token(model: nn.Module, context: float) -> float:
     token attends to ``(S + 1) / 2`` keys."""
     layers, heads, _, head_dim = _attention_dims(model.config)
     return linear_flops_per_token(model) + 4.0 * layers * heads * head_dim * context
+
+
+def head_flops_per_token(model: nn.Module) -> int:
+    """2 x the output head's weights (``in x out`` of ``get_output_embeddings()``; 0 for a model without one)."""
+    head = model.get_output_embeddings()
+    return 2 * head.in_features * head.out_features if isinstance(head, nn.Linear) else 0
+
+
+def prefill_flops(model: nn.Module, per_token_flops: float, tokens: int, sequences: int) -> float:
+    """Forward FLOPs of a prefill of ``tokens`` prompt tokens in ``sequences`` sequences, from the model's FLOPs per
+    token at the prompt's average causal context (head included): the head runs at the last position of each
+    sequence only when ``generate`` passes ``logits_to_keep=1``, i.e. when the model's ``forward`` accepts it."""
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        return tokens * per_token_flops
+    head = head_flops_per_token(model)
+    return tokens * (per_token_flops - head) + sequences * head
 
 
 def kv_bytes_per_token(config, dtype_bytes: int) -> int:

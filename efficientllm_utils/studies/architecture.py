@@ -291,7 +291,8 @@ def measure_roofline(model, p: PretrainRun, metrics: dict[str, MetricValue]) -> 
 
     * train step: 3 x the forward FLOPs of ``batch_size x seq_len`` tokens; bytes: weights, gradients and moments,
       each touched at least once; timed by AL.
-    * prefill at context c: c tokens at the average causal context; timed by TTFT (which includes the first step).
+    * prefill at context c: c tokens at the average causal context, the head at the last only
+      (``model_costs.prefill_flops``); timed by TTFT (which includes the first step).
     * decode at context c: one token at the mean context ``c + new_tokens / 2``, reading every weight once and the
       cache; timed by TPOT."""
     probe = machine_probe.load_or_measure(p.device)
@@ -313,7 +314,7 @@ def measure_roofline(model, p: PretrainRun, metrics: dict[str, MetricValue]) -> 
     for context in p.decode_contexts:
         prefill_flops = _flops_per_token(model, (context + 1) / 2)
         prefill = roofline.Phase(f"prefill-ctx{context}", flops=None if prefill_flops is None else
-                                 context * prefill_flops, bytes=weights + _cache_bytes(metrics, context, 0),
+                                 model_costs.prefill_flops(model, prefill_flops, context, 1), bytes=weights + _cache_bytes(metrics, context, 0),
                                  seconds=metrics[f"decode_ctx{context}_ttft_s"].value, dtype=dtype,
                                  flops_method=flops_method, seconds_method="ttft-p50")
         decode = roofline.Phase(f"decode-ctx{context}", flops=_flops_per_token(model, context + p.new_tokens / 2),

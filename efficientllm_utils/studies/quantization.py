@@ -168,26 +168,32 @@ def measure_inference(model, tokenizer, p: QuantizationRun) -> tuple[dict[str, M
 
 
 # The dtype each precision's matmuls run in: which probed peak its MFU is held against. 4-bit layers compute in
-# bitsandbytes' ``bnb_4bit_compute_dtype`` (bf16, ``models.quantization_config``); LLM.int8()'s main product is int8.
-COMPUTE_DTYPE = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16", "int8": "int8", "int4-nf4": "bf16",
-                 "int4-fp4": "bf16"}
+# bitsandbytes' ``bnb_4bit_compute_dtype`` (bf16, ``models.quantization_config``); LLM.int8()'s main product runs in
+# whatever bitsandbytes' int8 kernel on this device multiplies in (``models.int8_matmul_dtype``).
+COMPUTE_DTYPE = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16", "int4-nf4": "bf16", "int4-fp4": "bf16"}
+
+
+def compute_dtype(precision: str, device: str) -> str:
+    return models.int8_matmul_dtype(device) if precision == "int8" else COMPUTE_DTYPE[precision]
 
 
 def measure_roofline(model, tokenizer, p: QuantizationRun, metrics: dict[str, MetricValue]) -> tuple[dict, dict]:
     """Prefill and decode against the machine's limits, from this run's ``metrics`` (counted bytes, TTFT, TPOT,
     AMU): MFU, MBU and the roofline-bound time of each phase, and the cost model's memory prediction.
 
-    Prefill: ``batch x prompt_tokens`` tokens at the average causal context, timed by TTFT (which includes the
-    first decode step). Decode: one step of ``batch`` tokens at the mean context of the generation, reading the
-    weights once and each sequence's KV cache (its bytes per token measured from a real prefill), timed by TPOT."""
+    Prefill: ``batch x prompt_tokens`` tokens at the average causal context, the head at each sequence's last
+    position only (``model_costs.prefill_flops``), timed by TTFT (which includes the first decode step). Decode: one
+    step of ``batch`` tokens at the mean context of the generation, reading the weights once and each sequence's KV
+    cache (its bytes per token measured from a real prefill), timed by TPOT."""
     probe = machine_probe.load_or_measure(p.device)
     inputs = prompt_ids(tokenizer, p)
     kv_per_token = model_costs.measured_kv_bytes_per_token(model, inputs[:1])
     weights = model_costs.weight_bytes_read_per_token(model, int(metrics["model_bytes"].value))
-    dtype = COMPUTE_DTYPE[p.precision]
+    dtype = compute_dtype(p.precision, p.device)
     b, prompt = p.batch_size, p.prompt_tokens
     decode_context = prompt + p.new_tokens / 2  # the mean context over the generated tokens
-    prefill = roofline.Phase("prefill", flops=b * prompt * model_costs.flops_per_token(model, (prompt + 1) / 2),
+    prefill = roofline.Phase("prefill", flops=model_costs.prefill_flops(
+                                 model, model_costs.flops_per_token(model, (prompt + 1) / 2), b * prompt, b),
                              bytes=weights + b * prompt * kv_per_token, seconds=metrics["ttft_p50_s"].value,
                              dtype=dtype, seconds_method="ttft-p50")
     out = roofline.phase_metrics(prefill, probe, "prefill")
