@@ -8,12 +8,14 @@ re-measures them. ``python -m efficientllm_utils probe`` shows them, ``--refresh
 
 How each peak is measured (the record says so beside each figure):
 
-* matmul: ``n x n`` products and ``64 x n`` by ``n x n`` ones (a short prompt's tokens through a layer), with
-  ``F.linear`` (the op ``nn.Linear`` runs) and ``torch.matmul`` (on a CPU without AVX512-BF16 only the first reaches
-  oneDNN's bf16/fp16 kernels, and those run several times faster on the 64-row shape) at ``n`` = 256, 512, ... (doubled until one product takes >= 0.2 s, the
-  device's cap, or ``seconds_per_dtype`` is spent), each size repeated and its **best** (shortest) time kept; the
-  peak is the best rate over the sizes (a peak, not a typical rate: on a shared machine the short products that
-  run between interruptions show what the cores can do). FLOPs = 2 rows n^2. int8 runs ``torch._int_mm``
+* matmul: ``n x n`` products, ``64 x n`` by ``n x n`` ones (a short prompt's tokens through a layer) and ``64 x 4n``
+  by ``4n x n`` ones (through an FFN's down projection, where oneDNN's bf16/fp16 kernels of an AVX2 CPU ran 15%
+  faster than on square layers), with ``F.linear`` (the op ``nn.Linear`` runs) and ``torch.matmul`` (on a CPU
+  without AVX512-BF16 only the first reaches oneDNN's bf16/fp16 kernels, and those run several times faster on the
+  64-row shapes) at ``n`` = 256, 512, ... (doubled until one product takes >= 0.2 s, the device's cap, or
+  ``seconds_per_dtype`` is spent), each repeated and its **best** (shortest) time kept; the peak is the best rate
+  over the shapes and sizes (a peak, not a typical rate: on a shared machine the short products that run between
+  interruptions show what the cores can do). FLOPs = 2 rows inner out. int8 runs ``torch._int_mm``
   (int8 x int8 -> int32) where it has a kernel; otherwise it is recorded missing with the error.
 * bandwidth: a large tensor (well beyond the last-level cache) copied (bytes read + written) and summed (bytes read),
   each repeated, the best time kept; the peak is the higher of the two rates.
@@ -32,14 +34,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-PROBE_VERSION = 3  # bump when the procedure changes: older caches are then ignored
+PROBE_VERSION = 4  # bump when the procedure changes: older caches are then ignored
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 DTYPES = ("fp32", "bf16", "fp16", "int8")
 ROWS = 64  # the short side of the second shape probed: oneDNN's bf16/fp16 kernels are far faster on it on some CPUs
+FFN_RATIO = 4  # the third shape's input is this much wider than its output (an FFN's down projection)
 MAX_CALL_S = 0.2  # a product this long already shows the sustained rate: stop growing n
 MAX_N = {"cpu": 2048, "cuda": 8192}
 BANDWIDTH_BYTES = {"cpu": 256 * 2 ** 20, "cuda": 2 * 2 ** 30}  # per tensor; far beyond any last-level cache
-MATMUL_METHOD = "measured:torch-linear-or-matmul(best-of-repeats-shapes-and-sizes,2-rows-n^2-flops)"
+MATMUL_METHOD = "measured:torch-linear-or-matmul(best-of-repeats-shapes-and-sizes,2-rows-inner-out-flops)"
 BANDWIDTH_METHOD = "measured:torch-copy-and-sum(best-of-repeats,max-of-copy-read+write-and-sum-read)"
 
 # Dense (no structured sparsity) peaks from NVIDIA's datasheets, per GPU model, matched against the NVML name in
@@ -177,13 +180,20 @@ def _best_time(fn: Callable[[], object], sync: Callable[[], None], seconds: floa
     return best, repeats
 
 
-def _operands(dtype_name: str, n: int, device):
+def _operands(dtype_name: str, rows: int, inner: int, out: int, device):
+    """``x`` (rows, inner) and a weight ``w`` (out, inner), as ``nn.Linear`` holds it."""
     import torch
 
     if dtype_name == "int8":
-        return [torch.randint(-64, 64, (n, n), dtype=torch.int8, device=device) for _ in range(2)]
+        return [torch.randint(-64, 64, shape, dtype=torch.int8, device=device) for shape in ((rows, inner), (out, inner))]
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
-    return [torch.randn(n, n, device=device).to(dtype) for _ in range(2)]
+    return [torch.randn(shape, device=device).to(dtype) for shape in ((rows, inner), (out, inner))]
+
+
+def _shapes(n: int) -> list[tuple[int, int, int]]:
+    """(rows, inner, out) products probed at size ``n``: square, a short prompt's tokens through a square layer, and
+    through a layer 4x wider on its input (an FFN's down projection, where some CPU kernels run fastest)."""
+    return [(n, n, n), (ROWS, n, n), (ROWS, FFN_RATIO * n, n)]
 
 
 def matmul_peak(dtype_name: str, device: str = "cpu", seconds_per_dtype: float = 2.0) -> dict:
@@ -193,23 +203,24 @@ def matmul_peak(dtype_name: str, device: str = "cpu", seconds_per_dtype: float =
     sync = (lambda: torch.cuda.synchronize()) if device == "cuda" else (lambda: None)
     # the ops the models run: nn.Linear's F.linear (x @ W^T, which reaches oneDNN's bf16/fp16 kernels on a CPU where
     # torch.matmul of two square bf16 tensors does not) and torch.matmul; int8: torch._int_mm
-    products = {"int_mm": torch._int_mm} if dtype_name == "int8" else \
-        {"linear": torch.nn.functional.linear, "matmul": torch.matmul}
+    products = {"int_mm": lambda x, w: torch._int_mm(x, w.t())} if dtype_name == "int8" else \
+        {"linear": torch.nn.functional.linear, "matmul": lambda x, w: torch.matmul(x, w.t())}
     unit = "OP/s" if dtype_name == "int8" else "FLOP/s"
     started = time.perf_counter()
     best = None  # (rate, n, repeats, seconds, op)
     try:
         n = 256
         while n <= MAX_N[device]:
-            a, b = _operands(dtype_name, n, device)
             slowest = 0.0
-            for op, product in products.items():
-                for rows in (n, ROWS):  # a square product, and the (ROWS, n) x (n, n) of a short prompt's tokens
-                    x = a[:rows]
-                    t, repeats = _best_time(lambda: product(x, b), sync, seconds_per_dtype / 8 / len(products))
+            for rows, inner, out in _shapes(n):
+                x, w = _operands(dtype_name, rows, inner, out, device)
+                flops = 2 * rows * inner * out
+                for op, product in products.items():
+                    t, repeats = _best_time(lambda: product(x, w), sync,
+                                            seconds_per_dtype / 4 / len(_shapes(n)) / len(products))
                     slowest = max(slowest, t)
-                    if best is None or 2 * rows * n * n / t > best[0]:
-                        best = (2 * rows * n * n / t, n, repeats, t, f"{op}({rows}x{n}x{n})")
+                    if best is None or flops / t > best[0]:
+                        best = (flops / t, n, repeats, t, f"{op}({rows}x{inner}x{out})")
             if slowest >= MAX_CALL_S or time.perf_counter() - started > seconds_per_dtype:
                 break
             n *= 2
