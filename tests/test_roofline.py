@@ -1,6 +1,7 @@
 """The machine probe (cached once per machine), FLOPs and bytes counts, MFU/MBU and the cost model."""
 import json
 
+import pandas as pd
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -222,7 +223,7 @@ def test_probe_measures_every_dtype_or_says_why_not(monkeypatch):
     for name in machine_probe.DTYPES:
         peak = probe["matmul"][name]
         assert (peak["value"] > 0 and peak["n"] == 256) or peak["method"].startswith("unavailable:")
-    assert probe["matmul"]["fp32"]["op"].endswith(("(256x256x256)", "(64x256x256)"))
+    assert probe["matmul"]["fp32"]["op"].endswith(("(256x256x256)", "(64x256x256)", "(64x1024x256)"))
     assert probe["matmul"]["fp32"]["value"] > 0 and probe["bandwidth"]["value"] > 0
     assert probe["published"] is None  # no GPU: nothing published to set beside it
     assert "matmul fp32" in machine_probe.describe({**probe, "key": machine_probe.machine_key("cpu", 1)})
@@ -279,6 +280,8 @@ def test_report_shows_mfu_mbu_and_says_why_a_record_has_none(tmp_path):
     assert table.loc["fp32", "decode MBU"] == "20%"  # 1e8 bytes / 0.05 s / 10 GB/s
     assert table.loc["fp32", "prefill MFU"] == "40%"  # 2e10 FLOPs / 0.5 s / 100 GFLOP/s
     assert table.loc["bf16", "decode MBU"].startswith("missing: record made before the machine probe")
+    assert table.loc["fp32", "MFU against the matmul peak of"] == "fp32"  # the dtype its phases computed in
+    assert pd.isna(table.loc["bf16", "MFU against the matmul peak of"])
     assert table.loc["fp32", "PCU (NVML utilization.gpu)"].startswith("missing: no-gpu")
     costs = rl.cost_model_table(res, label, lambda name: name == "decode").set_index("run")
     assert costs.loc["fp32", "time_ratio"] == pytest.approx(5.0)  # 0.05 s measured against a 0.01 s bound

@@ -82,6 +82,9 @@ def utilisation_table(res: c.StudyResults, label: Label, metrics: dict[str, str]
     rows = []
     for record in res.ok_records:
         row = {"run": label(record)}
+        dtypes = {ph["dtype"] for ph in (record.raw.get("roofline") or {}).get("phases", []) if ph.get("flops")}
+        if dtypes:  # the dtype its products really compute in (LLM.int8() on an AVX2 CPU: fp32)
+            row["MFU against the matmul peak of"] = ", ".join(sorted(dtypes))
         for name, header in metrics.items():
             metric = record.metrics.get(name)
             if metric is None:
