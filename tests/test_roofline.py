@@ -61,6 +61,15 @@ def test_int8_mfu_is_held_against_the_arithmetic_bitsandbytes_runs():
     assert compute_dtype("int8", "cuda") == "int8" and compute_dtype("int4-nf4", "cpu") == "bf16"
 
 
+def test_backward_share_is_the_part_above_the_lowest_trainable_weight():
+    model = small_llama()
+    assert model_costs.backward_share(model) == 1.0  # everything trains, the embedding first
+    model.requires_grad_(False)
+    assert model_costs.backward_share(model) == 0.0  # nothing trains: no backward
+    model.model.layers[1].requires_grad_(True)  # Freeze's top layer: its 1920 weights and the head's 512 of 4352
+    assert model_costs.backward_share(model) == pytest.approx((1920 + 512) / 4352)
+
+
 def test_kv_bytes_per_token_by_hand_and_from_a_real_prefill():
     model = small_llama()
     # keys and values x 2 layers x 2 KV heads x head_dim 4 x 4 bytes (float32) = 128 bytes per token
@@ -331,5 +340,9 @@ def test_lora_training_step_mfu_counts_the_adapters_and_their_weight_gradients_o
     out, raw = fts.measure_roofline(built, p, steps, counts["trainable"],
                                     {"al_s": MetricValue.measured(0.2, "s/iter", "t")})
     forward = model_costs.flops_per_token(built.model, (10 + 1) / 2)  # sequences of 20 / 2 = 10 padded tokens
-    assert out["train_mfu"].value == pytest.approx(20 * (2 * forward + 2 * 928) / 0.2 / 10e9)
+    # the backward sends input gradients from the first trainable module on: all but layer 0's frozen q_proj (16x16),
+    # which is registered before its adapter
+    share = (4352 + 928 - 256) / (4352 + 928)
+    assert model_costs.backward_share(built.model) == pytest.approx(share)
+    assert out["train_mfu"].value == pytest.approx(20 * ((1 + share) * forward + 2 * 928) / 0.2 / 10e9)
     assert raw["phases"][0]["dtype"] == "fp32" and out["predicted_memory_gb"].method.startswith("estimated:")

@@ -7,6 +7,9 @@ the same counts for any ``transformers`` model with standard attention, read fro
   from ``in_features x out_features``, so a bitsandbytes layer counts the product it computes, not its packed
   storage), plus attention's scores and weighted sum, ``4 * n_layers * n_heads * head_dim * context``. Not
   counted: norms, activations, softmax, RoPE, biases.
+* a training step's FLOPs per token: the forward, the input gradients of the part of the model above its lowest
+  trainable weight (``backward_share`` x the forward: all of it for LoRA or full fine-tuning, the top layers for
+  Freeze) and the weight gradients of the trainable parameters (2 x their count).
 * a prefill's FLOPs: every prompt token through the body, but the head only at each sequence's last position where
   ``generate`` asks the model for ``logits_to_keep=1`` (transformers does for every model whose ``forward`` takes
   it, ours included): counting the head for all prompt tokens overstated SmolLM2's 64-token prefill by a quarter.
@@ -40,6 +43,22 @@ def flops_per_token(model: nn.Module, context: float) -> float:
     token attends to ``(S + 1) / 2`` keys."""
     layers, heads, _, head_dim = _attention_dims(model.config)
     return linear_flops_per_token(model) + 4.0 * layers * heads * head_dim * context
+
+
+def backward_share(model: nn.Module) -> float:
+    """The share of the linear layers' FLOPs that the backward pass must send input gradients through: those
+    registered from the first module holding a trainable parameter on (a decoder registers its modules in forward
+    order; nothing below the lowest trainable weight needs a gradient). 1 when the lowest layer trains (LoRA on
+    every layer, full), less for Freeze; 0 when nothing trains."""
+    weights, first = [], None
+    for module in model.modules():
+        if first is None and any(t.requires_grad for t in module.parameters(recurse=False)):
+            first = len(weights)
+        if isinstance(module, nn.Linear):
+            weights.append(module.in_features * module.out_features)
+    if first is None or not weights:
+        return 0.0
+    return sum(weights[first:]) / sum(weights)
 
 
 def head_flops_per_token(model: nn.Module) -> int:

@@ -280,8 +280,10 @@ def measure_roofline(built: ft.BuiltMethod, p: FinetuneRun, steps: list[ft.StepR
     memory (counted weights + gradients and AdamW's two moments of the trainable parameters) beside AMU.
 
     FLOPs per padded token: the forward (``model_costs.flops_per_token``, adapters' layers included, at the average
-    causal context of the mean padded length), the backward's input gradients (as much again) and the weight
-    gradients of the trainable parameters only (``2 x trainable``): ``2 x forward + 2 x trainable``."""
+    causal context of the mean padded length), the backward's input gradients (as much again, above the lowest trainable weight) and the weight
+    gradients of the trainable parameters only (``2 x trainable``): ``(1 + share) x forward + 2 x trainable``,
+    ``share`` the part of the forward above the lowest trainable weight (``model_costs.backward_share``: 1 for LoRA
+    and full fine-tuning, the top layers' share for Freeze, whose backward stops there)."""
     from ..metrics import machine_probe, model_costs, roofline
     from ..models import count_model_bytes
 
@@ -294,7 +296,8 @@ def measure_roofline(built: ft.BuiltMethod, p: FinetuneRun, steps: list[ft.StepR
     forward = model_costs.flops_per_token(model, (length + 1) / 2)
     weights = count_model_bytes(model)["total_bytes"]
     optimizer_parts = {k: v for k, v in roofline.training_memory_parts(trainable, 4).items() if k != "weights"}
-    step = roofline.Phase("train-step", flops=tokens * (2 * forward + 2 * trainable),
+    step = roofline.Phase("train-step", flops=tokens * ((1 + model_costs.backward_share(model)) * forward
+                                                       + 2 * trainable),
                           bytes=weights + sum(optimizer_parts.values()), seconds=metrics["al_s"].value,
                           dtype=_compute_dtype(model, p), bytes_method="counted-weights+trainable-x(gradients+moments)",
                           seconds_method="al-mean")
