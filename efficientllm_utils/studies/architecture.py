@@ -271,9 +271,18 @@ def loss_curve(samples: list[StepSample]) -> list[dict]:
 
 # --- against the machine's limits -------------------------------------------------------------
 
+# transformers decoders with standard attention, whose FLOPs ``metrics.model_costs`` counts from their modules
+COUNTED_HF_DECODERS = ("gpt_neox", "llama", "qwen2")
+
+
 def _flops_per_token(model, context: float) -> float | None:
-    """Our decoder's analytical forward FLOPs per token (``arch.analysis``); None for a model without a FLOPs model."""
-    return flops_per_token(model.config, context) if isinstance(model.config, DecoderConfig) else None
+    """Analytical forward FLOPs per token: our decoder's (``arch.analysis``), a standard-attention ``transformers``
+    decoder's (Pythia: ``model_costs``); None for a model without a FLOPs model here (Mamba, RWKV)."""
+    if isinstance(model.config, DecoderConfig):
+        return flops_per_token(model.config, context)
+    if getattr(model.config, "model_type", None) in COUNTED_HF_DECODERS:
+        return model_costs.flops_per_token(model, context)
+    return None
 
 
 def _cache_bytes(metrics: dict[str, MetricValue], context: int, extra_tokens: float) -> float:
@@ -300,7 +309,7 @@ def measure_roofline(model, p: PretrainRun, metrics: dict[str, MetricValue]) -> 
     params = int(metrics["params_total"].value)
     weights = model_costs.weight_bytes_read_per_token(model, params * dtype_bytes)
     training_parts = roofline.training_memory_parts(params, dtype_bytes)
-    flops_method = ("analytical" if isinstance(model.config, DecoderConfig)
+    flops_method = ("analytical" if _flops_per_token(model, 1) is not None
                     else f"{type(model).__name__} has none in this project")
     tokens = p.batch_size * p.seq_len
     forward = _flops_per_token(model, (p.seq_len + 1) / 2)
