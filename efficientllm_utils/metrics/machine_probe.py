@@ -185,7 +185,8 @@ def _operands(dtype_name: str, rows: int, inner: int, out: int, device):
     import torch
 
     if dtype_name == "int8":
-        return [torch.randint(-64, 64, shape, dtype=torch.int8, device=device) for shape in ((rows, inner), (out, inner))]
+        return [torch.randint(-64, 64, shape, dtype=torch.int8, device=device)
+                for shape in ((rows, inner), (out, inner))]
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
     return [torch.randn(shape, device=device).to(dtype) for shape in ((rows, inner), (out, inner))]
 

@@ -323,7 +323,8 @@ def measure_roofline(model, p: PretrainRun, metrics: dict[str, MetricValue]) -> 
     for context in p.decode_contexts:
         prefill_flops = _flops_per_token(model, (context + 1) / 2)
         prefill = roofline.Phase(f"prefill-ctx{context}", flops=None if prefill_flops is None else
-                                 model_costs.prefill_flops(model, prefill_flops, context, 1), bytes=weights + _cache_bytes(metrics, context, 0),
+                                 model_costs.prefill_flops(model, prefill_flops, context, 1),
+                                 bytes=weights + _cache_bytes(metrics, context, 0),
                                  seconds=metrics[f"decode_ctx{context}_ttft_s"].value, dtype=dtype,
                                  flops_method=flops_method, seconds_method="ttft-p50")
         decode = roofline.Phase(f"decode-ctx{context}", flops=_flops_per_token(model, context + p.new_tokens / 2),

@@ -280,10 +280,10 @@ def measure_roofline(built: ft.BuiltMethod, p: FinetuneRun, steps: list[ft.StepR
     memory (counted weights + gradients and AdamW's two moments of the trainable parameters) beside AMU.
 
     FLOPs per padded token: the forward (``model_costs.flops_per_token``, adapters' layers included, at the average
-    causal context of the mean padded length), the backward's input gradients (as much again, above the lowest trainable weight) and the weight
-    gradients of the trainable parameters only (``2 x trainable``): ``(1 + share) x forward + 2 x trainable``,
-    ``share`` the part of the forward above the lowest trainable weight (``model_costs.backward_share``: 1 for LoRA
-    and full fine-tuning, the top layers' share for Freeze, whose backward stops there)."""
+    causal context of the mean padded length), the backward's input gradients through the part of the model above
+    its lowest trainable weight and the weight gradients of the trainable parameters only (``2 x trainable``):
+    ``(1 + share) x forward + 2 x trainable``, ``share`` from ``model_costs.backward_share`` (1 for LoRA and full
+    fine-tuning, the top layers' share for Freeze, whose backward stops there)."""
     from ..metrics import machine_probe, model_costs, roofline
     from ..models import count_model_bytes
 
