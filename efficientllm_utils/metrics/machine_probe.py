@@ -9,8 +9,8 @@ re-measures them. ``python -m efficientllm_utils probe`` shows them, ``--refresh
 How each peak is measured (the record says so beside each figure):
 
 * matmul: ``n x n`` products, ``64 x n`` by ``n x n`` ones (a short prompt's tokens through a layer) and ``64 x 4n``
-  by ``4n x n`` ones (through an FFN's down projection, where oneDNN's bf16/fp16 kernels of an AVX2 CPU ran 15%
-  faster than on square layers), with ``F.linear`` (the op ``nn.Linear`` runs) and ``torch.matmul`` (on a CPU
+  by ``4n x n`` ones (through an FFN's down projection: on the 2-core AVX2 EPYC this was written on, oneDNN's bf16
+  and fp16 kernels ran 12-20% faster there, bf16 11.0 against 9.8 GFLOP/s at 1 thread), with ``F.linear`` (the op ``nn.Linear`` runs) and ``torch.matmul`` (on a CPU
   without AVX512-BF16 only the first reaches oneDNN's bf16/fp16 kernels, and those run several times faster on the
   64-row shapes) at ``n`` = 256, 512, ... (doubled until one product takes >= 0.2 s, the device's cap, or
   ``seconds_per_dtype`` is spent), each repeated and its **best** (shortest) time kept; the peak is the best rate

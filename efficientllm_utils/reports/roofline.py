@@ -184,7 +184,7 @@ def _memory_gap(ratio: float, measured_method: str, predicted_method: str) -> st
     where = ("the process's resident memory (AMU on a CPU) also holds the interpreter, torch and its libraries and "
              "the tokenizer: framework overhead" if "rss" in measured_method else
              "device memory also holds the CUDA context and the allocator's cached blocks")
-    activations = "; and the activations and temporaries, which the model does not count"
+    activations = "; and the activations and temporaries, which the model does not count (not separated by this run)"
     return f"{where}{activations}"
 
 

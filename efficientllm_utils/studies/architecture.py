@@ -309,10 +309,9 @@ def measure_roofline(model, p: PretrainRun, metrics: dict[str, MetricValue]) -> 
     params = int(metrics["params_total"].value)
     weights = model_costs.weight_bytes_read_per_token(model, params * dtype_bytes)
     training_parts = roofline.training_memory_parts(params, dtype_bytes)
-    flops_method = ("analytical" if _flops_per_token(model, 1) is not None
-                    else f"{type(model).__name__} has none in this project")
     tokens = p.batch_size * p.seq_len
     forward = _flops_per_token(model, (p.seq_len + 1) / 2)
+    flops_method = "analytical" if forward is not None else f"{type(model).__name__} has none in this project"
     train_step = roofline.Phase("train-step", flops=None if forward is None else roofline.TRAIN_FLOPS_PER_FORWARD
                                 * tokens * forward, bytes=sum(training_parts.values()),
                                 seconds=metrics["al_s"].value, dtype=dtype, flops_method=flops_method,
