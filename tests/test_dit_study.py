@@ -1,4 +1,4 @@
-"""The DiT axis: the offline CIFAR-10 split, the FD feature network, params validation, and the smoke profile of
+"""The DiT axis: the offline image sets and their split, the FD feature network, params validation, and the smoke profile of
 both studies end to end through papermill and Dask, with the chapter's report on its records."""
 from __future__ import annotations
 
@@ -10,14 +10,46 @@ from efficientllm_utils import cli
 from efficientllm_utils.dit import data as dit_data
 from efficientllm_utils.params import DiTRun, ParamsError, expand, params_path
 from efficientllm_utils.records import load_records
+from efficientllm_utils.vision import images as image_sets
 
 
-def test_cifar10_split_is_fixed_shuffled_and_disjoint():
-    images, labels = dit_data.load_cifar10_test()
+def test_idx_reader_and_cifar10_decoder_read_their_formats(tmp_path):
+    """Both readers on small files written here in each source's format (CIFAR-10's source is refused on some
+    machines, so its decoder is tested on a BIG-bench task file of two images)."""
+    import base64
+    import io
+    import json
+
+    from PIL import Image
+
+    grey = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    (tmp_path / "x-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + b"".join(n.to_bytes(4, "big") for n in grey.shape)
+                                           + grey.tobytes())
+    assert np.array_equal(image_sets.read_idx(tmp_path / "x-idx3-ubyte"), grey)
+    (tmp_path / "bad").write_bytes(b"\x00\x00\x0d\x01\x00\x00\x00\x01abcd")
+    with pytest.raises(ValueError, match="not an idx file"):
+        image_sets.read_idx(tmp_path / "bad")
+    pictures = [np.full((32, 32, 3), v, dtype=np.uint8) for v in (10, 200)]
+    examples = []
+    for picture, label in zip(pictures, ("truck", "cat")):
+        png = io.BytesIO()
+        Image.fromarray(picture).save(png, format="PNG")
+        examples.append({"input": base64.b64encode(png.getvalue()).decode(),
+                         "target_scores": {c: int(c == label) for c in image_sets.CIFAR10_CLASSES}})
+    (tmp_path / "task.json").write_text(json.dumps({"examples": examples}))
+    images, labels = image_sets.decode_bigbench_task(tmp_path / "task.json")
+    assert np.array_equal(images, np.stack(pictures)) and labels.tolist() == [9, 3]
+
+
+def test_fashion_mnist_split_is_fixed_shuffled_and_disjoint():
+    images, labels = image_sets.image_set("fashion_mnist").load()
     assert images.shape == (10000, 32, 32, 3) and images.dtype == np.uint8
     assert np.bincount(labels).tolist() == [1000] * 10
-    assert (labels[:1000] == 0).all()  # the file is sorted by class: the split must shuffle
-    a, b = dit_data.splits(512), dit_data.splits(512)
+    assert (images[:, :2] == 0).all() and (images[:, :, -2:] == 0).all()  # the 2-pixel black padding
+    assert (images[..., 0] == images[..., 2]).all()  # grey repeated over the channels
+    assert 60 < images[:, 2:30, 2:30].mean() < 90  # real photos: Fashion-MNIST's mean grey level is about 73
+    a, b = dit_data.splits(512, "fashion_mnist"), dit_data.splits(512, "fashion_mnist")
+    assert a.classes[8] == "bag" and "Fashion-MNIST" in a.source
     assert torch.equal(a.heldout_images, b.heldout_images)  # fixed whatever the run's seed
     assert len(set(a.heldout_labels.tolist())) == 10  # shuffled: every class is held out
     assert len(a.train_images) == 9488 and a.train_images.min() >= -1 and a.train_images.max() <= 1
@@ -39,7 +71,7 @@ def test_efficientnet_lite0_recognises_a_cat():
 def test_fd_separates_real_images_from_noise(tmp_path):
     from efficientllm_utils.vision import fd
 
-    real = dit_data.splits(512).heldout_images
+    real = dit_data.splits(512, "fashion_mnist").heldout_images
     a, b = fd.cached_features(real[:256], 32, tmp_path), fd.cached_features(real[256:], 32, tmp_path)
     noise = fd.cached_features(torch.rand(256, 3, 32, 32) * 2 - 1, 32, tmp_path)
     assert len(list(tmp_path.glob("*.npy"))) == 3

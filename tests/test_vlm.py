@@ -127,7 +127,7 @@ def test_a_released_qwen25vl_loads_from_a_directory_without_network(tmp_path, sm
     loaded, loaded_processor = load_pretrained_vlm(str(tmp_path), dtype=torch.float32)
     assert type(loaded).__name__ == "Qwen2_5_VLForConditionalGeneration"
     assert loaded_processor.image_processor.patch_size == 8
-    item = vdata.load_items("cifar10", "test", 2)
+    item = vdata.load_items("fashion_mnist", "test", 2)
     torch.testing.assert_close(torch.tensor(scoring.answer_logprobs(loaded, loaded_processor, item)),
                                torch.tensor(scoring.answer_logprobs(model, processor, item)), rtol=0, atol=1e-4)
     assert models.auto_model_class(str(tmp_path)).__name__ == "AutoModelForImageTextToText"
@@ -150,15 +150,15 @@ def test_paper_profiles_name_the_released_model_by_hub_id():
 # --- data, batches and scoring ------------------------------------------------------------------------
 
 def test_tasks_have_fixed_disjoint_splits_and_closed_answer_sets():
-    test = vdata.load_items("cifar10", "test", 20)
-    assert [i.row for i in test] == [i.row for i in vdata.load_items("cifar10", "test", 20, seed=0)]
-    train_images = {i.image.tobytes() for i in vdata.load_items("cifar10", "train", 400)}
+    test = vdata.load_items("fashion_mnist", "test", 20)
+    assert [i.row for i in test] == [i.row for i in vdata.load_items("fashion_mnist", "test", 20, seed=0)]
+    train_images = {i.image.tobytes() for i in vdata.load_items("fashion_mnist", "train", 400)}
     assert not any(i.image.tobytes() in train_images for i in test)
     vqa = vdata.load_items("easy_vqa", "test", 30)
     assert len(vdata.easy_vqa_answers()) == 13 and all(i.answer in i.choices for i in vqa)
     answer, share = vdata.majority_share(vqa)
     assert share == max(sum(i.answer == a for i in vqa) for a in vdata.easy_vqa_answers()) / 30
-    with pytest.raises(ValueError, match="allowed: cifar10, easy_vqa"):
+    with pytest.raises(ValueError, match="allowed: fashion_mnist, cifar10, easy_vqa"):
         vdata.load_items("mnist", "test", 1)
     captions = [c for _, c, _ in vdata.captions(3)]
     assert captions[0].startswith("a photo of") and len(captions) == 6
@@ -307,7 +307,7 @@ def test_vlm_smoke_profiles_end_to_end(results_root):
         assert r.status == "ok", r.error
         for name in ("al_s", "st_samples_per_param_s", "amu_gb", "aec_w", "params_trainable", "adapter_bytes"):
             assert isinstance(r.metrics[name], MetricValue), name
-        for name in ("final_loss", "accuracy_before", "accuracy_after", "acc_cifar10_after", "majority_easy_vqa"):
+        for name in ("final_loss", "accuracy_before", "accuracy_after", "acc_fashion_mnist_after", "majority_easy_vqa"):
             assert math.isfinite(r.quality[name]), name
         assert r.provenance["vlm_transplant"]["biases_zeroed"] > 0
         assert r.provenance["vlm_alignment"]["cpu_seconds"] > 0

@@ -1,54 +1,17 @@
-"""CIFAR-10's 10,000 test images (32x32 RGB, 10 classes) from BIG-bench's offline copy, split and batched.
+"""The DiT axis's images (an offline image set of :mod:`..vision.images`), split and batched.
 
-``assets.cifar10_test_json()`` is BIG-bench's ``cifar10_classification`` task: each
-example is a base64 PNG with a one-hot ``target_scores``. The images are decoded
-once and cached beside it as ``uint8`` arrays. The file is sorted by class (the
-1000 airplanes first), so the split shuffles with a fixed seed first: the
-held-out images are the same whatever a run's seed.
+The set is shuffled with ``images.SPLIT_SEED`` and the first ``heldout_size`` images are held out: the held-out
+images are the same whatever a run's seed.
 """
 from __future__ import annotations
 
-import base64
-import io
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from .. import assets
-
-CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-SPLIT_SEED = 20250519  # the held-out split is fixed: the same images for every run and profile
-
-
-def _decode(task_json: Path) -> tuple[np.ndarray, np.ndarray]:
-    from PIL import Image
-
-    examples = json.loads(task_json.read_text())["examples"]
-    images = np.empty((len(examples), 32, 32, 3), dtype=np.uint8)
-    labels = np.empty(len(examples), dtype=np.int64)
-    for i, example in enumerate(examples):
-        png = Image.open(io.BytesIO(base64.b64decode(example["input"]))).convert("RGB")
-        images[i] = np.asarray(png)
-        scores = example["target_scores"]
-        labels[i] = CLASSES.index(max(scores, key=scores.get))
-    return images, labels
-
-
-def load_cifar10_test() -> tuple[np.ndarray, np.ndarray]:
-    """All 10,000 images (n, 32, 32, 3) uint8 and labels (n,) int64, in the file's (class-sorted) order."""
-    task_json = assets.cifar10_test_json()
-    cached = task_json.parent / "decoded.npz"
-    if not cached.exists():
-        images, labels = _decode(task_json)
-        tmp = cached.with_suffix(".tmp.npz")
-        np.savez(tmp, images=images, labels=labels)
-        tmp.rename(cached)  # atomic: a half-written cache is never read
-    with np.load(cached) as arrays:
-        return arrays["images"], arrays["labels"]
+from ..vision import images as image_sets
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -63,18 +26,20 @@ class ImageSplits:
     heldout_images: torch.Tensor  # (n_heldout, 3, 32, 32) in [-1, 1], never trained on
     heldout_labels: torch.Tensor
     source: str
+    classes: tuple[str, ...]  # label i is classes[i]
 
 
-def splits(heldout_size: int) -> ImageSplits:
-    """Shuffle the 10,000 images with ``SPLIT_SEED`` and hold the first ``heldout_size`` out."""
-    images, labels = load_cifar10_test()
+def splits(heldout_size: int, data: str) -> ImageSplits:
+    """Shuffle image set ``data``'s images with ``SPLIT_SEED`` and hold the first ``heldout_size`` out."""
+    chosen = image_sets.image_set(data)
+    images, labels = chosen.load()
     if not 2 <= heldout_size < len(images):
         raise ValueError(f"heldout_size must be in [2, {len(images) - 1}], got {heldout_size}")
-    order = np.random.default_rng(SPLIT_SEED).permutation(len(images))
+    order = image_sets.shuffled_order(len(images))
     held, train = order[:heldout_size], order[heldout_size:]
     return ImageSplits(to_tensor(images[train]), torch.from_numpy(labels[train]),
                        to_tensor(images[held]), torch.from_numpy(labels[held]),
-                       f"CIFAR-10 test set (bigbench==1.0.0 sdist), {len(train)} train / {heldout_size} held out")
+                       f"{chosen.source}, {len(train)} train / {heldout_size} held out", chosen.classes)
 
 
 def train_batches(data: ImageSplits, batch_size: int, seed: int, flip: bool = True

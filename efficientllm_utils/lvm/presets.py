@@ -1,7 +1,7 @@
 """The models a run can name: small presets pretrained here (:mod:`.base`) or the paper's hub checkpoints."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import ModuleType
 
 from . import sd3, wan
@@ -19,9 +19,10 @@ class Preset:
     base_steps: int  # denoiser flow-matching pretraining
     lr: float
     batch_size: int
-    heldout_size: int  # images: the DiT axis's fixed CIFAR-10 held-out split
+    heldout_size: int  # images: the DiT axis's fixed held-out split
     max_examples: int | None = None  # cap on the base's training and held-out examples (the smoke bases)
     seed: int = 0
+    images: str = "fashion_mnist"  # the SD family's image set (vision/images.py); the Wan family reads videos
 
 
 PRESETS = {
@@ -36,6 +37,8 @@ PRESETS = {
                        vae_steps=4, vae_lr=2e-3, kl_weight=1e-3, base_steps=4, lr=1e-3, batch_size=4,
                        heldout_size=2000, max_examples=8),
 }
+# the small SD on CIFAR-10's colour photos, where its source answers (``--set model=sd3-small-cifar10``)
+PRESETS["sd3-small-cifar10"] = replace(PRESETS["sd3-small"], images="cifar10")
 
 
 def family_name(model: str) -> str:
@@ -56,7 +59,8 @@ def preset(model: str) -> Preset:
     return PRESETS[model]
 
 
-PAPER_HELDOUT_SIZE = 2000  # the paper's checkpoints are scored on the same CIFAR-10 split
+PAPER_HELDOUT_SIZE = 2000  # the paper's checkpoints are scored on the same held-out split
+PAPER_IMAGES = "cifar10"  # ... of CIFAR-10 (colour photos; its source must answer: see assets.py)
 
 
 def examples(model: str, part: str, heldout: bool):
@@ -64,4 +68,4 @@ def examples(model: str, part: str, heldout: bool):
     held-out side, as its family cuts it."""
     p = PRESETS.get(model)
     return family(model).examples(part, heldout, p.heldout_size if p else PAPER_HELDOUT_SIZE,
-                                  p.shape if p else None)
+                                  p.shape if p else None, p.images if p else PAPER_IMAGES)

@@ -151,15 +151,19 @@ def denoise(transformer, latents: torch.Tensor, timesteps: torch.Tensor, cond: d
 
 # --- data and latent statistics -------------------------------------------------------------------
 
-BASE_CLASSES = ("airplane", "automobile", "bird", "deer", "dog", "frog", "horse", "ship")
-NEW_CLASSES = ("cat", "truck")  # never seen by the base: what fine-tuning adapts it to
+# per image set: the classes the base learns, and the two it never sees (what fine-tuning adapts it to)
+BASE_CLASSES = {"fashion_mnist": ("top", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "boot"),
+                "cifar10": ("airplane", "automobile", "bird", "deer", "dog", "frog", "horse", "ship")}
+NEW_CLASSES = {"fashion_mnist": ("trousers", "bag"), "cifar10": ("cat", "truck")}
 
 
-def examples(part: str, heldout: bool, heldout_size: int, shape: SD3Shape):
-    """``part`` 'base' (pretraining) or 'new' (fine-tuning) images, training or held-out side."""
+def examples(part: str, heldout: bool, heldout_size: int, shape: SD3Shape, images: str):
+    """``part`` 'base' (pretraining) or 'new' (fine-tuning) images of image set ``images``, training or held-out
+    side."""
     from . import data
 
-    return data.images(list(BASE_CLASSES if part == "base" else NEW_CLASSES), heldout_size, heldout)
+    classes = (BASE_CLASSES if part == "base" else NEW_CLASSES)[images]
+    return data.images(images, list(classes), heldout_size, heldout)
 
 
 def set_latent_stats(vae, raw_latents: torch.Tensor) -> None:

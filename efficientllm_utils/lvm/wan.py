@@ -130,7 +130,7 @@ def denoise(transformer, latents: torch.Tensor, timesteps: torch.Tensor, cond: d
 
 # --- data ---------------------------------------------------------------------------------------------
 
-def examples(part: str, heldout: bool, heldout_size: int, shape: WanShape | None):
+def examples(part: str, heldout: bool, heldout_size: int, shape: WanShape | None, images: str | None = None):
     """'base' clips (two videos) or 'new' clips (a third), their training or held-out (later) clips."""
     from . import data
 

@@ -17,7 +17,12 @@ from . import finetune as fr
 from . import quantization as qr
 
 PEFT, QUANT = "vlm_peft", "vlm_quantization"
-TASK_NAMES = {"cifar10": "CIFAR-10", "easy_vqa": "easy-VQA"}
+TASK_NAMES = {"fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "easy_vqa": "easy-VQA"}
+
+
+def _tasks(table: pd.DataFrame) -> list[str]:
+    """The tasks a results table has columns for (``<task>_after`` or ``<task>``), in TASK_NAMES' order."""
+    return [t for t in TASK_NAMES if f"{t}_after" in table.columns or t in table.columns]
 
 
 def load():
@@ -104,8 +109,9 @@ def paper_table12(table: pd.DataFrame) -> pd.DataFrame:
     figures = c.published_figures()
     figures = figures[(figures["axis"] == "vision") & (figures["table"].astype(str) == "12")]
     ours = {fr.PAPER_METHOD_NAMES.get(m, m): v for m, v in zip(table.get("method", []), table.get("final_loss", []))}
+    tasks = " + ".join(TASK_NAMES.get(t, t) for t in _tasks(table))
     rows = [{"paper model": f["model"], "method": f["method"], "paper's loss (ChatQA)": f["value"],
-             "this run's loss (CIFAR-10 + easy-VQA)": ours.get(f["method"], float("nan")),
+             f"this run's loss ({tasks})": ours.get(f["method"], float("nan")),
              "source": f"{f['source']} ({f['confidence']})"} for _, f in figures.iterrows()]
     return pd.DataFrame(rows)
 
@@ -213,7 +219,7 @@ def quantization_summary(res, table) -> str:
 
 def quantization_columns(table: pd.DataFrame):
     cols = {"precision": "language model", "model_MB": "model (MB, counted)", "compression": "compression (x)",
-            "accuracy": "accuracy", "cifar10": "CIFAR-10", "easy_vqa": "easy-VQA", "kl": "KL to reference (nats)",
+            "accuracy": "accuracy", **TASK_NAMES, "kl": "KL to reference (nats)",
             "flip_rate": "flip rate", "MCR": "MCR", "TTFT_s": "TTFT with image (s)", "TPOT_s": "decode (s/token)",
             "AMU_GB": "AMU (GB)", "AEC_W": "AEC (W)"}
     return c.show(table, cols, qr.FORMATS)

@@ -1,7 +1,7 @@
 """The DiT studies (attention, MoE): one diffusion transformer variant per run, trained and sampled.
 
 Every run of a study trains the same small class-conditional DiT from scratch on
-the same CIFAR-10 images in the same order, with the same noise, times, steps,
+the same images in the same order, with the same noise, times, steps,
 schedule and seed; only the attention (or the FFN) changes. Phases:
 
 1. data: the fixed held-out split (its two halves: the FD reference and the
@@ -60,7 +60,7 @@ def set_threads(p: DiTRun) -> None:
 
 
 def load_data(p: DiTRun) -> Data:
-    splits = dit_data.splits(p.heldout_size)
+    splits = dit_data.splits(p.heldout_size, p.data)
     half = p.heldout_size // 2
     floor_half, reference = splits.heldout_images[:half], splits.heldout_images[half:2 * half]
     reference_features = fd.cached_features(reference, p.fd_image_size)

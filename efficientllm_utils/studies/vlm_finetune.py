@@ -7,7 +7,7 @@ what differs is the base and the data:
 1. base: a released Qwen2.5-VL by hub id (``paper``), or the small Qwen2.5-VL around SmolLM2's real weights whose
    vision tower and merger were aligned on captioned images with the language model frozen (``align.py``, cached);
    QLoRA loads its language model in 4-bit, the vision tower stays fp32;
-2. data: questions about real images with closed answer sets (``vlm/data.py``: CIFAR-10 photos, easy-VQA), the
+2. data: questions about real images with closed answer sets (``vlm/data.py``: Fashion-MNIST or CIFAR-10 images, easy-VQA), the
    training questions of every task interleaved, the held-out questions from each task's fixed test split;
 3. quality: the paper's final training loss, and held-out answer accuracy (log-likelihood over the answer set)
    before and after training, per task, beside the majority-class baseline.

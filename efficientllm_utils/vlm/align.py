@@ -2,7 +2,7 @@
 
 First (``embed_align``) the vision tower alone learns to emit the language model's input embeddings of each
 caption's content words: no language-model pass, so thousands of images in a minute. Then captioned real images
-(``data.captions``: CIFAR-10 train photos and easy-VQA train images, never the held-out splits) go through the
+(``data.captions``: an image set's train images and easy-VQA train images, never the held-out splits) go through the
 fine-tuning library's one training loop with only the patch merger (the projector) trainable, as LLaVA's first
 stage trains only its projector; the loss is on the caption tokens. (Training the whole vision tower here at a
 high lr undid the first stage: the share of held-out CIFAR-10 photos whose image tokens lie nearest to their own
@@ -50,7 +50,7 @@ def embed_align(model, processor, settings: AlignSettings) -> list[float]:
 
     if settings.embed_steps == 0:
         return []
-    pairs = vdata.captions(settings.embed_captions_per_task, settings.seed + 1)
+    pairs = vdata.captions(settings.embed_captions_per_task, settings.seed + 1, settings.images)
     encoded = processor.image_processor(images=[Image.fromarray(image) for image, _, _ in pairs], return_tensors="pt")
     pixels, grids = encoded["pixel_values"], encoded["image_grid_thw"]  # (n * patches, C*T*P*P), (n, 3)
     per_image = int(grids[0].prod())
@@ -89,7 +89,7 @@ def embed_align(model, processor, settings: AlignSettings) -> list[float]:
 def align(model, processor, settings: AlignSettings) -> ft.TrainResult:
     """Stage 2: train the patch merger on captions, the vision transformer and the language model frozen; returns
     the loop's record."""
-    pairs = vdata.captions(settings.captions_per_task, settings.seed)
+    pairs = vdata.captions(settings.captions_per_task, settings.seed, settings.images)
     examples = [vdata.encode(processor, image, vdata.CAPTION_QUESTION, caption, row)
                 for row, (image, caption, _) in enumerate(pairs)]
     model.requires_grad_(False)

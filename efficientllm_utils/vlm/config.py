@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-TASKS = ("cifar10", "easy_vqa")  # data.py's question sets
+TASKS = ("fashion_mnist", "cifar10", "easy_vqa")  # data.py's question sets: two image sets (vision/images.py), easy-VQA
+IMAGE_TASKS = ("fashion_mnist", "cifar10")  # "What is in this picture?" over an image set's classes
 # the language model's precisions in the quantization study (models.PRECISIONS but the fp4 variant)
 PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int4-nf4")
 
@@ -40,6 +41,7 @@ class AlignSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     captions_per_task: int = Field(512, ge=1, description="captioned train images per task")
+    images: str = Field("fashion_mnist", description="the image set whose classes caption the photos (IMAGE_TASKS)")
     # stage 1: the vision tower and merger alone, their image tokens regressed onto the language model's input
     # embeddings of the caption's content words (no language-model pass: cheap, so many images and steps)
     embed_captions_per_task: int = Field(2000, ge=1)

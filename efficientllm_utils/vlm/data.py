@@ -1,9 +1,10 @@
 """Questions about real images, with closed answer sets, that ship offline.
 
-* ``cifar10``: CIFAR-10's 10,000 labelled test photos (BIG-bench's offline copy, read by ``dit.data``), asked
-  "What is in this picture? Answer with one word."; the answer set is the 10 classes. The images are shuffled
-  with ``dit.data.SPLIT_SEED`` and the first ``CIFAR_TEST`` are the held-out test split (fixed for every run); the
-  rest train (alignment captions use the train images only).
+* ``fashion_mnist`` and ``cifar10``: an offline image set's 10,000 labelled images (``vision/images.py``:
+  Fashion-MNIST's clothing from Debian's package, or CIFAR-10's photos from BIG-bench's sdist where it answers),
+  asked "What is in this picture? Answer with one word."; the answer set is the set's 10 classes. The images are
+  shuffled with ``images.SPLIT_SEED`` and the first ``HELDOUT_IMAGES`` are the held-out test split (fixed for
+  every run); the rest train (alignment captions use the train images only).
 * ``easy_vqa``: easy-VQA (``easy-vqa==1.0``, MIT): 64x64 synthetic images of one coloured shape, 38,575 train and
   9,673 test questions with their own fixed split, 13 possible answers (colours, shapes, yes/no).
 
@@ -22,12 +23,12 @@ from functools import lru_cache
 import numpy as np
 
 from .. import assets
-from ..dit import data as cifar
 from ..finetune.data import IGNORE_INDEX, Example
+from ..vision import images as image_sets
+from .config import IMAGE_TASKS, TASKS
 
-from .config import TASKS
-CIFAR_TEST = 2000  # held-out CIFAR-10 images (the rest train)
-CIFAR_QUESTION = "What is in this picture? Answer with one word."
+HELDOUT_IMAGES = 2000  # held-out images of an image set (the rest train)
+IMAGE_QUESTION = "What is in this picture? Answer with one word."
 CAPTION_QUESTION = "Describe the picture."
 END_OF_TURN = "<|im_end|>"
 
@@ -37,7 +38,7 @@ class VQAItem:
     """One question about one image, with the task's closed answer set."""
 
     task: str
-    row: int  # index of the question in its split (CIFAR: of the image)
+    row: int  # index of the question in its split (an image set: of the image)
     image: np.ndarray  # (h, w, 3) uint8
     question: str
     answer: str
@@ -50,10 +51,10 @@ class VQAItem:
 
 # --- sources ------------------------------------------------------------------------------
 
-def _cifar_split(split: str) -> tuple[np.ndarray, np.ndarray]:
-    images, labels = cifar.load_cifar10_test()
-    order = np.random.default_rng(cifar.SPLIT_SEED).permutation(len(images))
-    index = order[:CIFAR_TEST] if split == "test" else order[CIFAR_TEST:]
+def _image_split(task: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = image_sets.image_set(task).load()
+    order = image_sets.shuffled_order(len(images))
+    index = order[:HELDOUT_IMAGES] if split == "test" else order[HELDOUT_IMAGES:]
     return images[index], labels[index]
 
 
@@ -86,12 +87,12 @@ def load_items(task: str, split: str, n: int | None, seed: int = 0) -> list[VQAI
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     rng = random.Random(f"{task}-{split}-{seed}")
-    if task == "cifar10":
-        images, labels = _cifar_split(split)
+    if task in IMAGE_TASKS:
+        images, labels = _image_split(task, split)
+        classes = image_sets.image_set(task).classes
         rows = list(range(len(images)))
         rng.shuffle(rows)
-        return [VQAItem(task, r, images[r], CIFAR_QUESTION, cifar.CLASSES[labels[r]], cifar.CLASSES)
-                for r in rows[:n]]
+        return [VQAItem(task, r, images[r], IMAGE_QUESTION, classes[labels[r]], classes) for r in rows[:n]]
     questions = _easy_vqa_questions(split)
     rows = list(range(len(questions)))
     rng.shuffle(rows)
@@ -106,11 +107,13 @@ def majority_share(items: list[VQAItem]) -> tuple[str, float]:
     return answer, count / len(items)
 
 
-def captions(n_per_task: int, seed: int = 0) -> list[tuple[np.ndarray, str, tuple[str, ...]]]:
+def captions(n_per_task: int, seed: int = 0, images: str = "fashion_mnist"
+             ) -> list[tuple[np.ndarray, str, tuple[str, ...]]]:
     """(image, caption, its content words) from the TRAIN splits, for the alignment stage: "a photo of a {class}."
-    for CIFAR-10; "a {colour} {shape}." for easy-VQA, read off each image's own colour and shape questions."""
+    for the image set ``images``; "a {colour} {shape}." for easy-VQA, read off each image's own colour and shape
+    questions."""
     pairs = [(i.image, f"a photo of {'an' if i.answer[0] in 'aeiou' else 'a'} {i.answer}.", (i.answer,))
-             for i in load_items("cifar10", "train", n_per_task, seed)]
+             for i in load_items(images, "train", n_per_task, seed)]
     colour, shape = {}, {}
     shapes = {"circle", "rectangle", "triangle"}
     for question, answer, image_id in _easy_vqa_questions("train"):
