@@ -43,6 +43,15 @@ def tiny_llama():
     return LlamaForCausalLM(config).eval(), tokenizer
 
 
+def on_cpu(kind: str):
+    """``this`` CPU as it is; bitsandbytes as on a CPU with AVX512-BF16 (``avx512bf16``: its fused 4-bit path) or
+    without it (``no-avx512bf16``), whatever this CPU has."""
+    from efficientllm_utils import cpu_4bit
+
+    return {"avx512bf16": cpu_4bit.emulate_avx512bf16_cpu, "no-avx512bf16": cpu_4bit.emulate_cpu_without_avx512bf16,
+            "this": contextlib.nullcontext}[kind]()
+
+
 def book_copy(tmp_path: Path) -> Path:
     """A copy of the book's sources, so a test build never touches the user's book."""
     target = tmp_path / "book"

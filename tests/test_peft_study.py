@@ -1,6 +1,5 @@
 """The fine-tuning study: params, the measurement procedure on a tiny model, the book's helpers, and (slow) the
 smoke profile end to end with one saved adapter loaded back."""
-import contextlib
 import math
 
 import pandas as pd
@@ -15,6 +14,8 @@ from efficientllm_utils.records import RunContext, load_records
 from efficientllm_utils.reports import common
 from efficientllm_utils.reports import finetune as fr
 from efficientllm_utils.studies import finetune as fts
+
+from .conftest import on_cpu
 
 TINY = dict(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=8, max_position_embeddings=256, tie_word_embeddings=True,
@@ -227,7 +228,8 @@ def test_the_4bit_base_scores_alike_on_both_kinds_of_cpu(tiny_dir, tmp_path):
     crashed repacking them when the base was scored. QLoRA pins the dequantising kernel on every CPU."""
     p = tiny_params(tiny_dir, "qlora")
     data = fts.load_data(p)
-    plain = fts.evaluate_base(fts.load_base(p)[0], data, p, None)
+    with cpu_4bit.emulate_cpu_without_avx512bf16():
+        plain = fts.evaluate_base(fts.load_base(p)[0], data, p, None)
     with cpu_4bit.emulate_avx512bf16_cpu():
         model, _ = fts.load_base(p)
         emulated = fts.evaluate_base(model, data, p, None)
@@ -235,9 +237,9 @@ def test_the_4bit_base_scores_alike_on_both_kinds_of_cpu(tiny_dir, tmp_path):
     assert cpu_4bit.run_provenance(model)["cpu_4bit"]["layers_pinned"] == {"dequantize": 14}
 
 
-@pytest.mark.parametrize("method, cpu", [("dora", "this"), ("qlora", "this"), ("qlora", "avx512bf16")])
+@pytest.mark.parametrize("method, cpu", [("dora", "this"), ("qlora", "no-avx512bf16"), ("qlora", "avx512bf16")])
 def test_scoring_a_merged_adapter_gives_the_unmerged_scores(tiny_dir, method, cpu):
-    with cpu_4bit.emulate_avx512bf16_cpu() if cpu == "avx512bf16" else contextlib.nullcontext():
+    with on_cpu(cpu):
         _merged_scores_equal_unmerged(tiny_dir, method)
 
 
