@@ -10,6 +10,20 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` are skipped, saying why, where torch sees no CUDA device (``make test`` on a CPU)."""
+    marked = [item for item in items if item.get_closest_marker("gpu")]
+    if not marked:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (marked gpu): torch sees none here")
+    for item in marked:
+        item.add_marker(skip)
+
+
 @pytest.fixture
 def results_root(tmp_path) -> Path:
     root = tmp_path / "results"
