@@ -57,6 +57,19 @@ def tiny_llama():
     return LlamaForCausalLM(config).eval(), tokenizer
 
 
+def assert_valued(metrics: dict, names) -> None:
+    """Each named metric of a record has a positive value, measured, counted or labelled estimated: none quietly
+    became ``unavailable:``. PCU, which only a GPU has, must be unavailable exactly where torch sees no CUDA."""
+    import torch
+
+    for name in names:
+        metric = metrics[name]
+        if name == "pcu" and not torch.cuda.is_available():
+            assert metric.value is None and metric.method.startswith("unavailable:"), (name, metric)
+        else:
+            assert metric.value is not None and metric.value > 0, (name, metric)
+
+
 def on_cpu(kind: str):
     """``this`` CPU as it is; bitsandbytes as on a CPU with AVX512-BF16 (``avx512bf16``: its fused 4-bit path) or
     without it (``no-avx512bf16``), whatever this CPU has."""
