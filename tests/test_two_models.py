@@ -110,9 +110,11 @@ def test_two_model_grids_run_through_the_book(tmp_path, results_root, monkeypatc
     book = book_copy(tmp_path)
     monkeypatch.setenv("EFFICIENTLLM_BOOK_PROFILE", "two")
     index = build_book(results_root, book, published_root=None)  # the two-model runs only
-    shown = {"quantization": qr.findings_text(res, table), "peft": fr.findings_text(peft, ft_table),
-             **{study: ar.findings_text(s, ar.pretraining_table(s))
-                for study in ARCH_FIELDS for s in [common.load_study(study, "two", results_root)]}}
+    # what each chapter's findings section shows, from the report layer
+    studies = {chapter: common.load_study(chapter, "two", results_root) for chapter in ("quantization", *ARCH_FIELDS)}
+    shown = {"quantization": qr.findings_text(studies["quantization"], qr.quantization_table(studies["quantization"])),
+             "peft": fr.findings_text(peft, ft_table),
+             **{study: ar.findings_text(studies[study], ar.pretraining_table(studies[study])) for study in ARCH_FIELDS}}
     for chapter, names in {"quantization": WIDTHS, "peft": WIDTHS,
                            **{study: arch_models for study in ARCH_FIELDS}}.items():
         page = (index.parent / f"{chapter}.html").read_text()
