@@ -30,9 +30,10 @@ tiny test models), or not a multiple of the kernel's 32-row tile -- stay 4-bit a
 ``dequantize`` even under ``fused-bf16``, instead of crashing in the repack.
 
 On a CPU without AVX512-BF16 the fused kernel does not exist; :func:`emulate_avx512bf16_cpu` makes
-bitsandbytes behave as on such a CPU, with :func:`reference_packed_matmul` (a plain-torch computation of
-what the fused kernel computes) in place of the native kernel, so that tests and
-``benchmarks/qlora_cpu_paths.py`` exercise both paths on any machine.
+bitsandbytes behave as on a CPU with it, with :func:`reference_packed_matmul` (a plain-torch computation of
+what the fused kernel computes) in place of the native kernel, and :func:`emulate_cpu_without_avx512bf16`
+as on a CPU without it, so that tests and ``benchmarks/qlora_cpu_paths.py`` exercise both kinds of CPU on
+any machine.
 """
 from __future__ import annotations
 
@@ -165,19 +166,33 @@ def _reference_gemv_4bit(A, B, out=None, transposed_A=False, transposed_B=False,
 
 
 @contextmanager
-def emulate_avx512bf16_cpu():
-    """Make bitsandbytes behave as on a CPU with AVX512-BF16: new ``Linear4bit`` layers take the fused path,
-    and where the native fused kernel is missing (this CPU lacks AVX512-BF16) :func:`reference_packed_matmul`
-    runs in its place. For tests and benchmarks only; restored on exit."""
+def _bitsandbytes_sees_avx512bf16(present: bool):
+    """bitsandbytes' CPU check (``has_avx512bf16``, where its modules read it) answering ``present``; with the fused
+    path on a CPU whose native kernel is missing, :func:`reference_packed_matmul` runs in its place. Yields whether
+    this CPU really has AVX512-BF16. Restored on exit."""
     import bitsandbytes.functional as bnb_functional
     import bitsandbytes.nn.modules as bnb_modules
 
     native = bnb_functional.has_avx512bf16()
     saved = (bnb_modules.has_avx512bf16, bnb_functional.has_avx512bf16, bnb_functional.gemv_4bit)
-    bnb_modules.has_avx512bf16 = bnb_functional.has_avx512bf16 = lambda: True
-    if not native:
+    bnb_modules.has_avx512bf16 = bnb_functional.has_avx512bf16 = lambda: present
+    if present and not native:
         bnb_functional.gemv_4bit = _reference_gemv_4bit
     try:
         yield native
     finally:
         bnb_modules.has_avx512bf16, bnb_functional.has_avx512bf16, bnb_functional.gemv_4bit = saved
+
+
+def emulate_avx512bf16_cpu():
+    """Make bitsandbytes behave as on a CPU with AVX512-BF16: new ``Linear4bit`` layers take the fused path,
+    and where the native fused kernel is missing (this CPU lacks AVX512-BF16) :func:`reference_packed_matmul`
+    runs in its place. For tests and benchmarks only; restored on exit."""
+    return _bitsandbytes_sees_avx512bf16(True)
+
+
+def emulate_cpu_without_avx512bf16():
+    """Make bitsandbytes (and :func:`resolve`) behave as on a CPU without AVX512-BF16: new ``Linear4bit`` layers
+    dequantize, ``auto`` resolves to ``dequantize`` and ``fused-bf16`` is refused. For tests only; restored on exit.
+    Layers already repacked keep their layout (and kernel)."""
+    return _bitsandbytes_sees_avx512bf16(False)

@@ -239,10 +239,9 @@ def aggregate(study: str, profile: str, root: Path | None = None):
     base = (root or RESULTS_DIR) / study / profile
     frame = pd.DataFrame([r.flat() for r in load_records(study, profile, root)])
     base.mkdir(parents=True, exist_ok=True)
+    # each file through its own uniquely named temporary: two invocations on one profile never share one
     atomic_write_text(base / "runs.csv", frame.to_csv(index=False))
-    tmp = base / ".runs.parquet.tmp"
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, base / "runs.parquet")
+    atomic_write_bytes(base / "runs.parquet", frame.to_parquet(index=False))
     return frame
 
 

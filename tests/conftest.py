@@ -10,6 +10,20 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` are skipped, saying why, where torch sees no CUDA device (``make test`` on a CPU)."""
+    marked = [item for item in items if item.get_closest_marker("gpu")]
+    if not marked:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (marked gpu): torch sees none here")
+    for item in marked:
+        item.add_marker(skip)
+
+
 @pytest.fixture
 def results_root(tmp_path) -> Path:
     root = tmp_path / "results"
@@ -41,6 +55,28 @@ def tiny_llama():
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                          tie_word_embeddings=True)
     return LlamaForCausalLM(config).eval(), tokenizer
+
+
+def assert_valued(metrics: dict, names) -> None:
+    """Each named metric of a record has a positive value, measured, counted or labelled estimated: none quietly
+    became ``unavailable:``. PCU, which only a GPU has, must be unavailable exactly where torch sees no CUDA."""
+    import torch
+
+    for name in names:
+        metric = metrics[name]
+        if name == "pcu" and not torch.cuda.is_available():
+            assert metric.value is None and metric.method.startswith("unavailable:"), (name, metric)
+        else:
+            assert metric.value is not None and metric.value > 0, (name, metric)
+
+
+def on_cpu(kind: str):
+    """``this`` CPU as it is; bitsandbytes as on a CPU with AVX512-BF16 (``avx512bf16``: its fused 4-bit path) or
+    without it (``no-avx512bf16``), whatever this CPU has."""
+    from efficientllm_utils import cpu_4bit
+
+    return {"avx512bf16": cpu_4bit.emulate_avx512bf16_cpu, "no-avx512bf16": cpu_4bit.emulate_cpu_without_avx512bf16,
+            "this": contextlib.nullcontext}[kind]()
 
 
 def book_copy(tmp_path: Path) -> Path:

@@ -89,8 +89,16 @@ def test_nsa_selection_includes_a_scored_block():
     probs = torch.rand(1, 4, 1, 9)
     block_start = torch.arange(9) * 2
     mask = module.selection_mask(probs, block_start, torch.tensor([19]), torch.arange(20))  # (1, 2, 1, 20)
-    chosen_blocks = {int(s) // 4 for s in mask[0, 0, 0].nonzero().flatten()}
-    assert len(chosen_blocks) == 4 and {0, 3, 4} <= chosen_blocks
+    # by hand: a selection block's score is the sum, over its 4 tokens, of the group's probabilities of the
+    # compressed blocks (4 tokens from 2i) that hold the token; blocks 0 (initial), 3 and 4 (local) are forced, so
+    # the fourth pick is the better scored of blocks 1 and 2, for each KV group (heads 0-1, heads 2-3) on its own
+    for kv, heads in enumerate((slice(0, 2), slice(2, 4))):
+        group = probs[0, heads, 0].sum(0)  # (9,)
+        score = {j: sum(float(group[i]) for s in range(4 * j, 4 * j + 4) for i in range(9) if 2 * i <= s < 2 * i + 4)
+                 for j in (1, 2)}
+        assert score[1] != score[2]
+        chosen_blocks = {int(s) // 4 for s in mask[0, kv, 0].nonzero().flatten()}
+        assert chosen_blocks == {0, 3, 4, max(score, key=score.get)}, kv
 
 
 TINY = dict(vocab_size=61, hidden_size=32, n_layers=2, n_heads=4, intermediate_size=48, compress_block=4,

@@ -19,7 +19,16 @@ def test_measured_durations_win_over_the_flops_model(results_root):
     modelled = run_costs("positional_encoding", "paper", results_root)
     assert {r["how"] for r in modelled} == {"FLOPs model"}
     first = modelled[0]
-    assert first["hours"] == pytest.approx(training_flops(specs[0]) / ASSUMED_SUSTAINED_FLOPS / 3600)
+    # by hand, for Qwen2.5-1.5B's shape (hidden 1536, 28 layers, 12 query and 2 KV heads of 128, FFN 8960, vocab
+    # 151936; positions add no matmul): the weights a token passes through, twice (multiply-add), plus attention's
+    # scores and weighted sum over the average causal context, three times (forward + backward), for every token
+    p = specs[0].params
+    assert (p["size"], p["attention"], p["seq_len"], p["batch_size"], p["steps"]) == ("1.5B", "gqa", 8192, 1, 4000)
+    linear = 28 * (2 * 1536 ** 2 + 2 * 1536 * 256 + 3 * 1536 * 8960) + 151936 * 1536  # q, o; k, v; FFN; lm_head
+    attention = 28 * 2 * 12 * (128 + 128) * (8192 + 1) / 2
+    flops = 3 * (2 * linear + attention) * 4000 * 1 * 8192
+    assert training_flops(specs[0]) == pytest.approx(flops)
+    assert first["hours"] == pytest.approx(flops / ASSUMED_SUSTAINED_FLOPS / 3600)
     assert 0.01 < first["hours"] < 10  # 1.5B, 33M tokens: a fraction of an hour at 40% of an H200
 
     spec = specs[0]

@@ -12,6 +12,8 @@ from efficientllm_utils.params import DiTRun, ParamsError, expand, params_path
 from efficientllm_utils.records import load_records
 from efficientllm_utils.vision import images as image_sets
 
+from .conftest import assert_valued
+
 
 def test_idx_reader_and_cifar10_decoder_read_their_formats(tmp_path):
     """Both readers on small files written here in each source's format (CIFAR-10's source is refused on some
@@ -123,9 +125,8 @@ def test_dit_smoke_profile_end_to_end(results_root):
         records = load_records(study, "smoke", results_root)
         assert len(records) == 1 and records[0].status == "ok"
         record = records[0]
-        for metric in ("params_total", "params_active", "flops_per_step", "al_s", "tt_tokens_per_param_s",
-                       "amu_gb", "aec_w", "sample_latency_s_per_image"):
-            assert metric in record.metrics
+        assert_valued(record.metrics, ("params_total", "params_active", "flops_per_step", "al_s",
+                                       "tt_tokens_per_param_s", "amu_gb", "aec_w", "sample_latency_s_per_image"))
         assert record.quality["n_samples"] >= 256 and record.quality["fd_noise_floor"] > 0
         assert "not-inception-FID" in record.quality["fd_metric"]
         res = load_study(study, "smoke", results_root)

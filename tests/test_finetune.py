@@ -1,8 +1,6 @@
 """The fine-tuning axis: methods through peft, the shared loop, BoolQ instruction data, adapters."""
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
@@ -11,6 +9,8 @@ from efficientllm_utils import finetune as ft
 from efficientllm_utils.finetune import data as fdata
 from efficientllm_utils.finetune import methods as fm
 from efficientllm_utils.finetune import train as ftrain
+
+from .conftest import on_cpu
 
 TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, max_position_embeddings=256, tie_word_embeddings=True,
@@ -199,13 +199,8 @@ def test_unknown_method_raises_a_clear_error(tiny_dir):
 
 # --- adapters --------------------------------------------------------------------------
 
-def on_cpu(kind: str):
-    """``this`` CPU as it is, or ``avx512bf16``: bitsandbytes as on a CPU with AVX512-BF16 (its fused 4-bit path)."""
-    return cpu_4bit.emulate_avx512bf16_cpu() if kind == "avx512bf16" else contextlib.nullcontext()
-
-
-@pytest.mark.parametrize("method, cpu", [(m, "this") for m in ("lora", "dora", "pissa", "freeze", "full", "qlora")]
-                         + [("qlora", "avx512bf16")])
+@pytest.mark.parametrize("method, cpu", [(m, "this") for m in ("lora", "dora", "pissa", "freeze", "full")]
+                         + [("qlora", "no-avx512bf16"), ("qlora", "avx512bf16")])
 def test_saved_adapter_loads_back_with_the_same_logits(tiny_dir, boolq, tokenizer, tmp_path, method, cpu):
     with on_cpu(cpu):
         _saved_adapter_loads_back(tiny_dir, boolq, tokenizer, tmp_path, method)

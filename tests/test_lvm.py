@@ -111,6 +111,19 @@ def test_adapters_on_a_denoiser_train_only_their_parameters(method):
     trainable = {n for n, p in built.model.named_parameters() if p.requires_grad}
     marker = {"loha": "hada_", "lokr": "lokr_", "dora": "lora_"}[method]  # peft's names of each adapter's tensors
     assert trainable and all(marker in n for n in trainable)
+    # one flow-matching step through the optimizer on the built parameter groups: only the adapter's tensors move
+    from efficientllm_utils.lvm.flow import velocity_loss
+
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, shape.latent_channels, 3, 16, 16, generator=g)  # (b, c, f, h, w)
+    cond = {"encoder_hidden_states": torch.randn(2, shape.max_tokens, shape.text_dim, generator=g)}
+    before = {n: p.detach().clone() for n, p in built.model.named_parameters()}
+    optimizer = torch.optim.AdamW(built.param_groups, lr=1e-2)
+    velocity_loss(built.model, wan.denoise, latents, cond, g).backward()
+    optimizer.step()
+    moved = {n for n, p in built.model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and moved <= trainable
+    assert {n for n, p in built.model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0} <= moved
 
 
 def test_lvm_params_fail_early_with_the_allowed_values():

@@ -1,4 +1,5 @@
 import pytest
+import yaml
 
 from efficientllm_utils import cli
 from efficientllm_utils.params import PARAMS_DIR, ParamsError, expand, params_path
@@ -18,12 +19,14 @@ profiles:
 
 def test_every_shipped_params_file_expands():
     for path in PARAMS_DIR.glob("*.yaml"):
+        declared = yaml.safe_load(path.read_text())
+        assert declared["default_profile"] in declared["profiles"], path.name
         for profile in ("cpu", "smoke", "gpu", "paper"):
-            try:
-                specs = expand(path, profile)
-            except ParamsError as err:
-                assert "is not one of" in str(err) and "profile" in str(err)  # profile absent from this file
+            if profile not in declared["profiles"]:  # absent from this file: refused, naming it
+                with pytest.raises(ParamsError, match=f"profile.*{profile!r}.*is not one of"):
+                    expand(path, profile)
                 continue
+            specs = expand(path, profile)  # a present profile expands: any error fails here
             assert specs and all(s.study == path.stem for s in specs)
 
 

@@ -142,6 +142,71 @@ def test_single_values_count_only_beyond_their_noise():
     assert common.decide(common.point_difference(110, 100, 0.05, "noise"), "lower") == common.DISAGREES
 
 
+def test_no_verdict_from_a_zero_baseline_or_a_nan_or_infinite_sample():
+    fine = [1.0, 1.1, 0.9, 1.0, 1.2]
+    nan, inf = float("nan"), float("inf")
+    cases = {
+        "zero baseline": [common.bootstrap_ratio(fine, [0.0] * 5), common.paired_ratio(fine, [0.0] * 5),
+                          common.point_difference(1.0, 0.0, 0.05, "noise")],
+        "NaN": [common.bootstrap_ratio(fine[:4] + [nan], fine), common.paired_ratio(fine, fine[:4] + [nan]),
+                common.point_difference(nan, 1.0, 0.05, "noise")],
+        "inf": [common.bootstrap_ratio(fine[:4] + [inf], fine), common.paired_ratio([inf] + fine[1:], fine),
+                common.point_difference(1.0, -inf, 0.05, "noise"), common.bootstrap_ratio([inf, -inf] * 3, fine)],
+    }
+    for case, diffs in cases.items():
+        for diff in diffs:
+            for expect in ("lower", "higher", "not_lower"):
+                assert common.decide(diff, expect, 0.05) == common.INCONCLUSIVE, (case, diff)
+            why = "the baseline is zero" if case == "zero baseline" else "a value is NaN or infinite"
+            assert str(diff) == f"no relative difference ({why})", case
+    # accuracy: a baseline that got nothing right is compared in absolute shares (1 / 0 has no meaning)
+    gained = common.paired_accuracy([1] * 30, [0] * 30)
+    assert gained.estimate == 1.0 and common.decide(gained, "higher") == common.AGREES
+    with pytest.raises(ValueError, match="scored 0 .* or 1 .*nan"):  # an answer that is neither right nor wrong
+        common.paired_accuracy([1] * 29 + [nan], [0] * 30)
+
+
+def test_a_verdict_exactly_at_its_margin():
+    """An interval bound exactly on the margin: "lower"/"higher" need the whole interval beyond it; "not_lower"
+    (at most ``tolerance`` lower) is met by a bound exactly ``tolerance`` lower. 0.25 is exact in binary."""
+    def at(low, high):
+        return common.Difference((low + high) / 2, low, high, "test")
+
+    decide = common.decide
+    assert decide(at(-0.5, -0.25), "lower", 0.25) == common.INCONCLUSIVE
+    assert decide(at(-0.5, np.nextafter(-0.25, -1)), "lower", 0.25) == common.AGREES
+    assert decide(at(0.25, 0.5), "lower", 0.25) == common.INCONCLUSIVE
+    assert decide(at(np.nextafter(0.25, 1), 0.5), "lower", 0.25) == common.DISAGREES
+    assert decide(at(0.25, 0.5), "higher", 0.25) == common.INCONCLUSIVE
+    assert decide(at(np.nextafter(0.25, 1), 0.5), "higher", 0.25) == common.AGREES
+    assert decide(at(-0.5, -0.25), "higher", 0.25) == common.INCONCLUSIVE
+    assert decide(at(-0.5, np.nextafter(-0.25, -1)), "higher", 0.25) == common.DISAGREES
+    assert decide(at(-0.25, 0.0), "not_lower", 0.25) == common.AGREES
+    assert decide(at(np.nextafter(-0.25, -1), 0.0), "not_lower", 0.25) == common.INCONCLUSIVE
+    assert decide(at(-0.5, -0.25), "not_lower", 0.25) == common.INCONCLUSIVE
+    assert decide(at(-0.5, np.nextafter(-0.25, -1)), "not_lower", 0.25) == common.DISAGREES
+    assert decide(at(-0.1, 0.1), "lower", 0.0) == common.INCONCLUSIVE  # zero margin: 0 inside the interval
+    with pytest.raises(ValueError, match="lower, higher or not_lower"):
+        decide(at(-0.1, 0.1), "smaller")
+
+
+def test_intervals_start_exactly_at_the_minimum_samples_and_items():
+    n, rng = common.MIN_SAMPLES, np.random.default_rng(0)
+    slow, fast = list(2.0 + 0.01 * rng.random(n)), list(1.0 + 0.01 * rng.random(n))
+    for rule in (common.bootstrap_ratio, common.paired_ratio):
+        enough, short = rule(fast, slow), rule(fast[:-1], slow[:-1])
+        assert np.isfinite([enough.low, enough.high]).all() and common.decide(enough, "lower") == common.AGREES
+        assert (short.low, short.high) == (-np.inf, np.inf) and f"fewer than {n}" in str(short)
+        assert common.decide(short, "lower") == common.INCONCLUSIVE
+        assert short.estimate == pytest.approx(np.mean(fast[:-1]) / np.mean(slow[:-1]) - 1)  # still reported
+    m = common.MIN_ITEMS
+    enough = common.paired_accuracy([0] * m, [1] * m)  # every answer lost
+    short = common.paired_accuracy([0] * (m - 1), [1] * (m - 1))
+    assert (enough.low, enough.high) == (-1.0, -1.0) and common.decide(enough, "lower") == common.AGREES
+    assert (short.low, short.high) == (-np.inf, np.inf) and f"fewer than {m}" in str(short)
+    assert short.estimate == -1.0 and common.decide(short, "lower") == common.INCONCLUSIVE
+
+
 def test_two_estimates_are_never_evidence():
     diff = common.estimated_difference(50.0, 100.0)  # half, but both estimated
     assert common.decide(diff, "lower") == common.decide(diff, "higher") == common.INCONCLUSIVE

@@ -47,7 +47,10 @@ def test_force_reruns(results_root):
 def test_interrupted_profile_resumes(results_root):
     cmd = [sys.executable, "-m", "efficientllm_utils", "run", "selftest", "--results", str(results_root),
            "--set", "sleep_s=4"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    # no GPU visible: the local cluster has one worker, so the runs go one at a time (a GPU host starts one per GPU)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env=env)
     specs = expand(PARAMS_DIR / "selftest.yaml", "cpu", {"sleep_s": 4})
     dirs = [run_dir(s.study, s.profile, s.run_id, results_root) for s in specs]
     deadline = time.time() + 120
@@ -61,6 +64,15 @@ def test_interrupted_profile_resumes(results_root):
     assert status[specs[0].run_id] == "skipped"
     assert status[specs[2].run_id] == "ok"
     assert all(read_record(d).status == "ok" for d in dirs)
+
+
+def test_a_run_past_its_timeout_is_recorded_as_failed(results_root):
+    specs = expand(PARAMS_DIR / "selftest.yaml", "cpu", {"sleep_s": 600})[:1]  # its cell sleeps far past the limit
+    (outcome,) = runner.execute(specs, results_root, timeout_s=20).outcomes
+    record = read_record(run_dir(specs[0].study, specs[0].profile, specs[0].run_id, results_root))
+    assert outcome.status == record.status == "failed"
+    assert "CellTimeoutError" in record.error and "20 seconds" in record.error
+    assert record.metrics == {}  # the notebook never reached its result
 
 
 def test_gpu_runs_without_gpu_workers_fail_fast():

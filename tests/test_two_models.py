@@ -9,6 +9,7 @@ live here too, so their runs are not paid twice.
 """
 import math
 import re
+from collections import Counter
 
 import pandas as pd
 import pytest
@@ -23,7 +24,7 @@ from efficientllm_utils.reports import common
 from efficientllm_utils.reports import finetune as fr
 from efficientllm_utils.reports import quantization as qr
 
-from .conftest import book_copy
+from .conftest import assert_valued, book_copy
 
 pytestmark = pytest.mark.slow
 
@@ -109,6 +110,11 @@ def test_two_model_grids_run_through_the_book(tmp_path, results_root, monkeypatc
     book = book_copy(tmp_path)
     monkeypatch.setenv("EFFICIENTLLM_BOOK_PROFILE", "two")
     index = build_book(results_root, book, published_root=None)  # the two-model runs only
+    # what each chapter's findings section shows, from the report layer
+    studies = {chapter: common.load_study(chapter, "two", results_root) for chapter in ("quantization", *ARCH_FIELDS)}
+    shown = {"quantization": qr.findings_text(studies["quantization"], qr.quantization_table(studies["quantization"])),
+             "peft": fr.findings_text(peft, ft_table),
+             **{study: ar.findings_text(studies[study], ar.pretraining_table(studies[study])) for study in ARCH_FIELDS}}
     for chapter, names in {"quantization": WIDTHS, "peft": WIDTHS,
                            **{study: arch_models for study in ARCH_FIELDS}}.items():
         page = (index.parent / f"{chapter}.html").read_text()
@@ -118,7 +124,9 @@ def test_two_model_grids_run_through_the_book(tmp_path, results_root, monkeypatc
         for name in names:
             assert name in findings, (chapter, name)  # findings per model
             assert re.search(rf"{re.escape(name)}\s+against the paper", text), (chapter, name)  # a board per model
-        assert re.search(r"\b(agrees|disagrees|inconclusive)\b", findings)
+        # every finding the report layer decides is on the page with its verdict, and no other
+        verdicts = Counter(re.findall(r"\*\*(agrees|disagrees|inconclusive)\*\*:", shown[chapter]))
+        assert verdicts and Counter(re.findall(r"\b(agrees|disagrees|inconclusive)\s*:", findings)) == verdicts, chapter
         assert "Kendall" in text and "<th" in page and 'class="row_heading' not in page  # no index column
         runs = list((index.parent / "runs" / chapter).glob("*.html"))
         assert len(runs) == len(load_records(chapter, "two", results_root)), chapter
@@ -133,10 +141,9 @@ def _check_architecture_records(study, field, results_root):
         assert r.status == "ok", r.error
         for metric in ("perplexity", "final_loss", "initial_loss"):
             assert math.isfinite(r.quality[metric])
-        for metric in ("al_s", "tt_tokens_per_param_s", "amu_gb", "pcu", "aec_w", "energy_j", "params_total",
-                       "params_active", "flops_per_token", "kv_cache_bytes_per_token",
-                       "kv_cache_bytes_per_token_measured"):
-            assert metric in r.metrics
+        assert_valued(r.metrics, ("al_s", "tt_tokens_per_param_s", "amu_gb", "pcu", "aec_w", "energy_j",
+                                  "params_total", "params_active", "flops_per_token", "kv_cache_bytes_per_token",
+                                  "kv_cache_bytes_per_token_measured"))
         for context in r.params["decode_contexts"]:
             assert r.metrics[f"decode_ctx{context}_latency_s"].value > 0
         assert len(r.raw["steps"]) == r.params["steps"] and r.raw["decode"]

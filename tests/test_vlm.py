@@ -10,7 +10,6 @@ import torch
 from efficientllm_utils import cli, models
 from efficientllm_utils.finetune.data import IGNORE_INDEX, Example
 from efficientllm_utils.finetune.train import collate
-from efficientllm_utils.metrics.values import MetricValue
 from efficientllm_utils.params import (ParamsError, VLMFinetuneRun, VLMQuantizationRun, expand,
                                        params_path)
 from efficientllm_utils.records import load_records
@@ -20,6 +19,8 @@ from efficientllm_utils.vlm.config import VisionSettings
 from efficientllm_utils.vlm.model import (add_vision_tokens, build_small_vlm, language_model, mrope_section,
                                           small_vlm_config)
 from efficientllm_utils.vlm.processor import ImageOnlyProcessor, build_processor
+
+from .conftest import assert_valued
 
 TINY_VISION = VisionSettings(depth=1, hidden_size=32, intermediate_size=64, num_heads=2)
 
@@ -305,8 +306,8 @@ def test_vlm_smoke_profiles_end_to_end(results_root):
     assert set(peft) == {s.params["method"] for s in expand(params_path("vlm_peft"), "smoke")}
     for r in peft.values():
         assert r.status == "ok", r.error
-        for name in ("al_s", "st_samples_per_param_s", "amu_gb", "aec_w", "params_trainable", "adapter_bytes"):
-            assert isinstance(r.metrics[name], MetricValue), name
+        assert_valued(r.metrics, ("al_s", "st_samples_per_param_s", "amu_gb", "aec_w", "params_trainable",
+                                  "adapter_bytes"))
         for name in ("final_loss", "accuracy_before", "accuracy_after", "acc_fashion_mnist_after", "majority_easy_vqa"):
             assert math.isfinite(r.quality[name]), name
         assert r.provenance["vlm_transplant"]["biases_zeroed"] > 0

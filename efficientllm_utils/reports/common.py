@@ -377,6 +377,8 @@ class Difference:
     estimated: bool = False  # both values are estimates (no evidence)
 
     def __str__(self) -> str:
+        if not np.isfinite(self.estimate):
+            return f"no relative difference ({self.how})"
         if not np.isfinite([self.low, self.high]).all():
             return f"{100 * self.estimate:+.1f}% ({self.how})"
         if self.low == self.high == self.estimate:
@@ -385,10 +387,23 @@ class Difference:
                 f"{100 * self.high:+.1f}%, {self.how})")
 
 
+def undefined_difference(subject, baseline) -> Difference | None:
+    """No relative difference, hence no verdict, where a value (or sample) is NaN or infinite or the baseline's
+    mean is zero."""
+    a, b = np.atleast_1d(np.asarray(subject, float)), np.atleast_1d(np.asarray(baseline, float))
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return Difference(float("nan"), -np.inf, np.inf, "a value is NaN or infinite")
+    if b.mean() == 0:
+        return Difference(float("nan"), -np.inf, np.inf, "the baseline is zero")
+    return None
+
+
 def bootstrap_ratio(subject: list[float], baseline: list[float], seed: int = 0) -> Difference:
     """Relative difference of the means of two independent samples (e.g. request latencies of two runs), with a
     percentile bootstrap interval (each sample resampled on its own)."""
     a, b = np.asarray(subject, float), np.asarray(baseline, float)
+    if (undefined := undefined_difference(a, b)) is not None:
+        return undefined
     if min(len(a), len(b)) < MIN_SAMPLES:
         return Difference(a.mean() / b.mean() - 1, -np.inf, np.inf,
                           f"only {len(a)} and {len(b)} timed samples: too few for an interval, fewer than "
@@ -408,6 +423,9 @@ def paired_accuracy(subject: list[int], baseline: list[int], seed: int = 0) -> D
     a, b = np.asarray(subject, float), np.asarray(baseline, float)
     if len(a) != len(b) or not len(a):
         raise ValueError(f"paired accuracy needs the same items: {len(a)} vs {len(b)}")
+    if not np.isin(np.concatenate([a, b]), (0, 1)).all():
+        raise ValueError("paired accuracy needs answers scored 0 (wrong) or 1 (right), got "
+                         f"{sorted(set(np.concatenate([a, b]).tolist()) - {0.0, 1.0})[:5]}")
     base = b.mean() or 1.0
     flips, n = int((a != b).sum()), len(a)
     estimate = (a.mean() - b.mean()) / base
@@ -432,6 +450,8 @@ def paired_ratio(subject: list[float], baseline: list[float], seed: int = 0) -> 
     a, b = np.asarray(subject, float), np.asarray(baseline, float)
     if len(a) != len(b) or not len(a):
         raise ValueError(f"a paired difference needs the same items: {len(a)} vs {len(b)}")
+    if (undefined := undefined_difference(a, b)) is not None:
+        return undefined
     estimate, n = a.mean() / b.mean() - 1, len(a)
     if n < MIN_SAMPLES:
         return Difference(estimate, -np.inf, np.inf, f"only {n} items: too few for an interval, fewer than "
@@ -444,6 +464,8 @@ def paired_ratio(subject: list[float], baseline: list[float], seed: int = 0) -> 
 
 def point_difference(subject: float, baseline: float, tolerance: float, what: str) -> Difference:
     """One value per run: the relative difference, its interval the noise ``tolerance`` on either side."""
+    if (undefined := undefined_difference(subject, baseline)) is not None:
+        return undefined
     est = subject / baseline - 1
     return Difference(est, est - tolerance, est + tolerance, f"+-{100 * tolerance:.0f}% {what}" if tolerance else what)
 
