@@ -72,8 +72,8 @@ def _plan(study: str, args) -> list:
         base = explored[0].explored.profile
         off = {kind: sorted({f"{k}={label_value(v)}" for s in explored for k, v in s.explored.changed.items()
                              if (k in s.explored.outside_grid) == (kind == "grid")}) for kind in ("grid", "fixed")}
-        what = "; ".join(f"{title}: {', '.join(off[kind])}" for kind, title in
-                         (("grid", "grid values it does not have"), ("fixed", "settings that are not its")) if off[kind])
+        titles = {"grid": "grid values it does not have", "fixed": "settings that are not its"}
+        what = "; ".join(f"{titles[kind]}: {', '.join(values)}" for kind, values in off.items() if values)
         where = Path(args.results if "results" in args else records.RESULTS_DIR) / study / explored[0].profile
         print(f"note: {len(explored)} of {len(specs)} {study} run(s) are outside profile '{base}' ({what}): explored "
               f"runs, recorded apart in {where}; the book shows them only when asked (make book EXPLORED=1)",

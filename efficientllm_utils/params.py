@@ -761,7 +761,8 @@ def expand(path: Path, profile: str | None = None, overrides: dict[str, Any] | N
     if any(not isinstance(values, list) or not values for values in grid.values()):
         raise ParamsError(f"a grid axis takes one or more values, got {grid}")
     own, problems = _validate_grid(chosen, model, chosen.grid, {})  # the profile's own runs
-    narrowed = {k: [overrides.pop(k)] for k in list(overrides) if k in chosen.grid or (k == "variant" and chosen.variants)}
+    narrowed = {k: [overrides.pop(k)] for k in list(overrides)
+                if k in chosen.grid or (k == "variant" and chosen.variants)}  # a bundle name selects its bundle
     axes = {**chosen.grid, **narrowed, **grid}
     if axes != chosen.grid or overrides:
         runs, problems = _validate_grid(chosen, model, axes, overrides)

@@ -46,7 +46,8 @@ class Exploration(BaseModel):
 
     def summary(self) -> str:
         """e.g. "precision=int4-fp4 (outside the grid); from profile cpu"."""
-        parts = [f"{k}={v}" + (" (outside the grid)" if k in self.outside_grid else "") for k, v in self.changed.items()]
+        parts = [f"{k}={v}" + (" (outside the grid)" if k in self.outside_grid else "")
+                 for k, v in self.changed.items()]
         return f"{', '.join(parts) or 'no setting changed'}; from profile {self.profile}"
 
 
@@ -311,7 +312,8 @@ class RunContext(BaseModel):
         finished = now()
         duration = (dt.datetime.fromisoformat(finished) - dt.datetime.fromisoformat(self.started)).total_seconds()
         record = RunRecord(run_id=self.run_id, study=self.study, profile=self.profile, label=self.label,
-                           explored=self.explored, status="ok", params=self.params, metrics=metrics, quality=quality, raw=raw,
+                           explored=self.explored, status="ok", params=self.params, metrics=metrics, quality=quality,
+                           raw=raw,
                            provenance={**provenance(), **(provenance_extra or {})}, started=self.started, finished=finished, duration_s=duration)
         write_record(record, self.result_dir)
         return record

@@ -143,7 +143,8 @@ def test_set_variant_selects_a_bundle_or_is_refused_naming_the_bundles(capsys):
     assert rwkv == own["variant=rwkv"] and rwkv.params["architecture"] == "rwkv"
     assert cli.main(["list", "attention_free", "--set", "variant=rwkv7"]) == 2
     err = capsys.readouterr().err
-    assert "field 'variant'" in err and "rwkv7" in err and all(f"'{v}'" in err for v in ("transformer", "mamba", "rwkv"))
+    assert "field 'variant'" in err and "rwkv7" in err
+    assert all(f"'{v}'" in err for v in ("transformer", "mamba", "rwkv"))
     # a bundle's field set in every run: the runs say so in their labels, apart from the profile's own
     specs = {s.label: s for s in expand(params_path("attention_free"), "cpu", {"architecture": "mamba"})}
     assert specs["variant=mamba"] == own["variant=mamba"]
@@ -164,7 +165,8 @@ def test_cli_list_with_set_and_grid(capsys):
 
 def test_profile_names_of_explored_runs_are_reserved(params_file):
     with pytest.raises(ParamsError, match="reserved"):
-        expand(params_file(GOOD.replace("  a:\n", "  manual:\n").replace("default_profile: a", "default_profile: manual")))
+        expand(params_file(GOOD.replace("  a:\n", "  manual:\n").replace("default_profile: a",
+                                                                        "default_profile: manual")))
 
 
 def test_a_notebook_run_by_hand_is_labelled_from_its_parameters(monkeypatch, tmp_path):
