@@ -53,7 +53,7 @@ run: assets  ## run AXIS's grid without building the book
 	$(BIN)/python -m efficientllm_utils run $(AXIS) $(RUN_FLAGS)
 
 book: env  ## rebuild the book from existing results
-	$(BIN)/python -m efficientllm_utils book
+	$(BIN)/python -m efficientllm_utils book $(if $(EXPLORED),--explored)
 
 test: test-assets  ## the whole test suite, end-to-end smoke run and book build included
 	$(BIN)/python -m pytest -q -ra

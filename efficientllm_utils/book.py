@@ -129,6 +129,8 @@ def readable_run_notebook(notebook: Path, record: RunRecord | None, results_root
     nb = json.loads(portable_notebook(notebook.read_text(), results_root))
     if record is not None:
         title = run_title(record.study, record.label, record.params) + (" (failed)" if record.status != "ok" else "")
+        if record.explored:  # not one of its profile's runs: say so where a reader lands
+            title += f" (explored: {record.explored.summary()})"
         first = next((c for c in nb["cells"] if c["cell_type"] == "markdown"), None)
         source = "".join(first["source"]) if first else ""
         if source.startswith("# "):  # the notebook's generic title stays, as a subtitle
@@ -157,17 +159,19 @@ def fingerprint(results_root: Path, book_dir: Path) -> str:
 
 
 def build_book(results_root: Path = RESULTS_DIR, book_dir: Path = BOOK_DIR, quiet: bool = True,
-               force: bool = False, published_root: Path | None = PUBLISHED_DIR) -> Path:
+               force: bool = False, published_root: Path | None = PUBLISHED_DIR, explored: bool = False) -> Path:
     """Build the HTML book; returns the path of its ``index.html``. Raises if a page fails.
 
     Each study's profiles come from ``results_root`` where it has records, else from the published copy
-    (``published.book_view``; ``published_root=None``: local results only). Skipped when nothing it reads changed
-    since the last successful build (``force`` rebuilds).
+    (``published.book_view``; ``published_root=None``: local results only). Explored runs (``<profile>+explore``,
+    ``manual``) are left out unless ``explored``: then they get their run pages, titled as explored, and each
+    chapter names them, but its tables and findings keep to its profile's runs. Skipped when nothing it reads
+    changed since the last successful build (``force`` rebuilds).
     """
     index = book_dir / "_build" / "html" / "index.html"
     stamp = book_dir / "_build" / ".fingerprint"
     view = book_dir / "_build" / "results_view"
-    book_view(results_root, view, published_root)
+    book_view(results_root, view, published_root, explored=explored)
     current = fingerprint(view, book_dir)
     if not force and index.exists() and stamp.exists() and stamp.read_text() == current:
         print("book: up to date (no result, page or code changed since the last build)", file=sys.stderr)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import records
 from .clusters import ClusterError
-from .params import PARAMS_DIR, ParamsError, expand, params_path
+from .params import PARAMS_DIR, ParamsError, expand, label_value, params_path
 from .published import PUBLISHED_PROFILES, publish
 from .runner import EXECUTORS, ResourceError, Summary, execute
 
@@ -36,16 +36,49 @@ def studies_of(axis: str) -> list[str]:
                       f"(or a study with a params file: {sorted(p.stem for p in PARAMS_DIR.glob('*.yaml'))})")
 
 
-def _overrides(pairs: list[str]) -> dict:
+def _overrides(pairs: list[str], option: str = "--set") -> dict:
     import yaml
 
     out = {}
     for pair in pairs:
         if "=" not in pair:
-            raise ParamsError(f"--set takes key=value, got {pair!r}")
+            raise ParamsError(f"{option} takes key=value, got {pair!r}")
         key, value = pair.split("=", 1)
         out[key] = yaml.safe_load(value)
     return out
+
+
+def _grid(pairs: list[str]) -> dict:
+    """``--grid key=v1,v2``: the values as a YAML flow list (``tasks=[boolq],[piqa]`` gives two lists)."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ParamsError(f"--grid takes key=value1,value2,..., got {pair!r}")
+        key, values = pair.split("=", 1)
+        try:
+            out[key] = yaml.safe_load(f"[{values}]")
+        except yaml.YAMLError as err:
+            raise ParamsError(f"--grid {key}: {values!r} is not a comma-separated list of values: {err}") from None
+    return out
+
+
+def _plan(study: str, args) -> list:
+    """The study's runs with the command line's --set and --grid, and a note on stderr for explored runs."""
+    specs = expand(params_path(study), args.profile, _overrides(args.set), _grid(args.grid))
+    explored = [s for s in specs if s.explored]
+    if explored:
+        base = explored[0].explored.profile
+        off = {kind: sorted({f"{k}={label_value(v)}" for s in explored for k, v in s.explored.changed.items()
+                             if (k in s.explored.outside_grid) == (kind == "grid")}) for kind in ("grid", "fixed")}
+        titles = {"grid": "grid values it does not have", "fixed": "settings that are not its"}
+        what = "; ".join(f"{titles[kind]}: {', '.join(values)}" for kind, values in off.items() if values)
+        where = Path(args.results if "results" in args else records.RESULTS_DIR) / study / explored[0].profile
+        print(f"note: {len(explored)} of {len(specs)} {study} run(s) are outside profile '{base}' ({what}): explored "
+              f"runs, recorded apart in {where}; the book shows them only when asked (make book EXPLORED=1)",
+              file=sys.stderr)
+    return specs
 
 
 def _executor_settings(args) -> dict:
@@ -66,19 +99,23 @@ def _executor_settings(args) -> dict:
 
 def cmd_run(args) -> int:
     studies = studies_of(args.axis)
-    plans = [(s, expand(params_path(s), args.profile, _overrides(args.set))) for s in studies]  # validate all first
+    plans = [(s, _plan(s, args)) for s in studies]  # validate all first
     executor = _executor_settings(args)
     results_root = Path(args.results)
     total = Summary()
     tables = []
     for study, specs in plans:
-        print(f"== {study}: profile {specs[0].profile}, {len(specs)} runs -> {results_root / study / specs[0].profile}",
-              file=sys.stderr)
+        profiles = list(dict.fromkeys(s.profile for s in specs))  # the profile's, and/or <profile>+explore
+        print(f"== {study}: profile {', '.join(profiles)}, {len(specs)} runs -> "
+              f"{', '.join(str(results_root / study / p) for p in profiles)}", file=sys.stderr)
         summary = execute(specs, results_root, force=args.force, retry_failed=args.retry_failed,
                           timeout_s=args.run_timeout, **executor)
         total.outcomes += summary.outcomes
-        tables.append((study, specs[0].profile, records.aggregate(study, specs[0].profile, results_root)))
-        if args.publish and specs[0].profile in PUBLISHED_PROFILES:
+        tables += [(study, p, records.aggregate(study, p, results_root)) for p in profiles]
+        if args.publish and (args.set or args.grid):  # a narrowed grid would replace the copy with a part of it
+            print("not published: the published copy is made from a profile's whole grid, without --set or --grid",
+                  file=sys.stderr)
+        elif args.publish and specs[0].profile in PUBLISHED_PROFILES:
             target = publish(study, specs[0].profile, results_root, run_ids={s.run_id for s in specs})
             print(f"published: {target.relative_to(records.REPO_ROOT) if target.is_relative_to(records.REPO_ROOT) else target}"
                   f" (commit it to share these results)", file=sys.stderr)
@@ -107,7 +144,7 @@ def _short_table(frame) -> str:
 
 def cmd_list(args) -> int:
     for study in studies_of(args.axis):
-        for spec in expand(params_path(study), args.profile, _overrides(args.set)):
+        for spec in _plan(study, args):
             print(f"{study}\t{spec.profile}\t{spec.run_id}\t{spec.label}")
     return 0
 
@@ -115,12 +152,14 @@ def cmd_list(args) -> int:
 def cmd_book(args) -> int:
     from .book import build_book
 
-    print(f"book: {build_book(Path(args.results))}")
+    print(f"book: {build_book(Path(args.results), explored=args.explored)}")
     return 0
 
 
 def cmd_publish(args) -> int:
     """Copy existing results of the current grid into the published copy (what ``run --publish`` does)."""
+    if args.set or args.grid:
+        raise ParamsError("publish copies a profile's own runs: --set and --grid do not apply")
     for study in studies_of(args.axis):
         profile = args.profile or expand(params_path(study))[0].profile
         try:
@@ -158,7 +197,11 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("axis", help=f"an axis ({', '.join(AXES)}) or a study name")
         p.add_argument("--profile", default=None, help="profile in the params file (default: its default_profile)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a parameter of every run (validated like the params file)")
+                       help="set a parameter in every run (validated like the params file); on a field the grid "
+                            "varies, run that value alone; runs that depart from the profile are recorded apart, "
+                            "in <profile>+explore")
+        p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                       help="replace the grid's values of a field (or add a grid field) with these")
 
     run = sub.add_parser("run", help="execute a profile's runs (skipping those with a record)")
     add_selection(run)
@@ -188,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
 
     book = sub.add_parser("book", help="build the Jupyter Book from existing results")
     book.add_argument("--results", default=str(records.RESULTS_DIR))
+    book.add_argument("--explored", action="store_true",
+                      help="include explored runs (--set/--grid runs off the profile, notebooks run by hand): their "
+                           "run pages, named as such; the chapters' tables and findings keep to the profiles' runs")
     book.set_defaults(func=cmd_book)
 
     pub = sub.add_parser("publish", help="copy a profile's results of the current grid into published/ (the "

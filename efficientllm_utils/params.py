@@ -29,6 +29,7 @@ from .finetune.methods import MODULE_METHOD_NAMES
 from .lvm.quantize import PRECISIONS as LVM_PRECISIONS
 from .models import OFFLINE_MODELS, PRECISIONS, SHAPE_MODELS, SHAPE_PREFIX, is_shape_model
 from .quality import TASKS
+from .records import EXPLORE_TAG, MANUAL_PROFILE, Exploration, is_explored
 from .vlm.config import PRECISIONS as VLM_PRECISIONS
 from .vlm.config import IMAGE_TASKS as VLM_IMAGE_TASKS
 from .vlm.config import TASKS as VLM_TASKS
@@ -654,11 +655,12 @@ class RunSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True)
     study: str
-    profile: str
+    profile: str  # the results folder: the profile's name, or ``<profile>+explore`` for an explored run
     notebook: str
     run_id: str
-    label: str  # the grid values that make this run differ from its siblings
+    label: str  # derived from ``params`` (``run_label``): what makes this run differ from its siblings
     params: dict[str, Any]
+    explored: Exploration | None = None  # how the run departs from its profile; None: one of the profile's runs
 
 
 def run_id_for(study: str, params: dict[str, Any], label: str) -> str:
@@ -699,6 +701,10 @@ def load_params_file(path: Path) -> ParamsFile:
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
     if parsed.study not in STUDIES:
         raise ParamsError(f"{path}: field 'study': {parsed.study!r} is not one of {sorted(STUDIES)}")
+    reserved = [p for p in parsed.profiles if is_explored(p) or "+" in p]
+    if reserved:
+        raise ParamsError(f"{path}: profile names {reserved} are reserved for explored runs ({MANUAL_PROFILE!r}, "
+                          f"'+' as in '<profile>{EXPLORE_TAG}')")
     if parsed.default_profile not in parsed.profiles:
         raise ParamsError(f"{path}: field 'default_profile': {parsed.default_profile!r} is not one of "
                           f"{sorted(parsed.profiles)}")
@@ -707,45 +713,126 @@ def load_params_file(path: Path) -> ParamsFile:
     return parsed
 
 
-def expand(path: Path, profile: str | None = None, overrides: dict[str, Any] | None = None) -> list[RunSpec]:
-    """All runs of one profile, each validated; raises ``ParamsError`` listing every problem."""
+def _merge(chosen: Profile, point: dict[str, Any]) -> dict[str, Any]:
+    """A grid point's settings before validation: ``fixed``, then the named variant's bundle, then the point."""
+    return {**chosen.fixed, **chosen.variants.get(point.get("variant"), {}), **point}
+
+
+def _validate_grid(chosen: Profile, model: type[RunParams], axes: dict[str, list[Any]], settings: dict[str, Any]
+                   ) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
+    """The validated params of every point of ``axes`` (``settings`` on top of each), and the problems found:
+    error line -> the grid points it affects."""
+    runs, problems = [], {}
+    for values in itertools.product(*axes.values()):
+        point = dict(zip(axes, values))
+        where = ",".join(f"{k}={v}" for k, v in point.items())
+        if chosen.variants and "variant" in point and point["variant"] not in chosen.variants:
+            problems.setdefault(f"field 'variant': {point['variant']!r} is not one of {sorted(chosen.variants)} "
+                                "(the profile's variants: bundles of settings, one per run)", []).append(where)
+            continue
+        try:
+            runs.append(model.model_validate({**_merge(chosen, point), **settings}).model_dump(mode="json"))
+        except ValidationError as err:
+            for line in _error_lines(err):
+                problems.setdefault(line, []).append(where)
+    return runs, problems
+
+
+def label_value(value: Any) -> str:
+    """A value as a label shows it: as Python prints it, lists and mappings without commas (they separate fields)."""
+    if isinstance(value, list):
+        return "[" + " ".join(label_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + " ".join(f"{k}:{label_value(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def run_label(study: str, chosen: Profile, params: dict[str, Any], own: list[dict[str, Any]] | None = None
+              ) -> tuple[str, dict[str, Any], list[str]]:
+    """``(label, changed, outside_grid)`` of a run with these validated ``params``, against the profile ``chosen``.
+
+    The label is the run's value of every field the profile's grid varies, then every field whose value is not the
+    profile's (``changed``): against the profile's run with the same grid values, or, for grid values the profile
+    lacks (``outside_grid``), against its fixed settings and bundle at those values. So the label is read from the
+    params a run executes with, and two runs of one profile with the same label have the same params. ``own``: the
+    profile's own runs' params (computed when not given).
+    """
+    if own is None:
+        own, _ = _validate_grid(chosen, STUDIES[study], chosen.grid, {})
+    keys = list(chosen.grid)
+    outside = [k for k in keys if all(run.get(k) != params.get(k) for run in own)]
+    base = next((run for run in own if all(run.get(k) == params.get(k) for k in keys)), None)
+    if base is None:  # off the profile's grid: its settings at these grid values
+        model = STUDIES[study]
+        raw = _merge(chosen, {k: params.get(k) for k in keys})
+        try:
+            base = model.model_validate(raw).model_dump(mode="json")
+        except ValidationError:  # not valid without the run's other changes: compare with the settings as written
+            base = {**{n: f.get_default(call_default_factory=True) for n, f in model.model_fields.items()}, **raw}
+    changed = {k: v for k, v in params.items() if k in outside or v != base.get(k)}
+    label = ",".join([f"{k}={label_value(params.get(k))}" for k in keys]
+                     + [f"{k}={label_value(v)}" for k, v in changed.items() if k not in keys])
+    return label, changed, outside
+
+
+def expand(path: Path, profile: str | None = None, overrides: dict[str, Any] | None = None,
+           grid: dict[str, list[Any]] | None = None) -> list[RunSpec]:
+    """All runs of one profile, each validated; raises ``ParamsError`` listing every problem.
+
+    ``overrides`` (``--set``) set a field in every run; on a field the grid varies, the grid is narrowed to that one
+    value (for ``variant``, a bundle the profile names). ``grid`` (``--grid``) replaces a grid axis (or adds one) with
+    several values. A run whose params are not one of the profile's own runs is *explored*: its spec says what
+    departs from the profile (``explored``), and its results go to their own folder, ``<profile>+explore``.
+    """
     params_file = load_params_file(path)
     name = profile or params_file.default_profile
     if name not in params_file.profiles:
         raise ParamsError(f"{path}: profile {name!r} is not one of {sorted(params_file.profiles)}")
     chosen = params_file.profiles[name]
     model = STUDIES[params_file.study]
-    keys = list(chosen.grid)
-    specs: list[RunSpec] = []
-    problems: dict[str, list[str]] = {}  # error line -> labels of the runs it affects
-    for values in itertools.product(*(chosen.grid[k] for k in keys)):
-        point = dict(zip(keys, values))
-        label = ",".join(f"{k}={v}" for k, v in point.items())
-        bundle = {}
-        if chosen.variants and "variant" in point:
-            if point["variant"] not in chosen.variants:
-                problems.setdefault(f"field 'variant': {point['variant']!r} is not one of {sorted(chosen.variants)} "
-                                    "(the profile's variants)", []).append(label)
-                continue
-            bundle = chosen.variants[point["variant"]]
-        merged = {**chosen.fixed, **bundle, **point, **(overrides or {})}
-        try:
-            params = model.model_validate(merged).model_dump(mode="json")
-        except ValidationError as err:
-            for line in _error_lines(err):
-                problems.setdefault(line, []).append(label)
-            continue
-        specs.append(RunSpec(study=params_file.study, profile=name, notebook=params_file.notebook,
-                             run_id=run_id_for(params_file.study, params, label), label=label, params=params))
+    overrides, grid = dict(overrides or {}), dict(grid or {})
+    both = sorted(set(overrides) & set(grid))
+    if both:
+        raise ParamsError(f"{both} given both as a single value (--set) and as a grid (--grid): give one")
+    if any(not isinstance(values, list) or not values for values in grid.values()):
+        raise ParamsError(f"a grid axis takes one or more values, got {grid}")
+    own, problems = _validate_grid(chosen, model, chosen.grid, {})  # the profile's own runs
+    narrowed = {k: [overrides.pop(k)] for k in list(overrides)
+                if k in chosen.grid or (k == "variant" and chosen.variants)}  # a bundle name selects its bundle
+    axes = {**chosen.grid, **narrowed, **grid}
+    if axes != chosen.grid or overrides:
+        runs, problems = _validate_grid(chosen, model, axes, overrides)
+    else:
+        runs = own
     if problems:
-        raise ParamsError("\n".join(f"{path.name} profile '{name}': {line} [in runs: {'; '.join(labels)}]"
-                                    for line, labels in problems.items()))
-    if not specs:
+        raise ParamsError("\n".join(f"{path.name} profile '{name}': {line} [in runs: {'; '.join(points)}]"
+                                    for line, points in problems.items()))
+    if not runs:
         raise ParamsError(f"{path}: profile {name!r} expands to no runs")
+    specs = []
+    for params in runs:
+        label, changed, outside = run_label(params_file.study, chosen, params, own)
+        explored = Exploration(profile=name, changed=changed, outside_grid=outside) if changed else None
+        specs.append(RunSpec(study=params_file.study, profile=name + EXPLORE_TAG if explored else name,
+                             notebook=params_file.notebook, run_id=run_id_for(params_file.study, params, label),
+                             label=label, params=params, explored=explored))
     ids = [s.run_id for s in specs]
     if len(set(ids)) != len(ids):
         raise ParamsError(f"{path}: profile {name!r} has duplicate grid points")
     return specs
+
+
+def notebook_run(study: str | None, params: dict[str, Any]) -> tuple[str, str, Exploration]:
+    """``(run_id, label, explored)`` of a notebook run by hand (JupyterLab, ``papermill -p``) with these validated
+    ``params``: labelled like a CLI run (``run_label``), against the default profile of ``params/<study>.yaml``."""
+    if study not in STUDIES:
+        raise ParamsError(f"field 'study': {study!r} is not one of {sorted(STUDIES)} (the notebook's parameters "
+                          "cell names it)")
+    params_file = load_params_file(params_path(study))
+    base = params_file.default_profile
+    label, changed, outside = run_label(study, params_file.profiles[base], params)
+    return (run_id_for(study, params, label), label,
+            Exploration(profile=base, changed=changed, outside_grid=outside, how="notebook"))
 
 
 def notebook_parameters_source(study: str, run_model: type[RunParams]) -> str:
@@ -764,6 +851,7 @@ def notebook_parameters_source(study: str, run_model: type[RunParams]) -> str:
     lines = [f"# Parameters (papermill replaces this cell's values; names match {run_model.__name__}'s fields).",
              f"# Defaults: the first run of params/{study}.yaml's {raw['default_profile']!r} profile."]
     lines += [f"{name} = {python(value)}" for name, value in params.items()]
-    lines += ["# Set by the runner; a manual run writes under results/manual/manual/",
-              "run_id = None", "study = None", "profile = None", "label = None", "result_dir = None"]
+    lines += [f"study = {study!r}  # the params file this notebook's runs belong to",
+              f"# Set by the runner (run by hand: the record goes to results/{study}/{MANUAL_PROFILE}/<run_id>/)",
+              "run_id = None", "profile = None", "label = None", "explored = None", "result_dir = None"]
     return "\n".join(lines)

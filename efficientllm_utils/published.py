@@ -22,7 +22,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .records import NOTEBOOK_NAME, RECORD_NAME, REPO_ROOT, RunRecord, atomic_write_text, load_records, read_record
+from .records import (NOTEBOOK_NAME, RECORD_NAME, REPO_ROOT, RunRecord, atomic_write_text, is_explored, load_records,
+                      read_record)
 
 PUBLISHED_DIR = REPO_ROOT / "published"
 PUBLISHED_PROFILES = ("cpu", "gpu")  # the profiles whose results the repository carries (smoke's are meaningless)
@@ -121,10 +122,12 @@ def _profiles_with_records(root: Path, study: str) -> list[str]:
     return sorted(p.parent.parent.name for p in base.glob(f"*/*/{RECORD_NAME}")) if base.exists() else []
 
 
-def book_view(results_root: Path, view_dir: Path, published_root: Path | None = PUBLISHED_DIR) -> dict:
+def book_view(results_root: Path, view_dir: Path, published_root: Path | None = PUBLISHED_DIR,
+              explored: bool = False) -> dict:
     """Make ``view_dir`` a results folder of symlinks: each study's profiles from ``results_root`` where it has
-    records, the others from ``published_root``. Returns (and writes to ``sources.json``) study -> profile -> source
-    ("local" or "published")."""
+    records, the others from ``published_root``; the folders of explored runs (``<profile>+explore``, ``manual``)
+    only when ``explored``. Returns (and writes to ``sources.json``) study -> profile -> source ("local" or
+    "published")."""
     shutil.rmtree(view_dir, ignore_errors=True)
     view_dir.mkdir(parents=True)
     sources: dict[str, dict[str, str]] = {}
@@ -135,6 +138,8 @@ def book_view(results_root: Path, view_dir: Path, published_root: Path | None = 
             for profile in sorted(set(_profiles_with_records(root, study_dir.name))):
                 if profile in sources.get(study_dir.name, {}):
                     continue  # local results win over the published copy
+                if is_explored(profile) and not explored:
+                    continue
                 link = view_dir / study_dir.name / profile
                 link.parent.mkdir(exist_ok=True)
                 link.symlink_to((study_dir / profile).resolve(), target_is_directory=True)
@@ -223,4 +228,10 @@ def results_note(study: str, profile: str, records: list[RunRecord], root: Path)
                      f"`make reproduce` re-runs them.")
     if missing:
         lines.append(f"**Not run yet:** {', '.join(missing)} (in the params file, without a record).")
+    explored = [r for p in _profiles_with_records(root, study) if is_explored(p) for r in load_records(study, p, root)]
+    if explored:
+        lines.append(f"**Explored runs**, not in this chapter's tables or findings (their settings are not the "
+                     f"profile's; those the runner made have their own page): "
+                     + "; ".join(f"{r.label} ({r.explored.summary() if r.explored else r.profile})" for r in explored)
+                     + ".")
     return "\n\n".join(lines)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import psutil
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from .metrics import machine_probe
 from .metrics.values import MetricValue, flatten
@@ -22,16 +22,42 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(os.environ.get("EFFICIENTLLM_RESULTS", REPO_ROOT / "results"))
 RECORD_NAME = "record.json"
 NOTEBOOK_NAME = "notebook.ipynb"
+# Explored runs (made with ``--set``/``--grid`` values the profile does not have, or a notebook run by hand) never
+# share a folder with a profile's own runs: ``<profile>+explore/`` and ``manual/`` beside the profiles' folders.
+EXPLORE_TAG = "+explore"
+MANUAL_PROFILE = "manual"
 TRACKED_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "papermill", "dask",
                     "distributed", "pandas", "numpy", "nvidia-ml-py", "jupyter-book")
+
+
+def is_explored(profile: str) -> bool:
+    """A results folder of explored runs (``cpu+explore``, ``manual``), not a profile's own runs."""
+    return profile == MANUAL_PROFILE or profile.endswith(EXPLORE_TAG)
+
+
+class Exploration(BaseModel):
+    """How an explored run departs from a profile of its params file: what differs, and who made it."""
+
+    model_config = ConfigDict(frozen=True)
+    profile: str  # the profile it was made from (a notebook run by hand: the params file's default profile)
+    changed: dict[str, Any] = Field(default_factory=dict)  # field -> value, where not the profile's run's value
+    outside_grid: list[str] = Field(default_factory=list)  # fields of ``changed`` the grid varies: values it lacks
+    how: Literal["cli", "notebook"] = "cli"  # --set/--grid, or a notebook run by hand (JupyterLab, papermill -p)
+
+    def summary(self) -> str:
+        """e.g. "precision=int4-fp4 (outside the grid); from profile cpu"."""
+        parts = [f"{k}={v}" + (" (outside the grid)" if k in self.outside_grid else "")
+                 for k, v in self.changed.items()]
+        return f"{', '.join(parts) or 'no setting changed'}; from profile {self.profile}"
 
 
 class RunRecord(BaseModel):
     run_id: str
     study: str
     profile: str
-    label: str
+    label: str  # the run's grid values and any setting that departs from its profile, derived from params
     status: Literal["ok", "failed"]
+    explored: Exploration | None = None  # None: a run of its profile's grid, as the params file has it
     params: dict[str, Any]
     metrics: dict[str, MetricValue] = Field(default_factory=dict)
     quality: dict[str, Any] = Field(default_factory=dict)
@@ -46,6 +72,7 @@ class RunRecord(BaseModel):
         """One row for the aggregate table: ids, params, metrics with units and methods, quality scalars."""
         row: dict[str, Any] = {k: getattr(self, k) for k in ("run_id", "study", "profile", "label", "status",
                                                            "duration_s", "started", "finished")}
+        row["explored"] = self.explored.summary() if self.explored else None
         row.update({f"param_{k}": (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in self.params.items()})
         row.update(flatten(self.metrics))
         row.update({f"quality_{k}": v for k, v in self.quality.items() if isinstance(v, (int, float, str)) or v is None})
@@ -246,7 +273,7 @@ def aggregate(study: str, profile: str, root: Path | None = None):
 
 
 class RunContext(BaseModel):
-    """Where a notebook's result goes; the runner injects these, a manual run gets defaults."""
+    """Where a notebook's result goes and how it is labelled; the runner injects these, a run by hand derives them."""
 
     run_id: str
     study: str
@@ -254,20 +281,28 @@ class RunContext(BaseModel):
     label: str
     result_dir: Path
     params: dict[str, Any]
+    explored: Exploration | None = None
     started: str = Field(default_factory=now)
 
     @classmethod
     def from_namespace(cls, namespace: dict[str, Any], params: BaseModel) -> "RunContext":
-        from .params import run_id_for
-
+        """The runner's run (it injected ``run_id``, ``label`` and ``explored``, derived from the same params), or
+        a notebook run by hand: labelled from ``params`` against the study's default profile
+        (``params.notebook_run``), its record in ``results/<study>/manual/<run_id>/``."""
         dumped = params.model_dump(mode="json")
-        study = namespace.get("study") or "manual"
-        profile = namespace.get("profile") or "manual"
-        run_id = namespace.get("run_id") or run_id_for(study, dumped, "manual")
+        study = namespace.get("study")
+        if namespace.get("run_id") is None:  # by hand: JupyterLab, or papermill -p without the runner
+            from .params import notebook_run
+
+            run_id, label, explored = notebook_run(study, dumped)
+            profile = MANUAL_PROFILE
+        else:
+            run_id, label, profile = namespace["run_id"], namespace["label"], namespace["profile"]
+            explored = Exploration.model_validate(namespace["explored"]) if namespace.get("explored") else None
         result_dir = Path(namespace.get("result_dir") or run_dir(study, profile, run_id))
         result_dir = result_dir if result_dir.is_absolute() else RESULTS_DIR / result_dir  # the runner's are relative
-        return cls(run_id=run_id, study=study, profile=profile, label=namespace.get("label") or "manual",
-                   result_dir=Path(result_dir), params=dumped)
+        return cls(run_id=run_id, study=study, profile=profile, label=label, result_dir=result_dir, params=dumped,
+                   explored=explored)
 
     def write(self, metrics: dict[str, MetricValue], quality: dict[str, Any], raw: dict[str, Any],
               provenance_extra: dict[str, Any] | None = None) -> RunRecord:
@@ -276,7 +311,8 @@ class RunContext(BaseModel):
         finished = now()
         duration = (dt.datetime.fromisoformat(finished) - dt.datetime.fromisoformat(self.started)).total_seconds()
         record = RunRecord(run_id=self.run_id, study=self.study, profile=self.profile, label=self.label,
-                           status="ok", params=self.params, metrics=metrics, quality=quality, raw=raw,
+                           explored=self.explored, status="ok", params=self.params, metrics=metrics, quality=quality,
+                           raw=raw,
                            provenance={**provenance(), **(provenance_extra or {})}, started=self.started, finished=finished, duration_s=duration)
         write_record(record, self.result_dir)
         return record

@@ -80,7 +80,8 @@ def execute_run(spec: RunSpec, results_root: str, timeout_s: float | None = None
     # result_dir relative to the results folder (the kernel gets the folder in its environment): no machine path
     # in the executed notebook
     parameters = {**spec.params, "run_id": spec.run_id, "study": spec.study, "profile": spec.profile,
-                  "label": spec.label, "result_dir": str(directory.relative_to(Path(results_root)))}
+                  "label": spec.label, "explored": spec.explored.model_dump(mode="json") if spec.explored else None,
+                  "result_dir": str(directory.relative_to(Path(results_root)))}
     env = {**QUIET_KERNEL_ENV, "EFFICIENTLLM_RESULTS": str(Path(results_root).resolve())}
     try:
         papermill.execute_notebook(str(REPO_ROOT / spec.notebook), str(directory / NOTEBOOK_NAME),
@@ -97,7 +98,8 @@ def execute_run(spec: RunSpec, results_root: str, timeout_s: float | None = None
             raise
         error = "".join(traceback.format_exception(exc))
         record = RunRecord(run_id=spec.run_id, study=spec.study, profile=spec.profile, label=spec.label,
-                           status="failed", params=spec.params, error=error, provenance=provenance(),
+                           explored=spec.explored, status="failed", params=spec.params, error=error,
+                           provenance=provenance(),
                            started=started, finished=now(), duration_s=time.perf_counter() - t0)
         write_record(record, directory)
         return RunOutcome(spec.run_id, spec.label, "failed", record.duration_s, error)
@@ -345,7 +347,8 @@ def _record_lost_worker(spec: RunSpec, results_root: Path, exc: BaseException, s
     error = ("the Dask worker running this run died on every attempt (killed, out of memory, or its Slurm job "
              "ended; Dask's allowed-failures bounds the retries): " + "".join(traceback.format_exception(exc)))
     record = RunRecord(run_id=spec.run_id, study=spec.study, profile=spec.profile, label=spec.label,
-                       status="failed", params=spec.params, error=error, provenance=provenance(), finished=now())
+                       explored=spec.explored, status="failed", params=spec.params, error=error,
+                       provenance=provenance(), finished=now())
     write_record(record, directory)
     return RunOutcome(spec.run_id, spec.label, "failed", None, error)
 

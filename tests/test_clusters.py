@@ -33,6 +33,9 @@ def _smoke_specs():
     return expand(PARAMS_DIR / "selftest.yaml", "smoke", {"gpus": 1})
 
 
+PROFILE = "smoke+explore"  # gpus=1 is not the smoke profile's setting: its runs are recorded as explored
+
+
 @pytest.fixture(scope="module")
 def local_quality(tmp_path_factory) -> dict:
     """The local executor's quality figures for the same runs, as on a machine with two GPUs (one worker each)."""
@@ -44,7 +47,7 @@ def local_quality(tmp_path_factory) -> dict:
     finally:
         runner._gpu_count = real_gpu_count
     assert [o.status for o in summary.outcomes] == ["ok"] * N_RUNS
-    return {r.label: r.quality for r in load_records("selftest", "smoke", root)}
+    return {r.label: r.quality for r in load_records("selftest", PROFILE, root)}
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +64,7 @@ def slurm(tmp_path_factory):
 
 def _in_progress(results: Path) -> tuple[Path, dict] | None:
     """A run that has started (its claim names who holds it) and has no record yet."""
-    for claim_file in sorted((results / "selftest" / "smoke").glob("*/.claim")):
+    for claim_file in sorted((results / "selftest" / PROFILE).glob("*/.claim")):
         if not (claim_file.parent / "record.json").exists():
             try:
                 return claim_file.parent, json.loads(claim_file.read_text())
@@ -105,7 +108,7 @@ def _no_jobs_left(slurm, wait_s: float = 20) -> bool:
 
 
 def _check_records(results: Path, local_quality: dict) -> dict:
-    records = {r.label: r for r in load_records("selftest", "smoke", results)}
+    records = {r.label: r for r in load_records("selftest", PROFILE, results)}
     assert len(records) == N_RUNS and all(r.status == "ok" for r in records.values())
     assert {label: r.quality for label, r in records.items()} == local_quality
     return records

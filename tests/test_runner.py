@@ -17,13 +17,14 @@ pytestmark = pytest.mark.slow
 def test_failures_are_recorded_and_the_other_runs_go_on(results_root, capsys):
     specs = expand(PARAMS_DIR / "selftest.yaml", "failures", {"value": 21})
     summary = runner.execute(specs, results_root)
-    status = {o.label: o.status for o in summary.outcomes}
-    assert status == {"mode=ok": "ok", "mode=raise": "failed", "mode=kill": "failed"}
-    by_label = {s.label: read_record(run_dir(s.study, s.profile, s.run_id, results_root)) for s in specs}
+    status = {o.label: o.status for o in summary.outcomes}  # value=21 is not the profile's: an explored run
+    assert status == {"mode=ok,value=21": "ok", "mode=raise,value=21": "failed", "mode=kill,value=21": "failed"}
+    by_label = {s.label.split(",")[0]: read_record(run_dir(s.study, s.profile, s.run_id, results_root)) for s in specs}
     assert by_label["mode=ok"].metrics["doubled"].value == 42
     assert by_label["mode=ok"].provenance["packages"]["papermill"]
     assert "selftest failure on purpose (value=21)" in by_label["mode=raise"].error
     assert "DeadKernelError" in by_label["mode=kill"].error or "died" in by_label["mode=kill"].error
+    assert all(r.explored.changed == {"value": 21} and r.profile == "failures+explore" for r in by_label.values())
     for spec in specs:  # every run keeps its executed notebook, failed ones too
         assert (run_dir(spec.study, spec.profile, spec.run_id, results_root) / "notebook.ipynb").exists()
     assert "progress: 3/3 runs done" in capsys.readouterr().err
@@ -96,3 +97,26 @@ def test_run_kernels_drop_the_malloc_trim_threshold_dask_sets_for_its_workers():
     assert "MALLOC_TRIM_THRESHOLD_" not in env
     assert env["TQDM_DISABLE"] == "1" and env["OMP_NUM_THREADS"] == spawned["OMP_NUM_THREADS"]
     assert env["PATH"] == os.environ["PATH"]
+
+
+def test_explored_and_hand_run_records_say_so_and_stay_out_of_the_book_unless_asked(results_root, tmp_path,
+                                                                                   monkeypatch):
+    import papermill
+
+    from efficientllm_utils.published import book_view
+    from efficientllm_utils.records import load_records
+
+    (spec,) = expand(PARAMS_DIR / "selftest.yaml", "cpu", {"value": 7})  # outside the grid [1, 2, 3]
+    assert runner.execute([spec], results_root).outcomes[0].status == "ok"
+    (record,) = load_records("selftest", "cpu+explore", results_root)
+    assert (record.label, record.params["value"], record.explored.outside_grid) == ("value=7", 7, ["value"])
+    # a notebook run by hand (papermill -p, as JupyterLab would): labelled from its parameters, in manual/
+    monkeypatch.setenv("EFFICIENTLLM_RESULTS", str(results_root))
+    papermill.execute_notebook("notebooks/selftest.ipynb", str(tmp_path / "by_hand.ipynb"), parameters={"value": 9},
+                               kernel_name="python3", progress_bar=False)
+    (by_hand,) = load_records("selftest", "manual", results_root)
+    assert (by_hand.label, by_hand.params["value"], by_hand.explored.how) == ("value=9", 9, "notebook")
+    assert by_hand.metrics["doubled"].value == 18
+    assert "selftest" not in book_view(results_root, tmp_path / "view")  # the book leaves them out by default
+    assert book_view(results_root, tmp_path / "view", explored=True)["selftest"] == {"cpu+explore": "local",
+                                                                                     "manual": "local"}

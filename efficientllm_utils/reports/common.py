@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..records import RESULTS_DIR, RunRecord, load_records
+from ..records import RESULTS_DIR, RunRecord, is_explored, load_records
 
 PAPER_DIR = Path(__file__).resolve().parent.parent.parent / "book" / "paper"  # copied from the study brief
 HIGHER_IS_BETTER = {"Perf": True, "AMU": False, "AL": False, "IT": True, "TT": True, "ST": True, "AEC": False,
@@ -51,8 +51,9 @@ class StudyResults:
 
 
 def available_profiles(study: str, root: Path | None = None) -> list[str]:
+    """The study's profiles with a results folder (not the folders of explored runs, which are no profile's)."""
     base = (root or RESULTS_DIR) / study
-    return sorted(p.name for p in base.iterdir() if p.is_dir()) if base.exists() else []
+    return sorted(p.name for p in base.iterdir() if p.is_dir() and not is_explored(p.name)) if base.exists() else []
 
 
 def load_study(study: str, profile: str | None = None, root: Path | None = None) -> StudyResults:
