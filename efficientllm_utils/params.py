@@ -24,7 +24,7 @@ from .arch.attention_free import ARCHITECTURES, hf_config
 from .arch.attention_free import PAPER_SHAPES as AF_PAPER_SHAPES
 from .arch.config import ATTENTION_KINDS, FFN_KINDS, PAPER_SHAPES, POSITION_KINDS, DecoderConfig, paper_config
 from .cpu_4bit import KERNELS as CPU_4BIT_KERNELS
-from .finetune.config import METHOD_NAMES, DataSettings, MethodSettings, TrainSettings
+from .finetune.config import METHOD_NAMES, DataSettings, GloraSettings, MethodSettings, TrainSettings
 from .finetune.methods import MODULE_METHOD_NAMES
 from .lvm.quantize import PRECISIONS as LVM_PRECISIONS
 from .models import OFFLINE_MODELS, PRECISIONS, SHAPE_MODELS, SHAPE_PREFIX, is_shape_model
@@ -423,8 +423,9 @@ class LVMQuantizationRun(LVMRun):
     warmup: int = Field(1, ge=0)  # untimed generations before the timed one
 
 
-class LVMFinetuneRun(LVMRun, MethodSettings, TrainSettings):
-    """One fine-tuning method on a pretrained denoiser, adapting it to data the base has not seen."""
+class LVMFinetuneRun(LVMRun, MethodSettings, GloraSettings, TrainSettings):
+    """One fine-tuning method on a pretrained denoiser, adapting it to data the base has not seen (GLoRA's
+    supports are ``GloraSettings``' fields: only this study runs GLoRA)."""
 
     method: Literal[MODULE_METHOD_NAMES]  # type: ignore[valid-type]
     timing_warmup_steps: int = Field(1, ge=0)
@@ -444,6 +445,9 @@ class LVMFinetuneRun(LVMRun, MethodSettings, TrainSettings):
 
     def method_settings(self) -> MethodSettings:
         return MethodSettings.model_validate({k: getattr(self, k) for k in MethodSettings.model_fields})
+
+    def glora_settings(self) -> GloraSettings:
+        return GloraSettings.model_validate({k: getattr(self, k) for k in GloraSettings.model_fields})
 
     def train_settings(self) -> TrainSettings:
         return TrainSettings.model_validate({k: getattr(self, k) for k in TrainSettings.model_fields})

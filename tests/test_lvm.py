@@ -98,7 +98,7 @@ def test_fidelity_metrics_rank_closer_images_higher():
     assert quantize.ssim(ref, ref).min() == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("method", ["loha", "lokr", "dora"])
+@pytest.mark.parametrize("method", ["loha", "lokr", "dora", "glora"])
 def test_adapters_on_a_denoiser_train_only_their_parameters(method):
     from efficientllm_utils.finetune.config import MethodSettings
     from efficientllm_utils.finetune.methods import build_module_method, trainable_parameters
@@ -109,7 +109,8 @@ def test_adapters_on_a_denoiser_train_only_their_parameters(method):
     counts = trainable_parameters(built.model)
     assert 0 < counts["trainable"] < counts["total"] / 2
     trainable = {n for n, p in built.model.named_parameters() if p.requires_grad}
-    marker = {"loha": "hada_", "lokr": "lokr_", "dora": "lora_"}[method]  # peft's names of each adapter's tensors
+    # peft's names of each adapter's tensors
+    marker = {"loha": "hada_", "lokr": "lokr_", "dora": "lora_", "glora": "glora_"}[method]
     assert trainable and all(marker in n for n in trainable)
     # one flow-matching step through the optimizer on the built parameter groups: only the adapter's tensors move
     from efficientllm_utils.lvm.flow import velocity_loss
@@ -131,8 +132,11 @@ def test_lvm_params_fail_early_with_the_allowed_values():
         expand(params_path("lvm_quantization"), "smoke", {"precision": "int3"})
     assert "int4-nf4" in str(err.value) and "precision" in str(err.value)
     with pytest.raises(ParamsError) as err:
-        expand(params_path("lvm_finetune"), "smoke", {"method": "glora"})
-    assert "lokr" in str(err.value)
+        expand(params_path("lvm_finetune"), "smoke", {"method": "vera"})
+    assert "glora" in str(err.value)
+    with pytest.raises(ParamsError) as err:
+        expand(params_path("lvm_finetune"), "smoke", {"method": "glora", "glora_de": "lora"})
+    assert "glora_de" in str(err.value) and "constant" in str(err.value)
     with pytest.raises(ParamsError) as err:
         expand(params_path("lvm_finetune"), "smoke", {"model": "sd4"})
     assert "sd3-small" in str(err.value) and "Wan-AI/Wan2.1-T2V-1.3B-Diffusers" in str(err.value)
@@ -189,6 +193,44 @@ def test_finetune_verdicts_pair_held_out_items():
     assert verdicts["lf-lora-adapts"] == "inconclusive" and verdicts["lf-full-best"] == "agrees"
     verdicts = {f.claim_id: f.verdict for f in lvm.finetune_findings(_finetune_results(-0.02))}
     assert verdicts["lf-lora-adapts"] == "disagrees"
+
+
+def _tradeoff_results(methods: dict[str, tuple[float, float, float]], n_items: int = 40):
+    """Records of several methods on the same held-out items: per method (relative loss drop per item, seconds per
+    training step, AMU in GB)."""
+    import pandas as pd
+
+    from efficientllm_utils.metrics.values import MetricValue
+    from efficientllm_utils.records import RunRecord
+    from efficientllm_utils.reports.common import StudyResults
+
+    base = (0.5 + torch.rand(n_items, generator=torch.Generator().manual_seed(0))).tolist()
+    records = [RunRecord(
+        run_id=method, study="lvm_finetune", profile="cpu", label=method, status="ok",
+        params={"model": "sd3-small", "method": method, "timing_warmup_steps": 1},
+        metrics={"amu_gb": MetricValue.measured(amu, "GB", "measured:psutil-process-rss-sampler")},
+        quality={"heldout_loss_base": sum(base) / n_items},
+        raw={"heldout_item_losses_base": base, "heldout_item_losses": [b * (1 - drop) for b in base],
+             "steps": [{"seconds": seconds * (1 + 0.01 * (i % 3))} for i in range(12)]})
+        for method, (drop, seconds, amu) in methods.items()]
+    return StudyResults("lvm_finetune", "cpu", records, pd.DataFrame([r.flat() for r in records]))
+
+
+def test_glora_loha_tradeoff_claim_needs_lower_costs_than_full_and_no_method_beating_them():
+    from efficientllm_utils.reports import lvm
+
+    def verdict(methods):
+        found = [f for f in lvm.finetune_findings(_tradeoff_results(methods)) if f.claim_id == "lf-glora-loha-tradeoff"]
+        return found[0].verdict if found else None
+
+    # full: the lowest loss, but the slowest and largest; GLoRA beats LoRA and LoHa on loss, LoHa is the fastest
+    cheap = {"full": (0.03, 0.2, 2.0), "glora": (0.02, 0.12, 1.0), "loha": (0.01, 0.10, 1.0),
+             "lora": (0.005, 0.12, 1.0)}
+    assert verdict(cheap) == "agrees"
+    assert verdict({**cheap, "full": (0.03, 0.05, 2.0)}) == "disagrees"  # full steps faster: not "lower latency"
+    assert verdict({**cheap, "full": (0.03, 0.2, 1.05)}) == "inconclusive"  # memory within AMU's noise
+    assert verdict({**cheap, "lora": (0.03, 0.08, 0.5)}) == "disagrees"  # LoRA beats both on every metric
+    assert verdict({k: v for k, v in cheap.items() if k != "glora"}) is None  # no GLoRA run: no finding
 
 
 @pytest.mark.slow

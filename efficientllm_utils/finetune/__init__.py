@@ -11,7 +11,8 @@ Typical use (see each module; ``studies/finetune.py`` does this for one run of `
     result = train_model(built.model, built.param_groups, data.train, TrainSettings(steps=8, batch_size=4),
                          tokenizer.pad_token_id)
 """
-from .config import DATASETS, METHOD_NAMES, PAPER_DATASET_IDS, DataSettings, MethodSettings, TrainSettings
+from .config import (DATASETS, METHOD_NAMES, PAPER_DATASET_IDS, DataSettings, GloraSettings, MethodSettings,
+                     TrainSettings)
 from .data import Example, InstructionData, build_boolq, build_dataset, load_paper_sft, split_indices
 from .methods import (METHODS, BuiltMethod, build_method, check_method, expected_lora_parameters,
                       load_base_model, trainable_parameters)
@@ -19,7 +20,8 @@ from .train import (StepRecord, TrainResult, batch_schedule, evaluate_heldout, l
                     save_adapter, threads, train_model)
 
 __all__ = [
-    "DATASETS", "METHOD_NAMES", "PAPER_DATASET_IDS", "DataSettings", "MethodSettings", "TrainSettings",
+    "DATASETS", "METHOD_NAMES", "PAPER_DATASET_IDS", "DataSettings", "GloraSettings", "MethodSettings",
+    "TrainSettings",
     "Example", "InstructionData", "build_boolq", "build_dataset", "load_paper_sft", "split_indices",
     "METHODS", "BuiltMethod", "build_method", "check_method", "expected_lora_parameters", "load_base_model",
     "trainable_parameters",

@@ -22,7 +22,8 @@ class MethodSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    rank: int = Field(64, ge=1, description="LoRA rank r (lora, loraplus, rslora, dora, pissa, qlora)")
+    rank: int = Field(64, ge=1, description="LoRA rank r (lora, loraplus, rslora, dora, pissa, qlora; loha, lokr "
+                                            "and glora's low-rank paths)")
     alpha: float = Field(128.0, gt=0, description="LoRA alpha; scaling alpha/r, or alpha/sqrt(r) with rsLoRA")
     dropout: float = Field(0.1, ge=0, lt=1, description="dropout on the LoRA branch input")
     target_modules: str | list[str] = Field(
@@ -39,6 +40,23 @@ class MethodSettings(BaseModel):
     qlora_compute_dtype: Literal["bf16", "fp32"] = Field(
         "bf16", description="dtype the 4-bit weights are dequantised to for the matmul")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward (saves memory)")
+
+
+class GloraSettings(BaseModel):
+    """GLoRA's supports (Chavan et al., 2023): W' = W0 + W0*A + B, b' = b0 + b0*D + E + W0 C. ``peft``'s GLoRA
+    gives A and B one support and D and E one; every adapted layer gets the same (a fixed layer-wise
+    configuration, not the paper's evolutionary search over per-layer choices). Kept apart from
+    :class:`MethodSettings` so that only the study that runs GLoRA (``lvm_finetune``) holds these fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    glora_ab: Literal["lora", "vector", "constant", "none"] = Field(
+        "lora", description="GLoRA A and B (weight scale and shift): low-rank (rank r), a vector per output row, "
+                            "a scalar, or none")
+    glora_c: Literal["lora", "vector", "none"] = Field(
+        "vector", description="GLoRA C (bias += W0 C, C of in x 1): low-rank (rank r), a vector, or none")
+    glora_de: Literal["vector", "constant", "none"] = Field(
+        "vector", description="GLoRA D and E (bias scale and shift): a vector per output, a scalar, or none")
 
 
 class TrainSettings(BaseModel):

@@ -21,6 +21,8 @@ freeze    no adapter: only the last ``freeze_trainable_layers`` decoder layers t
 full      every parameter trains
 loha      ``LoHaConfig``: Hadamard product of two low-rank pairs (any module: ``build_module_method``)
 lokr      ``LoKrConfig``: Kronecker product with a low-rank factor (any module: ``build_module_method``)
+glora     ``GloraConfig`` (peft's GLoRA, Chavan et al. 2023): W0 + W0*A + B, b0 + b0*D + E + W0 C, the supports
+          of A..E from :class:`~.config.GloraSettings` (any module: ``build_module_method``)
 qlora     the base loaded in 4-bit (bitsandbytes NF4, double quantisation), then
           ``peft.prepare_model_for_kbit_training`` and the LoRA adapter; on the CPU every 4-bit layer
           is pinned to bitsandbytes' dequantising kernel (see ``efficientllm_utils.cpu_4bit``)
@@ -39,7 +41,7 @@ from typing import Callable
 
 import torch
 
-from .config import METHOD_NAMES, MethodSettings
+from .config import METHOD_NAMES, GloraSettings, MethodSettings
 
 PISSA_INIT_ATTR = "efficientllm_pissa_init_dir"  # where a PiSSA model keeps its initial adapter
 
@@ -328,6 +330,17 @@ def lokr_config(settings: MethodSettings, **overrides):
     return LoKrConfig(**(kwargs | overrides))
 
 
+def glora_config(settings: MethodSettings, glora: GloraSettings | None = None, **overrides):
+    """GLoRA (peft's ``GloraConfig``): every target gets the same supports (``glora``; low-rank ones of rank
+    ``r``), initialised as a no-op (the low-rank paths' down factor, vectors and scalars at zero)."""
+    from peft import GloraConfig
+
+    glora = glora or GloraSettings()
+    kwargs = dict(r=settings.rank, target_modules=settings.target_modules, config_A_B=glora.glora_ab,
+                  config_C=glora.glora_c, config_D_E=glora.glora_de)
+    return GloraConfig(**(kwargs | overrides))
+
+
 # method -> (peft config builder, its overrides, scaling words); ``task_type=None``: a plain module
 MODULE_ADAPTERS = {
     "lora": (lora_config, {}, "LoRA, scale alpha/r"),
@@ -335,13 +348,16 @@ MODULE_ADAPTERS = {
     "dora": (lora_config, {"use_dora": True}, "DoRA, scale alpha/r, + a magnitude per output row"),
     "loha": (loha_config, {}, "LoHa, (B1 A1) * (B2 A2), scale alpha/r"),
     "lokr": (lokr_config, {}, "LoKr, C kron (B A), scale alpha/r"),
+    "glora": (glora_config, {}, "GLoRA, W0 + W0*A + B and b0 + b0*D + E + W0 C"),
 }
 MODULE_METHOD_NAMES = (*MODULE_ADAPTERS, "full")
 
 
-def build_module_method(name: str, model: torch.nn.Module, settings: MethodSettings) -> BuiltMethod:
+def build_module_method(name: str, model: torch.nn.Module, settings: MethodSettings,
+                        glora: GloraSettings | None = None) -> BuiltMethod:
     """A method of :data:`MODULE_METHOD_NAMES` on any torch module (not a causal LM: no task type), e.g. a
-    diffusers denoiser; ``settings.target_modules`` names the wrapped layers."""
+    diffusers denoiser; ``settings.target_modules`` names the wrapped layers, ``glora`` GLoRA's supports (its
+    defaults when None)."""
     if name == "full":
         return build_full(model, settings)
     if name not in MODULE_ADAPTERS:
@@ -350,12 +366,21 @@ def build_module_method(name: str, model: torch.nn.Module, settings: MethodSetti
 
     _check_float_base(model, name)
     make_config, overrides, words = MODULE_ADAPTERS[name]
-    overrides = {**overrides, "task_type": None} if make_config is lora_config else overrides
-    m = get_peft_model(model, make_config(settings, **overrides))
+    if make_config is lora_config:
+        overrides = {**overrides, "task_type": None}
+    if make_config is glora_config:
+        glora = glora or GloraSettings()
+        config = glora_config(settings, glora, **overrides)
+        how = (f"A,B {glora.glora_ab}, C {glora.glora_c}, D,E {glora.glora_de} on every target (no search), "
+               f"r={settings.rank}")
+    else:
+        config = make_config(settings, **overrides)
+        how = f"r={settings.rank}, alpha={settings.alpha:g}, dropout={settings.dropout:g}"
+    m = get_peft_model(model, config)
     _upcast_trainable(m)
-    desc = (f"{words}: r={settings.rank}, alpha={settings.alpha:g}, dropout={settings.dropout:g}, "
-            f"targets={settings.target_modules}, lr={settings.lr:g}")
-    return BuiltMethod(m, _groups(m, settings), desc, name, settings)
+    desc = f"{words}: {how}, targets={settings.target_modules}, lr={settings.lr:g}"
+    return BuiltMethod(m, _groups(m, settings), desc, name, settings,
+                       {"glora": glora} if make_config is glora_config else {})
 
 
 # --- loading the base ------------------------------------------------------------------

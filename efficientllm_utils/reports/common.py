@@ -608,7 +608,8 @@ def test_claims(chapter: str, axis: str, variants: dict[str, list[str]], compare
     the rule that suits the metric) or None when the records lack what the rule needs; ``words`` names each metric
     in a sentence; ``expected(claim, model)`` gives the direction of a claim whose direction is ``ranks`` (read from
     the paper's leaderboard of the model's size group) and a phrase saying so; ``resolve(model, name)`` maps a
-    name such as ``reference`` to a run's name; ``margin(claim)`` is a ``not_lower`` claim's allowed drop.
+    name such as ``reference`` to a run's name; ``margin(claim)`` is a ``not_lower`` claim's allowed drop. A claim
+    whose direction is ``front`` (a best quality-cost trade-off) is decided by ``_front_finding``.
     """
     out = []
     for model, names in variants.items():
@@ -618,6 +619,10 @@ def test_claims(chapter: str, axis: str, variants: dict[str, list[str]], compare
                 claim = claim.copy()
                 for key in ("subject", "baseline"):
                     claim[key] = "|".join(resolve(model, n) for n in claim[key].split("|")) if claim[key] else ""
+            if claim["direction"] == "front":
+                finding = _front_finding(claim, model, present, compare, words, axis)
+                out += [finding] if finding is not None else []
+                continue
             subject = _first_present(claim["subject"], present)
             if subject is None:
                 continue
@@ -661,6 +666,58 @@ def test_claims(chapter: str, axis: str, variants: dict[str, list[str]], compare
                              "difference involving an estimate is no evidence either way.")
             out.append(Finding(claim["claim_id"], model, combine(verdicts), sentence))
     return out
+
+
+def either(verdicts: list[str]) -> str:
+    """A claim that holds when any one of its parts does (e.g. "better on at least one metric"): it agrees when any
+    part agrees, disagrees only when every part disagrees."""
+    if AGREES in verdicts:
+        return AGREES
+    return DISAGREES if verdicts and all(v == DISAGREES for v in verdicts) else INCONCLUSIVE
+
+
+def _front_finding(claim, model: str, present: set[str], compare, words: dict[str, str], axis: str
+                   ) -> Finding | None:
+    """A ``front`` claim: each subject (``a+b``: every one) offers a best quality-cost trade-off. Its ``metric`` is
+    ``quality+cost+cost...``, all lower-is-better. For each subject (1) every cost is lower than the baseline's
+    (``lower``), and (2) no other method of ``among`` beats it on the quality and every cost at once: against each
+    other method the subject must be lower on at least one metric (``either``; disagrees when the other is lower on
+    all of them). Agrees when every part agrees (``combine``). None when a subject or the baseline lacks its run."""
+    subjects, metrics = claim["subject"].split("+"), claim["metric"].split("+")
+    baseline = _first_present(claim["baseline"], present)
+    if baseline is None or not all(s in present for s in subjects):
+        return None
+
+    def difference(metric, subject, other):
+        diff = compare({**claim, "metric": metric}, model, subject, other)
+        verdict = INCONCLUSIVE if diff is None else decide(diff, "lower", diff_margin(diff))
+        return diff, verdict
+
+    verdicts, texts = [], []
+    for subject in subjects:
+        cost_parts = []
+        for metric in metrics[1:]:
+            diff, verdict = difference(metric, subject, baseline)
+            verdicts.append(verdict)
+            cost_parts.append(f"{words.get(metric, metric)} {diff if diff is not None else 'not in the records'}")
+        beaten, undecided = [], []
+        for other in [n for n in claim["among"].split("|") if n in present and n not in (subject,)]:
+            parts = [difference(metric, subject, other) for metric in metrics]
+            verdict = either([v for _, v in parts])
+            verdicts.append(verdict)
+            if verdict == DISAGREES:
+                beaten.append(other + " (" + ", ".join(f"{m} {d}" for m, (d, _) in zip(metrics, parts)) + ")")
+            elif verdict == INCONCLUSIVE:
+                undecided.append(other)
+        front = ("lower on at least one of " + ", ".join(metrics) + " than every other method"
+                 if not beaten and not undecided else
+                 (f"beaten on all of {', '.join(metrics)} by {'; '.join(beaten)}" if beaten else "")
+                 + ("; " if beaten and undecided else "")
+                 + (f"not told apart on any of them from {', '.join(undecided)}" if undecided else ""))
+        texts.append(f"{subject} against {baseline}: " + "; ".join(cost_parts) + f"; on the front: {front}")
+    paper = paper_quote(claim["paper_figures"], axis)
+    head = f"*{claim['statement']}* ({f'paper: {paper}' if paper else claim['source']})."
+    return Finding(claim["claim_id"], model, combine(verdicts), f"{head} Here " + ". ".join(texts) + ".")
 
 
 def diff_margin(diff: Difference) -> float:

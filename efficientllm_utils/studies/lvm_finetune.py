@@ -3,7 +3,7 @@
 Every run of a profile starts from the same pretrained base (:mod:`..lvm.base`) and trains on the same new
 examples (SD: CIFAR-10 classes the base never saw; Wan: a video it never saw) with the same loop, data order,
 times, noise, steps, schedule and seed (:mod:`..lvm.train`); only the method changes (LoRA, RSLoRA, DoRA, LoHa,
-LoKr through ``peft``, or full fine-tuning). Phases:
+LoKr, GLoRA through ``peft``, or full fine-tuning). Phases:
 
 1. data: the base pipeline; the new training and held-out examples as latents with their captions;
 2. the base on the new data: held-out flow-matching loss (per item), samples for the new captions and their FD
@@ -116,7 +116,7 @@ def build(data: Data, p: LVMFinetuneRun) -> BuiltMethod:
     settings = p.method_settings()
     if settings.target_modules == "all-linear":  # the family's attention and FFN projections
         settings = settings.model_copy(update={"target_modules": list(data.fam.ADAPTER_TARGETS)})
-    built = build_module_method(p.method, data.pipe.transformer, settings)
+    built = build_module_method(p.method, data.pipe.transformer, settings, p.glora_settings())
     data.pipe.transformer = built.model
     return built
 

@@ -116,10 +116,10 @@ if (run.result_dir / quant.CLIP_FILE).exists():
 
 FT_INTRO = """# Vision generation: the denoiser fine-tuned
 
-One grid point of the `lvm_finetune` study (the paper's Table 13): one method (LoRA, RSLoRA, DoRA, LoHa, LoKr
-through `peft`, or full fine-tuning) adapts the pretrained denoiser of Stable Diffusion 3.5 or Wan 2.1 to data the
-base has not seen. Every method runs the same flow-matching loop on the same examples, order, times, noise and
-seed. The CPU profile's bases are small models pretrained here (cached).
+One grid point of the `lvm_finetune` study (the paper's Table 13): one method (LoRA, RSLoRA, DoRA, LoHa, LoKr,
+GLoRA through `peft`, or full fine-tuning) adapts the pretrained denoiser of Stable Diffusion 3.5 or Wan 2.1 to
+data the base has not seen. Every method runs the same flow-matching loop on the same examples, order, times,
+noise and seed. The CPU profile's bases are small models pretrained here (cached).
 
 **Method.** Encode the new training and held-out examples to latents; score the base on them (held-out
 flow-matching loss; samples for the new captions and their *FD (EfficientNet-Lite0)*, not Inception FID); build
