@@ -181,6 +181,18 @@ def trace_activations(forward_with: Callable[[int, int], tuple[torch.nn.Module, 
                              const=two - 2 * layer_const - tokens * (fixed + 2 * per_layer))
 
 
+def on_cpu_uninitialised(model: torch.nn.Module) -> torch.nn.Module:
+    """A meta model's storage allocated on the CPU with small random values (no per-module init: a trace counts
+    bytes, and an MoE router needs distinct scores to route as it will, not ties)."""
+    model = model.to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.is_floating_point():
+                tensor.normal_(0.0, 0.02, generator=generator)
+    return model
+
+
 def logits_gradient_bytes(vocab: int, tokens: int) -> float:
     """The loss's float32 gradient of the logits, alive while backward starts (not a saved tensor)."""
     return tokens * vocab * 4
@@ -268,12 +280,15 @@ def _causal_lm_forward(model, tokens: int, device: str = "meta") -> tuple[torch.
     return model, lambda: model(input_ids=ids, labels=ids)
 
 
+LORA_SHAPED = {"loraplus": "lora", "rslora": "lora", "pissa": "lora", "qlora": "lora"}
+
+
 def _built_method(config, method: str, settings, dtype: torch.dtype = torch.float32):
     """The fine-tuning study's method on its base (``finetune.methods.load_base_model``: float32) on the meta device.
     PiSSA and QLoRA as LoRA: the same shapes (their SVD and 4-bit weights need real data)."""
     from .finetune import methods as ft
 
-    built = ft.build_method("lora" if method in ("pissa", "qlora") else method, meta_model(config, dtype), settings)
+    built = ft.build_method(LORA_SHAPED.get(method, method), meta_model(config, dtype), settings)
     built.model.train()
     return built
 
@@ -302,8 +317,13 @@ def plan_finetune(spec: RunSpec, peaks: dict) -> RunPlan:
     p = STUDIES[spec.study].model_validate(spec.params)
     config = hub_config(p.model)
     length = getattr(p, "max_length", None) or VLM_ASSUMED_TOKENS
-    counts, forward_flops, share, profile = _method_on_meta(p.model, p.method, p.method_settings().model_dump_json(),
-                                                            length)
+    # the LoRA variants build LoRA's shapes (LoRA+ and rsLoRA change the lr and the scale, PiSSA the init, QLoRA the
+    # base's storage, counted below): one trace for all of them; the settings that change no shape left out
+    shape_settings = p.method_settings().model_dump_json(
+        exclude={"lr", "weight_decay", "loraplus_lr_ratio", "pissa_niter", "qlora_quant_type", "qlora_double_quant",
+                 "qlora_compute_dtype", "alpha"})
+    counts, forward_flops, share, profile = _method_on_meta(p.model, LORA_SHAPED.get(p.method, p.method),
+                                                            shape_settings, length)
     compute = p.qlora_compute_dtype if p.method == "qlora" else "fp32"
     if p.method == "qlora":
         frozen, how = weight_bytes(meta_model(config), "int4-nf4")
@@ -354,9 +374,10 @@ def plan_pretrain(spec: RunSpec, peaks: dict) -> RunPlan:
         kv, layers = max(p.decode_contexts) * kv_cache_bytes_per_token(config, dtype_bytes), config.n_layers
 
         def build(n):
-            with torch.device(device):
-                return EfficientDecoderForCausalLM(replace(config, n_layers=n)).to(dtype).train()
-    # MoE routes by data (bincount, .tolist()), which the meta device cannot: traced on the CPU, random weights
+            with torch.device("meta"):
+                model = EfficientDecoderForCausalLM(replace(config, n_layers=n)).to(dtype).train()
+            return model if device == "meta" else on_cpu_uninitialised(model)
+    # MoE routes by data (bincount, .tolist()), which the meta device cannot: traced on the CPU
     device = "cpu" if getattr(config, "ffn", None) == "moe" else "meta"
     tokens = p.batch_size * p.seq_len
     # a recurrence runs token by token and MoE on the CPU computes: a shorter trace (the fit is linear in tokens)
@@ -386,10 +407,14 @@ def plan_dit(spec: RunSpec, peaks: dict) -> RunPlan:
     dtype, dtype_bytes = getattr(torch, p.dtype), DTYPE_BYTES[p.dtype]
     params = costs["params_total"]
 
+    device = "cpu" if config.ffn == "moe" else "meta"  # MoE routes by data: traced on the CPU
+
     def forward(n, tokens):  # flow matching's forward (dit.flow) of tokens / n_tokens images through n blocks
         images = tokens // config.n_tokens
         with torch.device("meta"):
             model = DiT(replace(config, n_layers=n)).to(dtype).train()
+        model = model if device == "meta" else on_cpu_uninitialised(model)
+        with torch.device(device):
             x = torch.zeros(images, config.in_channels, config.image_size, config.image_size, dtype=dtype)
             t, labels = torch.zeros(images, dtype=dtype), torch.zeros(images, dtype=torch.long)
         return model, lambda: model(x, t, labels)
@@ -403,7 +428,7 @@ def plan_dit(spec: RunSpec, peaks: dict) -> RunPlan:
                    compute_seconds(flops, p.dtype, peaks),
                    [f"{params / 1e6:.0f}M params in {p.dtype} + EMA", f"micro-batch {p.batch_size} x "
                     f"{config.n_tokens} patches",
-                    f"activations traced on the meta device ({profile.per_layer / 1e3:.0f} kB/token/layer)",
+                    f"activations traced on the {device} device ({profile.per_layer / 1e3:.0f} kB/token/layer)",
                     f"{p.steps} steps + {p.n_samples} samples x {p.sampling_steps} Euler steps; FD not timed"])
 
 
@@ -504,7 +529,7 @@ def standin_check(spec: RunSpec, tokens: int = TRACE_TOKENS, batch: int = 2) -> 
     torch.manual_seed(0)
     from transformers import AutoModelForCausalLM
 
-    built = ft.build_method("lora" if p.method in ("qlora", "pissa") else p.method,
+    built = ft.build_method("lora" if p.method in ("qlora", "pissa") else p.method,  # real data: LoRA+ and rsLoRA
                             AutoModelForCausalLM.from_config(config, dtype=torch.float32), settings)
     built.model.train()
     ids = torch.randint(0, config.vocab_size, (batch, tokens))
