@@ -16,7 +16,7 @@ RUN_FLAGS = $(if $(PROFILE),--profile $(PROFILE)) --executor $(EXECUTOR) $(if $(
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PYTHONWARNINGS := ignore::FutureWarning
 
-.PHONY: help env assets reproduce run plan book test test-fast lab gpu-check clean distclean
+.PHONY: help env assets reproduce run plan book test test-fast lab gpu-check gpu-suite clean distclean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -58,6 +58,9 @@ lab: env  ## JupyterLab with the project's kernel
 
 gpu-check: env  ## NVML sampling, energy counter and bitsandbytes int4 on CUDA (says so and exits 0 without a GPU)
 	$(BIN)/python -m efficientllm_utils gpu-check
+
+gpu-suite: assets  ## on a GPU, about 10 min (not yet timed): gpu-check, make plan for this GPU, the 1.5B shape at bf16 and int4, LoRA (gpu profiles)
+	$(BIN)/python -m efficientllm_utils gpu-suite
 
 clean:  ## remove results and the built book
 	rm -rf results book/_build book/runs

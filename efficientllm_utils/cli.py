@@ -151,6 +151,12 @@ def cmd_gpu_check(args) -> int:
     return gpu_main()
 
 
+def cmd_gpu_suite(args) -> int:
+    from .gpu_suite import main as suite_main
+
+    return suite_main(Path(args.results))
+
+
 def cmd_probe(args) -> int:
     from .metrics import machine_probe
 
@@ -224,6 +230,11 @@ def main(argv: list[str] | None = None) -> int:
 
     gpu = sub.add_parser("gpu-check", help="NVML sampling, energy counter and int4 on CUDA (skips without a GPU)")
     gpu.set_defaults(func=cmd_gpu_check)
+
+    suite = sub.add_parser("gpu-suite", help="gpu-check, plan against this GPU, then the gpu profiles' most valuable "
+                                             "runs (make gpu-suite; says so and exits 0 without a GPU)")
+    suite.add_argument("--results", default=str(records.RESULTS_DIR))
+    suite.set_defaults(func=cmd_gpu_suite)
 
     probe = sub.add_parser("probe", help="show this machine's measured peaks (matmul FLOP/s per dtype, memory "
                                          "bandwidth) behind MFU/MBU; measured once per machine, then cached")

@@ -109,3 +109,12 @@ def test_traced_profile_separates_tokens_from_layers():
 
     profile = plan.trace_activations(forward_with, 8)
     assert profile.per_layer == pytest.approx(3 * 4) and profile.layer_const == pytest.approx(10 * 4)
+
+
+def test_gpu_suite_names_runs_of_the_gpu_profiles_and_skips_without_a_gpu(tmp_path, capsys, monkeypatch):
+    from efficientllm_utils import gpu_check, gpu_suite
+
+    assert [len(specs) for _, specs in gpu_suite.suite_specs()] == [2, 1]
+    monkeypatch.setattr(gpu_check, "_gpu_available", lambda: "torch sees no CUDA device")
+    assert cli.main(["gpu-suite", "--results", str(tmp_path)]) == 0
+    assert "no GPU here" in capsys.readouterr().out and not any(tmp_path.iterdir())
