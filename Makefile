@@ -16,7 +16,7 @@ RUN_FLAGS = $(if $(PROFILE),--profile $(PROFILE)) --executor $(EXECUTOR) $(if $(
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PYTHONWARNINGS := ignore::FutureWarning
 
-.PHONY: help env lock assets test-assets reproduce run book test test-fast lab gpu-check clean distclean
+.PHONY: help env lock assets test-assets reproduce run plan book test test-fast lab gpu-check gpu-suite clean distclean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -52,6 +52,11 @@ reproduce: assets  ## run AXIS's grid (PROFILE, default: the CPU profile; EXECUT
 run: assets  ## run AXIS's grid without building the book
 	$(BIN)/python -m efficientllm_utils run $(AXIS) $(RUN_FLAGS)
 
+# the GPU plan needs no GPU and no assets: configs ship in efficientllm_utils/hub_configs/
+DEVICE_TARGET ?= h100
+plan: env  ## predicted memory (GB), time and FLOPs of AXIS's PROFILE runs on DEVICE_TARGET (h100|h200), no GPU needed; fails if a run will not fit
+	$(BIN)/python -m efficientllm_utils plan $(AXIS) $(if $(PROFILE),--profile $(PROFILE)) --device-target $(DEVICE_TARGET) $(RUN_ARGS)
+
 book: env  ## rebuild the book from existing results
 	$(BIN)/python -m efficientllm_utils book $(if $(EXPLORED),--explored)
 
@@ -66,6 +71,9 @@ lab: env  ## JupyterLab with the project's kernel
 
 gpu-check: env  ## NVML sampling, energy counter and bitsandbytes int4 on CUDA (says so and exits 0 without a GPU)
 	$(BIN)/python -m efficientllm_utils gpu-check
+
+gpu-suite: assets  ## on a GPU, about 10 min (not yet timed): gpu-check, make plan for this GPU, the 1.5B shape at bf16 and int4, LoRA (gpu profiles)
+	$(BIN)/python -m efficientllm_utils gpu-suite
 
 clean:  ## remove results and the built book
 	rm -rf results book/_build book/runs

@@ -97,7 +97,21 @@ def _executor_settings(args) -> dict:
             "max_retries": args.max_retries}
 
 
+def cmd_plan(args) -> int:
+    """Every run of the profile against a target GPU, without one (plan.py); 2 when a run will not fit."""
+    from .plan import PlanError, main as plan_main
+
+    try:
+        return plan_main(studies_of(args.axis), args.profile, args.device_target, _overrides(args.set),
+                         check=getattr(args, "check", False))
+    except PlanError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
 def cmd_run(args) -> int:
+    if args.plan:
+        return cmd_plan(args)
     studies = studies_of(args.axis)
     plans = [(s, _plan(s, args)) for s in studies]  # validate all first
     executor = _executor_settings(args)
@@ -176,6 +190,12 @@ def cmd_gpu_check(args) -> int:
     return gpu_main()
 
 
+def cmd_gpu_suite(args) -> int:
+    from .gpu_suite import main as suite_main
+
+    return suite_main(Path(args.results))
+
+
 def cmd_probe(args) -> int:
     from .metrics import machine_probe
 
@@ -223,7 +243,19 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--publish", action="store_true",
                      help=f"replace the published copy (published/) with this profile's runs when it is one of "
                           f"{', '.join(PUBLISHED_PROFILES)} (make reproduce does)")
+    run.add_argument("--plan", action="store_true", help="print the plan (make plan) instead of running")
+    run.add_argument("--device-target", choices=("h100", "h200"), default="h100", help="the GPU --plan plans for")
     run.set_defaults(func=cmd_run)
+
+    plan = sub.add_parser("plan", help="predicted memory (GB), time and FLOPs of every run on a target GPU, from "
+                                       "the models' configs on the meta device; exits 2 if a run will not fit")
+    add_selection(plan)
+    plan.add_argument("--device-target", choices=("h100", "h200"), default="h100",
+                      help="H100 (80 GB) or H200 (141 GB)")
+    plan.add_argument("--check", action="store_true",
+                      help="also run the fine-tuning study's code path on a small stand-in on the CPU and compare "
+                           "the formula's bytes with the measured ones")
+    plan.set_defaults(func=cmd_plan)
 
     lst = sub.add_parser("list", help="validate a profile and list its runs without running them")
     add_selection(lst)
@@ -244,6 +276,11 @@ def main(argv: list[str] | None = None) -> int:
 
     gpu = sub.add_parser("gpu-check", help="NVML sampling, energy counter and int4 on CUDA (skips without a GPU)")
     gpu.set_defaults(func=cmd_gpu_check)
+
+    suite = sub.add_parser("gpu-suite", help="gpu-check, plan against this GPU, then the gpu profiles' most valuable "
+                                             "runs (make gpu-suite; says so and exits 0 without a GPU)")
+    suite.add_argument("--results", default=str(records.RESULTS_DIR))
+    suite.set_defaults(func=cmd_gpu_suite)
 
     probe = sub.add_parser("probe", help="show this machine's measured peaks (matmul FLOP/s per dtype, memory "
                                          "bandwidth) behind MFU/MBU; measured once per machine, then cached")

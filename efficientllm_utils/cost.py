@@ -21,8 +21,9 @@ from .params import AttentionFreeRun, PretrainRun, RunSpec, expand, params_path
 from .records import load_records
 from .runner import gpus_of
 
-# 40% of the 989 TFLOP/s dense bf16 peak of an H100/H200 SXM: a typical training model-FLOPs utilisation.
-ASSUMED_SUSTAINED_FLOPS = 0.40 * 989e12
+ASSUMED_MFU = 0.40  # a typical training model-FLOPs utilisation (also make plan's, plan.py)
+# 40% of the 989 TFLOP/s dense bf16 peak of an H100/H200 SXM
+ASSUMED_SUSTAINED_FLOPS = ASSUMED_MFU * 989e12
 PRETRAIN_STUDIES = ("attention", "positional_encoding", "moe")
 # parameter counts of models whose id does not say it (from their model cards)
 KNOWN_PARAMS = {"microsoft/phi-4": 14.7e9, "microsoft/Phi-3.5-mini-instruct": 3.8e9}

@@ -26,7 +26,8 @@ from torch import nn
 
 
 def _attention_dims(config) -> tuple[int, int, int, int]:
-    """(layers, query heads, KV heads, head dim) of a standard decoder config."""
+    """(layers, query heads, KV heads, head dim) of a standard decoder config (a vision-language one's decoder)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
