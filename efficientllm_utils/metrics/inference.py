@@ -29,8 +29,9 @@ class TokenTimestamps(BaseStreamer):
         pass
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued kernels (a CUDA clock read without it times launches, not work)."""
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
 
@@ -48,13 +49,13 @@ def time_one_request(model, input_ids: torch.Tensor, new_tokens: int, model_inpu
     text that ``generate`` passes on (a vision-language model's ``pixel_values``, ``image_grid_thw``, ...)."""
     streamer = TokenTimestamps()
     device = input_ids.device
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                             streamer=streamer, pad_token_id=pad_token_id(model),
                             **(model_inputs or {}))
-    _sync(device)
+    synchronize(device)
     end = time.perf_counter()
     generated = output.shape[1] - input_ids.shape[1]
     if generated != new_tokens:
