@@ -92,14 +92,18 @@ def load_transformer(cls, source: str, precision: str, device: str = "cpu", subf
     where = {"subfolder": subfolder} if subfolder else {}
     if config is not None and device == "cuda":
         model = cls.from_pretrained(source, quantization_config=config, torch_dtype=torch.bfloat16, **where)
-    elif config is None:  # loaded at its dtype straight onto the device: no full fp32 copy in host RAM
+    elif config is None and device != "cpu":  # at its dtype straight onto the GPU: no fp32 copy in host RAM
         model = cls.from_pretrained(source, torch_dtype=FLOAT_DTYPES[precision], device_map={"": device}, **where)
     else:
-        model = _quantize_on_cpu(cls.from_pretrained(source, torch_dtype=torch.float32, **where), config)
-        if precision.startswith("int4"):
-            from ..cpu_4bit import pin_kernel
+        model = cls.from_pretrained(source, torch_dtype=torch.float32, **where)
+        if config is not None:
+            model = _quantize_on_cpu(model, config)
+            if precision.startswith("int4"):
+                from ..cpu_4bit import pin_kernel
 
-            pin_kernel(model, "dequantize")  # one kernel on every CPU; the record says so
+                pin_kernel(model, "dequantize")  # one kernel on every CPU; the record says so
+        else:
+            model = model.to(FLOAT_DTYPES[precision])
         model = model.to(device)
     dtype = FLOAT_DTYPES.get(precision, torch.float32 if device == "cpu" else torch.bfloat16)
     model.register_forward_pre_hook(cast_inputs_hook(dtype), with_kwargs=True)
