@@ -20,6 +20,7 @@ AVX512-BF16) is pinned right after loading: see :mod:`efficientllm_utils.cpu_4bi
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -64,12 +65,11 @@ def converted_checkpoint(name: str) -> Path:
 def build_once(target: Path, build) -> Path:
     """``target``, made once by ``build(staging)`` in a staging folder moved into place: under a file lock, so
     concurrent first runs (several GPUs or jobs on one cache) wait for one build instead of sharing its folder."""
-    from filelock import FileLock
-
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(target.with_name(target.name + ".lock")):
+    with open(target.with_name(target.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released on close, or when the holder dies (as machine_probe's)
         if not (target / "config.json").exists():  # not built meanwhile by the lock's previous holder
             staging = target.with_name(target.name + ".partial")
             shutil.rmtree(staging, ignore_errors=True)

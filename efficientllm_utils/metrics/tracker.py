@@ -202,8 +202,10 @@ class ResourceTracker:
         if self._gpu_energy_start is not None and self._gpu_energy_end is not None:
             joules = sum(e - s for s, e in zip(self._gpu_energy_start, self._gpu_energy_end)) / 1000
             return MetricValue.measured(joules, "J", "nvml-total-energy-counter")
-        powers = [sum(s["gpu_power_w"]) for s in self.samples if None not in s.get("gpu_power_w", [None])]
-        if self._handles and powers:  # (a MIG slice reads no power: then the CPU's counters below)
+        if self._handles:
+            powers = [sum(s["gpu_power_w"]) for s in self.samples if None not in s["gpu_power_w"]]
+            if not powers:  # a MIG slice reads neither counter; the CPU's would not be the GPU's energy
+                return MetricValue.unavailable("J", "nvml-power-and-energy-not-supported(MIG slice?)")
             return MetricValue.measured(sum(powers) / len(powers) * self.wall_s, "J", "nvml-power-draw-sampler")
         if self._rapl:
             joules = 0.0
@@ -247,6 +249,7 @@ class ResourceTracker:
         energy = self.energy()
         out["energy_j"] = energy
         kind, how = energy.method.split(":", 1)
-        out["aec_w"] = MetricValue(value=energy.value / self.wall_s, unit="W", method=f"{kind}:{how}/wall-time")
+        out["aec_w"] = MetricValue(value=None if energy.value is None else energy.value / self.wall_s, unit="W",
+                                   method=f"{kind}:{how}" + ("" if energy.value is None else "/wall-time"))
         out["phase_wall_s"] = MetricValue.measured(self.wall_s, "s", "perf-counter")
         return out
