@@ -45,9 +45,10 @@ def _next_token_predictions(model, windows: torch.Tensor) -> torch.Tensor:
 
 def main() -> int:
     reason = _gpu_available()
-    if reason and visible_gpu_indices():  # a GPU is there but cannot be used: a failure, not "nothing to check"
-        print(f"gpu-check: FAILED: NVML sees a GPU but {reason} (a CPU-only torch build? driver and CUDA "
-              f"versions?); torch {torch.__version__}, CUDA build {torch.version.cuda}.")
+    if reason and (visible_gpu_indices() or torch.cuda.is_available()):  # a GPU is there but torch or NVML cannot
+        # use it: a failure, not "nothing to check"
+        print(f"gpu-check: FAILED: a GPU is present but {reason} (a CPU-only torch build? no pynvml? driver and "
+              f"CUDA versions?); torch {torch.__version__}, CUDA build {torch.version.cuda}.")
         return 1
     if reason:
         print(f"gpu-check: no GPU here ({reason}); nothing to check. Run it on a machine with an NVIDIA GPU.")

@@ -22,8 +22,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from .config import TrainSettings
 from ..metrics.inference import synchronize
+from .config import TrainSettings
 from .data import IGNORE_INDEX, Example
 
 MANIFEST = "efficientllm_finetune.json"
