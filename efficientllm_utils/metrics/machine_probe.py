@@ -35,7 +35,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-PROBE_VERSION = 4  # bump when the procedure changes: older caches are then ignored
+# bump a device's when its procedure changes: older caches are then ignored (cuda 5: larger shapes, batched syncs)
+PROBE_VERSION = {"cpu": 4, "cuda": 5}
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 DTYPES = ("fp32", "bf16", "fp16", "int8")
 ROWS = 64  # the short side of the second shape probed: oneDNN's bf16/fp16 kernels are far faster on it on some CPUs
@@ -111,7 +112,7 @@ def machine_key(device: str, threads: int) -> dict[str, Any]:
         torch_version = metadata.version("torch")
     except metadata.PackageNotFoundError:
         torch_version = None
-    return {"probe_version": PROBE_VERSION, "device": device, "cpu": model,
+    return {"probe_version": PROBE_VERSION[device], "device": device, "cpu": model,
             "cpu_flags_sha256": hashlib.sha256(flags.encode()).hexdigest()[:16], "logical_cores": os.cpu_count(),
             "torch": torch_version, "gpu": _gpu_name() if device == "cuda" else None, "torch_threads": threads}
 
