@@ -68,6 +68,8 @@ def slurm_cluster(profile: SlurmProfile, log_directory: Path):
     """A ``SLURMCluster`` (no jobs yet) whose jobs match ``profile``."""
     from dask_jobqueue import SLURMCluster
 
+    from .metrics.tracker import CUDA_ORDER_ENV
+
     return SLURMCluster(
         job_name="efficientllm",
         queue=profile.partition,
@@ -78,7 +80,8 @@ def slurm_cluster(profile: SlurmProfile, log_directory: Path):
         memory=profile.memory,
         walltime=profile.walltime,
         job_extra_directives=profile.directives(),
-        job_script_prologue=profile.setup,
+        # CUDA's device numbers in NVML's (PCI bus) order, as the local workers have them (metrics.tracker)
+        job_script_prologue=[*(f"export {k}={v}" for k, v in CUDA_ORDER_ENV.items()), *profile.setup],
         worker_extra_args=["--resources", f"GPU={profile.gpus_per_job}", "--no-dashboard"],
         log_directory=str(log_directory),
         scheduler_options={"host": profile.scheduler_host, "dashboard_address": ":0"},  # any free port

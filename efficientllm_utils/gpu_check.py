@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from .metrics.tracker import visible_gpu_indices
+
 QWEN25_1P5B = dict(vocab_size=151936, hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
                    num_key_value_heads=2, intermediate_size=8960, max_position_embeddings=32768,
                    rope_theta=1_000_000.0, tie_word_embeddings=True)
@@ -31,8 +33,6 @@ def _gpu_available() -> str | None:
     """None when a CUDA GPU and NVML are usable, else the reason they are not."""
     if not torch.cuda.is_available():
         return "torch sees no CUDA device"
-    from .metrics.tracker import visible_gpu_indices
-
     if not visible_gpu_indices():
         return "NVML sees no GPU"
     return None
@@ -45,6 +45,11 @@ def _next_token_predictions(model, windows: torch.Tensor) -> torch.Tensor:
 
 def main() -> int:
     reason = _gpu_available()
+    if reason and (visible_gpu_indices() or torch.cuda.is_available()):  # a GPU is there but torch or NVML cannot
+        # use it: a failure, not "nothing to check"
+        print(f"gpu-check: FAILED: a GPU is present but {reason} (a CPU-only torch build? no pynvml? driver and "
+              f"CUDA versions?); torch {torch.__version__}, CUDA build {torch.version.cuda}.")
+        return 1
     if reason:
         print(f"gpu-check: no GPU here ({reason}); nothing to check. Run it on a machine with an NVIDIA GPU.")
         return 0

@@ -20,6 +20,7 @@ AVX512-BF16) is pinned right after loading: see :mod:`efficientllm_utils.cpu_4bi
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -43,25 +44,37 @@ def converted_checkpoint(name: str) -> Path:
     transformers dequantises the GGUF on every load (slow); saving the dequantised
     fp32 weights once makes later loads take about a second.
     """
-    target = assets.cache_dir().parent / "models" / name
+    def build(staging: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        gguf = OFFLINE_MODELS[name]()
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The weights are now plain fp32 tensors: drop the GGUF marker so they can be saved.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "SOURCE.json").write_text(json.dumps(
+            {"gguf": gguf.name, "note": "dequantised from GGUF Q4_1: the fp32 weights carry 4-bit rounding"}))
+
+    return build_once(assets.cache_dir().parent / "models" / name, build)
+
+
+def build_once(target: Path, build) -> Path:
+    """``target``, made once by ``build(staging)`` in a staging folder moved into place: under a file lock, so
+    concurrent first runs (several GPUs or jobs on one cache) wait for one build instead of sharing its folder."""
     if (target / "config.json").exists():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf = OFFLINE_MODELS[name]()
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # The weights are now plain fp32 tensors: drop the GGUF marker so they can be saved.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    staging = target.with_name(target.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    (staging / "SOURCE.json").write_text(json.dumps(
-        {"gguf": gguf.name, "note": "dequantised from GGUF Q4_1: the fp32 weights carry 4-bit rounding"}))
-    os.replace(staging, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(target.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released on close, or when the holder dies (as machine_probe's)
+        if not (target / "config.json").exists():  # not built meanwhile by the lock's previous holder
+            staging = target.with_name(target.name + ".partial")
+            shutil.rmtree(staging, ignore_errors=True)
+            build(staging)
+            os.replace(staging, target)
     return target
 
 
@@ -86,31 +99,27 @@ def shape_checkpoint(name: str, seed: int = 0) -> Path:
     are those of the real model at that shape; its outputs are meaningless, so studies measure no quality on it."""
     if name not in SHAPE_MODELS:
         raise ValueError(f"model shape {name!r} is not one of {sorted(SHAPE_MODELS)}")
-    target = assets.cache_dir().parent / "models" / f"shape-{name}-seed{seed}"
-    if (target / "config.json").exists():
-        return target
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-    config = Qwen2Config(**SHAPE_MODELS[name], max_position_embeddings=32768, rope_theta=1_000_000.0,
-                         rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, dtype="bfloat16")
-    torch.manual_seed(seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # a 7B random init is seconds on a GPU, minutes here
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            model = Qwen2ForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    staging = target.with_name(target.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    AutoTokenizer.from_pretrained(converted_checkpoint("smollm2-135m-instruct")).save_pretrained(staging)
-    (staging / "SOURCE.json").write_text(json.dumps(
-        {"shape": name, "seed": seed, "note": "random weights of the model's published shape: efficiency only"}))
-    del model
-    os.replace(staging, target)
-    return target
+    def build(staging: Path) -> None:
+        from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+        config = Qwen2Config(**SHAPE_MODELS[name], max_position_embeddings=32768, rope_theta=1_000_000.0,
+                             rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, dtype="bfloat16")
+        torch.manual_seed(seed)
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # a 7B random init: seconds on a GPU, minutes here
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            with torch.device(device):
+                model = Qwen2ForCausalLM(config)
+        finally:
+            torch.set_default_dtype(previous)
+        model.save_pretrained(staging)
+        AutoTokenizer.from_pretrained(converted_checkpoint("smollm2-135m-instruct")).save_pretrained(staging)
+        (staging / "SOURCE.json").write_text(json.dumps(
+            {"shape": name, "seed": seed, "note": "random weights of the model's published shape: efficiency only"}))
+
+    return build_once(assets.cache_dir().parent / "models" / f"shape-{name}-seed{seed}", build)
 
 
 def resolve_source(source: str) -> str:
@@ -195,16 +204,14 @@ def load_causal_lm(source: str, precision: str = "fp32", device: str = "cpu", cp
         raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
     path = resolve_source(source)
     qconfig = quantization_config(precision, unquantized_modules(path))
-    kwargs: dict = {"dtype": FLOAT_DTYPES.get(precision, torch.bfloat16)}
+    # straight onto the device: a 32B model in bf16 never sits whole in host RAM
+    kwargs: dict = {"dtype": FLOAT_DTYPES.get(precision, torch.bfloat16), "device_map": {"": device}}
     if qconfig is not None:
         # bitsandbytes warns on every int8 matmul that it casts inputs to fp16: expected, and it floods output.
         warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
         kwargs["quantization_config"] = qconfig
-        kwargs["device_map"] = {"": device}
     model = auto_model_class(path).from_pretrained(path, **kwargs)
-    if qconfig is None:
-        model = model.to(device)
-    elif precision.startswith("int4-") and device == "cpu":
+    if precision.startswith("int4-") and device == "cpu":
         from .cpu_4bit import pin_kernel
 
         pin_kernel(model, cpu_4bit_kernel)

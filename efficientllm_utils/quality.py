@@ -195,6 +195,18 @@ def heldout_text(max_chars: int = 200_000) -> str:
     return "\n".join(chunks)[:max_chars]
 
 
+LOGITS_CHUNK = 2 ** 28  # fp32 logits per cross-entropy call (1 GiB): 4 x 2048 x 152k logits would take 5 GiB
+
+
+def summed_nll(logits: torch.Tensor, targets: torch.Tensor, chunk: int = LOGITS_CHUNK) -> float:
+    """Summed cross-entropy of ``logits`` (positions, vocab) at ``targets`` (positions,), upcast to fp32 a chunk of
+    positions at a time (at most ``chunk`` logits), so a large vocabulary makes no batch-sized fp32 copies."""
+    rows = max(1, chunk // logits.shape[-1])
+    return sum(float(torch.nn.functional.cross_entropy(logits[i: i + rows].float(), targets[i: i + rows],
+                                                       reduction="sum"))
+               for i in range(0, len(logits), rows))
+
+
 @torch.no_grad()
 def perplexity(model, tokenizer, text: str, seq_len: int = 256, max_tokens: int = 2048, batch_size: int = 4,
                keep_distributions: int = 0) -> dict:
@@ -212,13 +224,11 @@ def perplexity(model, tokenizer, text: str, seq_len: int = 256, max_tokens: int 
     kept: list[torch.Tensor] = []
     for start in range(0, len(windows), batch_size):
         batch = torch.tensor(windows[start: start + batch_size], device=device)  # (batch, seq_len)
-        logits = model(input_ids=batch).logits.float()  # (batch, seq_len, vocab)
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
-        total_nll += float(nll)
+        logits = model(input_ids=batch).logits  # (batch, seq_len, vocab), the model's dtype
+        predicting = logits[:, :-1].reshape(-1, logits.shape[-1])  # (positions, vocab)
+        total_nll += summed_nll(predicting, batch[:, 1:].reshape(-1))
         if total_tokens < keep_distributions:
-            predicting = logits[:, :-1].reshape(-1, logits.shape[-1])[: keep_distributions - total_tokens]
-            kept.append(torch.log_softmax(predicting, dim=-1).cpu())  # (positions, vocab)
+            kept.append(torch.log_softmax(predicting[: keep_distributions - total_tokens].float(), dim=-1).cpu())
         total_tokens += batch[:, 1:].numel()
     result = {"perplexity": math.exp(total_nll / total_tokens), "tokens": total_tokens, "seq_len": seq_len}
     if keep_distributions:

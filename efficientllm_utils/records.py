@@ -192,11 +192,13 @@ def hardware() -> dict[str, Any]:
     try:
         import pynvml
 
-        pynvml.nvmlInit()
-        for i in range(pynvml.nvmlDeviceGetCount()):
+        from .metrics.tracker import visible_gpus
+
+        for token, i in visible_gpus():  # the GPUs this run may use, not every GPU of the node
             h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            info["gpus"].append({"name": pynvml.nvmlDeviceGetName(h),
+            info["gpus"].append({"name": pynvml.nvmlDeviceGetName(h), "cuda_visible_as": token,
                                  "memory_gb": round(pynvml.nvmlDeviceGetMemoryInfo(h).total / 1e9, 1)})
+        info["node_gpus"] = pynvml.nvmlDeviceGetCount()
         info["nvidia_driver"] = pynvml.nvmlSystemGetDriverVersion()
     except Exception:
         pass

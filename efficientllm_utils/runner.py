@@ -189,8 +189,14 @@ def pending_runs(specs: list[RunSpec], results_root: Path, force: bool = False,
 
 # --- Dask ----------------------------------------------------------------------------------
 
-def local_cluster(n_gpus: int, max_retries: int = 2):
-    """One single-threaded worker per GPU (pinned), or one worker without a GPU."""
+def local_cluster(gpus: int | list[str], max_retries: int = 2):
+    """One single-threaded worker per GPU (pinned to its ``CUDA_VISIBLE_DEVICES`` entry: the user's own list's,
+    UUIDs included, from :func:`~.metrics.tracker.visible_gpus`; an int n: entries 0..n-1), or one worker without
+    a GPU."""
+    from .metrics.tracker import CUDA_ORDER_ENV
+
+    pins = [str(i) for i in range(gpus)] if isinstance(gpus, int) else list(gpus)
+    n_gpus = len(pins)
     import dask
     from distributed import Nanny, Scheduler, SpecCluster
 
@@ -200,7 +206,7 @@ def local_cluster(n_gpus: int, max_retries: int = 2):
     for i in range(max(n_gpus, 1)):
         options: dict = {"nthreads": 1, "memory_limit": 0, "host": "127.0.0.1"}
         if n_gpus:
-            options["env"] = {"CUDA_VISIBLE_DEVICES": str(i)}
+            options["env"] = {"CUDA_VISIBLE_DEVICES": pins[i], **CUDA_ORDER_ENV}
             options["resources"] = {"GPU": 1}
         workers[f"worker-{i}"] = {"cls": Nanny, "options": options}
     # no dashboard; its HTTP server on a free port, so a second cluster on the machine does not warn about 8787
@@ -236,10 +242,10 @@ def check_resources(specs: list[RunSpec], worker_resources: list[dict], exact: b
                             "(EXECUTOR=slurm: gpus_per_job)")
 
 
-def _gpu_count() -> int:
-    from .metrics.tracker import visible_gpu_indices
+def _gpu_pins() -> list[str]:
+    from .metrics.tracker import visible_gpus
 
-    return len(visible_gpu_indices())
+    return [token for token, _ in visible_gpus()]
 
 
 @contextlib.contextmanager
@@ -261,7 +267,7 @@ def open_cluster(executor: str, n_pending: int, results_root: Path, *, scheduler
     elif executor == "local":
         from distributed import Client
 
-        with local_cluster(_gpu_count(), max_retries) as cluster, Client(cluster) as client:
+        with local_cluster(_gpu_pins(), max_retries) as cluster, Client(cluster) as client:
             workers = client.scheduler_info(n_workers=-1)["workers"].values()
             yield client, [w.get("resources", {}) for w in workers]
     else:
@@ -293,7 +299,7 @@ def execute(specs: list[RunSpec], results_root: Path, *, force: bool = False, re
 
     if scheduler_address and executor == "local":
         executor = "dask"
-    if executor == "local" and any(gpus_of(s) for s in todo) and not _gpu_count():
+    if executor == "local" and any(gpus_of(s) for s in todo) and not _gpu_pins():
         raise ResourceError("runs ask for a GPU (device=cuda or gpus=N) but this machine has no visible GPU")
     with open_cluster(executor, len(todo), results_root, scheduler_address=scheduler_address, slurm=slurm,
                       max_retries=max_retries) as (client, offered):

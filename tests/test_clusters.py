@@ -40,12 +40,12 @@ PROFILE = "smoke+explore"  # gpus=1 is not the smoke profile's setting: its runs
 def local_quality(tmp_path_factory) -> dict:
     """The local executor's quality figures for the same runs, as on a machine with two GPUs (one worker each)."""
     root = tmp_path_factory.mktemp("local") / "results"
-    real_gpu_count = runner._gpu_count
-    runner._gpu_count = lambda: 2  # the selftest never touches the devices, so two pinned workers suffice
+    real_gpu_pins = runner._gpu_pins
+    runner._gpu_pins = lambda: ["0", "1"]  # the selftest never touches the devices, so two pinned workers suffice
     try:
         summary = runner.execute(_smoke_specs(), root, executor="local")
     finally:
-        runner._gpu_count = real_gpu_count
+        runner._gpu_pins = real_gpu_pins
     assert [o.status for o in summary.outcomes] == ["ok"] * N_RUNS
     return {r.label: r.quality for r in load_records("selftest", PROFILE, root)}
 

@@ -24,6 +24,23 @@ from .config import DecoderConfig
 from .position import RotaryEmbedding, apply_rotary
 
 
+def grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                 is_causal: bool = False, repeat_kv: bool | None = None) -> torch.Tensor:
+    """SDPA of (b, heads, t, hd) queries over (b, kv_heads, T, hd) keys and values shared by query groups.
+
+    Without a mask, ``enable_gqa`` broadcasts each KV head over its group without copying it (the flash kernel).
+    With a mask on a GPU the KV heads are repeated instead (``repeat_kv``; None: exactly then): the kernel that
+    takes masks (memory-efficient) refuses ``enable_gqa``, and SDPA would fall to the math kernel, which stores
+    heads x t x T scores per layer (out of memory at 8K). The CPU keeps ``enable_gqa`` (its published numbers)."""
+    if repeat_kv is None:
+        repeat_kv = attn_mask is not None and q.is_cuda
+    if repeat_kv:
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)  # (b, heads, T, hd)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                          enable_gqa=not repeat_kv)
+
+
 @dataclass
 class AttentionContext:
     """What every attention layer receives besides its input; the model builds it once per forward."""
@@ -66,7 +83,5 @@ class GroupedQueryAttention(nn.Module):
             q, k = apply_rotary(q, *ctx.query_rope), apply_rotary(k, *ctx.query_rope)
         if ctx.cache is not None:  # keys are cached after RoPE: each key keeps its own position
             k, v = ctx.cache.update(k, v, self.layer_idx)  # (b, kv_heads, past + t, hd)
-        # enable_gqa lets SDPA broadcast each KV head over its query group without copying it
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.is_causal,
-                                             enable_gqa=True)  # (b, heads, t, hd)
+        out = grouped_sdpa(q, k, v, attn_mask=ctx.mask, is_causal=ctx.is_causal)  # (b, heads, t, hd)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))

@@ -33,10 +33,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .attention import AttentionContext
+from .attention import AttentionContext, grouped_sdpa
 from .config import DecoderConfig
 from .position import apply_rotary
 
@@ -85,13 +84,12 @@ class NativeSparseAttention(nn.Module):
                                                       ctx.causal)
         selected_mask = self.selection_mask(probs.detach(), block_start, query_pos, key_pos, ctx.causal)  # (b, kv, t, T)
         group = self.n_heads // self.n_kv_heads
-        selected = F.scaled_dot_product_attention(q, k, v, attn_mask=selected_mask.repeat_interleave(group, 1),
-                                                  enable_gqa=True)  # (b, heads, t, hd)
+        selected = grouped_sdpa(q, k, v, attn_mask=selected_mask.repeat_interleave(group, 1))  # (b, heads, t, hd)
         if ctx.causal:
             in_window = (key_pos[None, :] <= query_pos[:, None]) & (key_pos[None, :] > query_pos[:, None] - self.window)
         else:  # centred on the query: the neighbours on both sides in raster order
             in_window = (key_pos[None, :] - query_pos[:, None]).abs() <= self.window // 2  # (t, T)
-        windowed = F.scaled_dot_product_attention(q, k, v, attn_mask=in_window, enable_gqa=True)
+        windowed = grouped_sdpa(q, k, v, attn_mask=in_window)
 
         gates = torch.sigmoid(self.branch_gate(x)).view(b, t, self.n_heads, 3).transpose(1, 2)  # (b, heads, t, 3)
         out = gates[..., 0:1] * compressed + gates[..., 1:2] * selected + gates[..., 2:3] * windowed

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from ..arch.train import _optimizer, _synchronize, cosine_lr
+from ..arch.train import MasterWeights, _optimizer, _synchronize, cosine_lr
 from .flow import flow_matching_loss
 from .model import DiT
 
@@ -43,7 +43,8 @@ def train(model: DiT, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], step
     torch.manual_seed(seed)  # class dropout draws from the global generator
     generator = torch.Generator().manual_seed(seed)  # times and noise: the same for every variant
     device = next(model.parameters()).device
-    optimizer = _optimizer(model, lr, weight_decay, betas)
+    masters = MasterWeights(model)  # a bf16 model steps fp32 masters; the EMA averages them
+    optimizer = _optimizer(masters.module, lr, weight_decay, betas)
     aux_coef = model.config.router_aux_loss_coef
     model.train()
     samples: list[DiTStep] = []
@@ -58,11 +59,13 @@ def train(model: DiT, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], step
         flow, aux = flow_matching_loss(model, images, labels, generator)
         loss = flow + aux_coef * aux if aux is not None else flow
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        masters.gradients_to_masters()
+        grad_norm = torch.nn.utils.clip_grad_norm_(masters.module.parameters(), grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        masters.masters_to_model()
         if ema is not None:
-            ema.update_parameters(model)
+            ema.update_parameters(masters.module)
         _synchronize(device)
         seconds = time.perf_counter() - start
         samples.append(DiTStep(step=step, loss=loss.item(), flow_loss=flow.item(),
@@ -75,4 +78,5 @@ def train(model: DiT, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], step
 def weight_average(model: DiT, decay: float) -> AveragedModel:
     """An exponential moving average of ``model``'s weights (DiT samples from it; its decay is 0.9999 over
     400K steps, a short run needs a shorter memory). Its first update copies the weights; ``.module`` is a DiT."""
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    # kept in fp32 whatever the model's dtype: at 0.9999 a bf16 average would round every update away
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True).float()

@@ -397,7 +397,7 @@ def qlora_quantization_config(settings: MethodSettings, skip_modules: list[str] 
 
 
 def load_base_model(source: str, method: str, settings: MethodSettings, device: str = "cpu"):
-    """The base causal LM a method starts from: fp32 weights, or 4-bit for ``qlora``.
+    """The base causal LM a method starts from: fp32 weights on the CPU, bf16 on a GPU, or 4-bit for ``qlora``.
 
     ``source`` is what :func:`efficientllm_utils.models.resolve_source` takes (an offline
     model name, a local directory or a hub id). Returns the model only (in eval mode).
@@ -419,7 +419,10 @@ def load_base_model(source: str, method: str, settings: MethodSettings, device: 
             # dequantising one, the only one with a backward and the compute dtype asked for (cpu_4bit.py).
             pin_kernel(model, "dequantize")
     else:
-        model = auto_class.from_pretrained(path, dtype=torch.float32).to(device)
+        # on the CPU fp32 (the published CPU runs); on a GPU bf16 weights, as the paper trains: the builders keep
+        # fp32 masters of the trainable parameters and the loop autocasts to bf16 (finetune.train.autocast_dtype)
+        dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+        model = auto_class.from_pretrained(path, dtype=dtype, device_map={"": device})  # no full copy in host RAM
     return model.eval()
 
 

@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..metrics.inference import synchronize
 from .config import TrainSettings
 from .data import IGNORE_INDEX, Example
 
@@ -202,6 +203,12 @@ def threads(n: int | None):
         torch.set_num_threads(previous)
 
 
+def autocast_dtype(model) -> torch.dtype | None:
+    """The dtype the training loop's forward autocasts to: bf16 on a GPU (fp32 masters of the trainable weights,
+    bf16 matmuls, as the paper trains), none on the CPU (fp32 as loaded, the published CPU runs)."""
+    return torch.bfloat16 if next(model.parameters()).device.type == "cuda" else None
+
+
 def train_model(model, param_groups: list[dict], examples: Sequence[Example], settings: TrainSettings,
                 pad_token_id: int, on_step: Callable[[StepRecord], None] | None = None) -> TrainResult:
     """Fine-tune ``model`` on ``examples`` with AdamW over ``param_groups``; the model stays in place.
@@ -221,6 +228,8 @@ def _train(model, param_groups, examples, settings, pad_token_id, on_step) -> Tr
     optimizer = torch.optim.AdamW(param_groups, betas=tuple(settings.adam_betas), eps=settings.adam_eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings))
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    device = next(model.parameters()).device
+    autocast = autocast_dtype(model)
     model.train()
     records: list[StepRecord] = []
     start_all = time.perf_counter()
@@ -231,7 +240,8 @@ def _train(model, param_groups, examples, settings, pad_token_id, on_step) -> Tr
         t0 = time.perf_counter()
         total = 0.0
         for mb in batches:
-            loss_sum, _ = answer_loss_sum(model, collate(mb, pad_token_id))
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                loss_sum, _ = answer_loss_sum(model, collate(mb, pad_token_id))
             (loss_sum / n_loss).backward()
             total += float(loss_sum.detach())
         grad_norm = None
@@ -240,6 +250,7 @@ def _train(model, param_groups, examples, settings, pad_token_id, on_step) -> Tr
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        synchronize(device)  # the optimizer's kernels are in the step
         seconds = time.perf_counter() - t0
         flat = [i for mb in micro_batches for i in mb]
         record = StepRecord(

@@ -21,14 +21,29 @@ def velocity_loss(transformer: nn.Module, denoise: Denoise, latents: torch.Tenso
                   generator: torch.Generator, reduction: str = "mean") -> torch.Tensor:
     """Flow-matching loss of a batch of latents (b, ...) under its conditioning rows (b, ...)."""
     b = latents.shape[0]
-    dtype = next(transformer.parameters()).dtype
-    # times and noise drawn on the CPU from the seeded generator: every model and method sees the same ones
-    sigma = torch.rand(b, generator=generator)
-    noise = torch.randn(latents.shape, generator=generator)
+    weight = next(transformer.parameters())
+    dtype, device = weight.dtype, weight.device
+    # times and noise drawn on the CPU from the seeded generator: every model, method and device sees the same ones
+    sigma = torch.rand(b, generator=generator).to(device)
+    noise = torch.randn(latents.shape, generator=generator).to(device)
+    latents, cond = latents.to(device), {k: v.to(device) for k, v in cond.items()}
     s = sigma.view(b, *[1] * (latents.dim() - 1))
     noisy = (1 - s) * latents + s * noise
     pred = denoise(transformer, noisy.to(dtype), (sigma * 1000).to(dtype), {k: v.to(dtype) for k, v in cond.items()})
     return nn.functional.mse_loss(pred.float(), noise - latents, reduction=reduction)
+
+
+def sample_in_batches(sample: Callable[[slice, torch.Tensor | None], torch.Tensor], n: int, batch_size: int | None,
+                      draw_noise: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``sample(rows, initial_noise)`` over rows of ``batch_size`` samples, each batch's output moved to the CPU (so
+    a thousand 1024-px images never sit on the GPU at once). The initial noise of all ``n`` is drawn first by
+    ``draw_noise()`` (the pipeline's own ``prepare_latents`` with the seeded generator), exactly as one call would
+    draw it: the batches sample from the same noise. ``batch_size`` None or >= n: one call drawing its own noise."""
+    if batch_size is None or batch_size >= n:
+        return sample(slice(None), None)
+    noise = draw_noise()
+    return torch.cat([sample(slice(i, i + batch_size), noise[i: i + batch_size]).cpu()
+                      for i in range(0, n, batch_size)])
 
 
 @torch.no_grad()
@@ -44,7 +59,7 @@ def heldout_item_losses(transformer: nn.Module, denoise: Denoise, latents: torch
         rows = slice(start, start + batch_size)
         error = velocity_loss(transformer, denoise, latents[rows], {k: v[rows] for k, v in cond.items()},
                               generator, reduction="none")  # (b, ...)
-        losses.append(error.flatten(1).mean(1))
+        losses.append(error.flatten(1).mean(1).cpu())
     transformer.train(was_training)
     return torch.cat(losses)
 

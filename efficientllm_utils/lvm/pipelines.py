@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..metrics.inference import synchronize
 from .presets import PAPER_MODELS, family
 
 
@@ -48,17 +49,23 @@ class Timed:
     step_seconds: list[float]  # each denoiser forward (one per sampling step, whole batch)
 
 
-def timed_generate(pipe, fam, cond: dict, steps: int, seed: int, guidance_scale: float = 1.0) -> Timed:
-    """``fam.generate`` with every denoiser forward timed by hooks (perf_counter)."""
+def timed_generate(pipe, fam, cond: dict, steps: int, seed: int, guidance_scale: float = 1.0, **sizes) -> Timed:
+    """``fam.generate`` (``sizes``: its size and batch arguments) with every denoiser forward timed by hooks
+    (perf_counter after a sync)."""
     marks: list[float] = []
     step_seconds: list[float] = []
-    pre = pipe.transformer.register_forward_pre_hook(lambda *a: marks.append(time.perf_counter()))
-    post = pipe.transformer.register_forward_hook(lambda *a: step_seconds.append(time.perf_counter() - marks[-1]))
+    device = next(pipe.transformer.parameters()).device
+
+    def clock() -> float:  # after the queued kernels: a step's time, not its launches'
+        synchronize(device)
+        return time.perf_counter()
+
+    pre = pipe.transformer.register_forward_pre_hook(lambda *a: marks.append(clock()))
+    post = pipe.transformer.register_forward_hook(lambda *a: step_seconds.append(clock() - marks[-1]))
     try:
         start = time.perf_counter()
-        samples = fam.generate(pipe, cond, steps, seed, guidance_scale)
-        if torch.cuda.is_available() and samples.is_cuda:
-            torch.cuda.synchronize()
+        samples = fam.generate(pipe, cond, steps, seed, guidance_scale, **sizes)
+        synchronize(samples.device)
         return Timed(samples.cpu(), time.perf_counter() - start, step_seconds)
     finally:
         pre.remove()

@@ -63,9 +63,46 @@ PAPER_HELDOUT_SIZE = 2000  # the paper's checkpoints are scored on the same held
 PAPER_IMAGES = "cifar10"  # ... of CIFAR-10 (colour photos; its source must answer: see assets.py)
 
 
+@dataclass(frozen=True)
+class PaperSampling:
+    """How a paper checkpoint is fine-tuned and sampled here: at one stated resolution for the training data and
+    the samples (an FD change compares like with like), in pipeline calls of ``batch`` samples (each batch's
+    output goes to the CPU, so a thousand samples never sit on the GPU at once)."""
+
+    size: int  # pixels, square
+    frames: int | None  # clips' frames (Wan: 4k + 1)
+    batch: int
+
+
+PAPER_SAMPLING = {
+    "stabilityai/stable-diffusion-3.5-medium": PaperSampling(size=256, frames=None, batch=8),
+    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": PaperSampling(size=256, frames=17, batch=2),
+}
+
+
+def sampling(model: str) -> dict:
+    """``fam.generate``'s size and batch arguments for ``model``: none for a preset (its own size, one call)."""
+    s = PAPER_SAMPLING.get(model)
+    if s is None:
+        return {}
+    return {"size": s.size, "batch_size": s.batch} | ({"frames": s.frames} if s.frames else {})
+
+
 def examples(model: str, part: str, heldout: bool):
     """The model's ``part`` ('base': what the base learned, 'new': what fine-tuning adapts it to), training or
-    held-out side, as its family cuts it."""
+    held-out side, as its family cuts it; a paper checkpoint's at its ``PAPER_SAMPLING`` size."""
     p = PRESETS.get(model)
-    return family(model).examples(part, heldout, p.heldout_size if p else PAPER_HELDOUT_SIZE,
-                                  p.shape if p else None, p.images if p else PAPER_IMAGES)
+    if p is not None:
+        return family(model).examples(part, heldout, p.heldout_size, p.shape, p.images)
+    s = PAPER_SAMPLING[model]
+    if family_name(model) == "wan":
+        return wan.examples(part, heldout, PAPER_HELDOUT_SIZE, wan.WanShape(image_size=s.size, frames=s.frames))
+    return upsampled(sd3.examples(part, heldout, PAPER_HELDOUT_SIZE, None, PAPER_IMAGES), s.size)
+
+
+def upsampled(examples, size: int):
+    """Images (n, 3, h, w) resized to ``size`` px (bicubic), as a paper checkpoint trains and samples."""
+    import torch.nn.functional as F
+
+    pixels = F.interpolate(examples.pixels, size=(size, size), mode="bicubic").clamp(-1, 1)
+    return replace(examples, pixels=pixels, source=f"{examples.source}, resized to {size} px (bicubic)")

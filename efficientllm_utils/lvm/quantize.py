@@ -70,13 +70,18 @@ def cast_inputs_hook(dtype: torch.dtype):
     return hook
 
 
-def float32_output_hook(module, args, kwargs, output):
-    """A forward hook returning the prediction in float32, the dtype of the pipeline's latents (its scheduler
+def output_dtype_hook(dtype: torch.dtype):
+    """A forward hook returning the prediction in ``dtype``, the dtype of the pipeline's latents (its scheduler
     step would otherwise hand the VAE latents in the denoiser's dtype)."""
-    if isinstance(output, tuple):
-        return (output[0].float(), *output[1:])
-    output.sample = output.sample.float()
-    return output
+    def hook(module, args, kwargs, output):
+        if isinstance(output, tuple):
+            return (output[0].to(dtype), *output[1:])
+        output.sample = output.sample.to(dtype)
+        return output
+    return hook
+
+
+float32_output_hook = output_dtype_hook(torch.float32)
 
 
 def load_transformer(cls, source: str, precision: str, device: str = "cpu", subfolder: str | None = None):
@@ -87,6 +92,8 @@ def load_transformer(cls, source: str, precision: str, device: str = "cpu", subf
     where = {"subfolder": subfolder} if subfolder else {}
     if config is not None and device == "cuda":
         model = cls.from_pretrained(source, quantization_config=config, torch_dtype=torch.bfloat16, **where)
+    elif config is None and device != "cpu":  # at its dtype straight onto the GPU: no fp32 copy in host RAM
+        model = cls.from_pretrained(source, torch_dtype=FLOAT_DTYPES[precision], device_map={"": device}, **where)
     else:
         model = cls.from_pretrained(source, torch_dtype=torch.float32, **where)
         if config is not None:

@@ -130,18 +130,29 @@ def encode_captions(pipe, captions: list[str]) -> dict[str, torch.Tensor]:
 def to_latents(vae, pixels: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """(n, 3, H, W) in [-1, 1] -> the denoiser's latents (n, c, H/2, W/2): the posterior mean, shifted and
     scaled as the pipeline undoes before decoding."""
-    means = [vae.encode(x).latent_dist.mean for x in pixels.split(batch_size)]
+    # each batch on the VAE's device and in its dtype; the latents kept as fp32 on the CPU (batches go to the device)
+    means = [vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean.float().cpu() for x in pixels.split(batch_size)]
     return (torch.cat(means) - vae.config.shift_factor) * vae.config.scaling_factor
 
 
 def generate(pipe, cond: dict[str, torch.Tensor], steps: int, seed: int, guidance_scale: float = 1.0,
-             size: int | None = None) -> torch.Tensor:
-    """Images (n, 3, H, W) in [-1, 1], one per conditioning row, from the pipeline with a seeded generator."""
+             size: int | None = None, batch_size: int | None = None) -> torch.Tensor:
+    """Images (n, 3, H, W) in [-1, 1], one per conditioning row, from the pipeline with a seeded generator, in
+    pipeline calls of ``batch_size`` images (None: one call) at ``size`` px (None: the VAE's own)."""
+    from .flow import sample_in_batches
+
     size = size or pipe.vae.config.sample_size
-    out = pipe(prompt_embeds=cond["encoder_hidden_states"], pooled_prompt_embeds=cond["pooled_projections"],
-               height=size, width=size, num_inference_steps=steps, guidance_scale=guidance_scale, output_type="pt",
-               generator=torch.Generator().manual_seed(seed))
-    return out.images.float() * 2 - 1
+    embeds, pooled = cond["encoder_hidden_states"], cond["pooled_projections"]
+    generator = torch.Generator().manual_seed(seed)
+
+    def sample(rows: slice, noise: torch.Tensor | None) -> torch.Tensor:
+        out = pipe(prompt_embeds=embeds[rows], pooled_prompt_embeds=pooled[rows], latents=noise, height=size,
+                   width=size, num_inference_steps=steps, guidance_scale=guidance_scale, output_type="pt",
+                   generator=generator)
+        return out.images.float() * 2 - 1
+
+    return sample_in_batches(sample, len(embeds), batch_size, lambda: pipe.prepare_latents(
+        len(embeds), pipe.transformer.config.in_channels, size, size, embeds.dtype, embeds.device, generator))
 
 
 def denoise(transformer, latents: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..finetune.config import TrainSettings
-from ..finetune.train import batch_schedule, lr_lambda, threads
+from ..finetune.train import autocast_dtype, batch_schedule, lr_lambda, threads
 from .flow import Denoise, velocity_loss
 
 
@@ -51,12 +51,14 @@ def train(transformer: torch.nn.Module, param_groups: list[dict], data: LatentSe
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings))
         generator = torch.Generator().manual_seed(settings.seed)
         params = [p for g in param_groups for p in g["params"]]
+        device, autocast = next(transformer.parameters()).device, autocast_dtype(transformer)  # GPU: bf16 autocast
         transformer.train()
         steps = []
         for i, (batch,) in enumerate(schedule):
             index = torch.tensor(batch)
             start = time.perf_counter()
-            loss = velocity_loss(transformer, denoise, data.latents[index], data.cond(index), generator)
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                loss = velocity_loss(transformer, denoise, data.latents[index], data.cond(index), generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if settings.max_grad_norm is not None:

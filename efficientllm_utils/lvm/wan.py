@@ -96,7 +96,9 @@ def _stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def to_latents(vae, pixels: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
     """(n, 3, F, H, W) in [-1, 1] -> normalised latents (n, c, 1 + (F-1)/2, H/2, W/2), as the pipeline undoes."""
-    means = torch.cat([vae.encode(x).latent_dist.mean for x in pixels.split(batch_size)])
+    # each batch on the VAE's device and in its dtype; the latents kept as fp32 on the CPU (batches go to the device)
+    means = torch.cat([vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean.float().cpu()
+                       for x in pixels.split(batch_size)])
     mean, std = _stats(vae, means)
     return (means - mean) / std
 
@@ -108,15 +110,24 @@ def set_latent_stats(vae, raw_latents: torch.Tensor) -> None:
 
 
 def generate(pipe, cond: dict[str, torch.Tensor], steps: int, seed: int, guidance_scale: float = 1.0,
-             size: int | None = None, frames: int | None = None) -> torch.Tensor:
-    """Clips (n, 3, F, H, W) in [-1, 1], one per conditioning row, with a seeded generator."""
+             size: int | None = None, frames: int | None = None, batch_size: int | None = None) -> torch.Tensor:
+    """Clips (n, 3, F, H, W) in [-1, 1], one per conditioning row, with a seeded generator, in pipeline calls of
+    ``batch_size`` clips (None: one call)."""
+    from .flow import sample_in_batches
+
     size = size or PAPER_SIZE.get(pipe.transformer.config.num_layers, 32)
     frames = frames or (PAPER_FRAMES if size != 32 else 5)
-    out = pipe(prompt_embeds=cond["encoder_hidden_states"], height=size, width=size, num_frames=frames,
-               num_inference_steps=steps, guidance_scale=guidance_scale, output_type="pt",
-               generator=torch.Generator().manual_seed(seed))
-    video = out.frames  # (n, F, 3, H, W) in [0, 1]
-    return video.float().permute(0, 2, 1, 3, 4) * 2 - 1
+    embeds = cond["encoder_hidden_states"]
+    generator = torch.Generator().manual_seed(seed)
+
+    def sample(rows: slice, noise: torch.Tensor | None) -> torch.Tensor:
+        out = pipe(prompt_embeds=embeds[rows], latents=noise, height=size, width=size, num_frames=frames,
+                   num_inference_steps=steps, guidance_scale=guidance_scale, output_type="pt", generator=generator)
+        return out.frames.float().permute(0, 2, 1, 3, 4) * 2 - 1  # (n, F, 3, H, W) in [0, 1] -> (n, 3, F, H, W)
+
+    return sample_in_batches(sample, len(embeds), batch_size, lambda: pipe.prepare_latents(
+        len(embeds), pipe.transformer.config.in_channels, size, size, frames, torch.float32, embeds.device,
+        generator))
 
 
 PAPER_SIZE = {30: 480}  # Wan2.1-T2V-1.3B (30 blocks): 480p-class square samples; the small ones: 32 px

@@ -29,9 +29,19 @@ class TokenTimestamps(BaseStreamer):
         pass
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued kernels (a CUDA clock read without it times launches, not work)."""
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def pad_token_id(model) -> int | None:
+    """The id ``generate`` pads with: the generation config's (first) end-of-sequence id. Chat models
+    (Qwen2.5-*-Instruct, Phi-3.5, Qwen2.5-VL) list several eos ids, which transformers refuses as a pad id."""
+    eos = model.generation_config.eos_token_id
+    if isinstance(eos, (list, tuple)):
+        return eos[0] if eos else None
+    return eos
 
 
 def time_one_request(model, input_ids: torch.Tensor, new_tokens: int, model_inputs: dict | None = None) -> dict:
@@ -39,13 +49,13 @@ def time_one_request(model, input_ids: torch.Tensor, new_tokens: int, model_inpu
     text that ``generate`` passes on (a vision-language model's ``pixel_values``, ``image_grid_thw``, ...)."""
     streamer = TokenTimestamps()
     device = input_ids.device
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                            streamer=streamer, pad_token_id=model.generation_config.eos_token_id,
+                            streamer=streamer, pad_token_id=pad_token_id(model),
                             **(model_inputs or {}))
-    _sync(device)
+    synchronize(device)
     end = time.perf_counter()
     generated = output.shape[1] - input_ids.shape[1]
     if generated != new_tokens:

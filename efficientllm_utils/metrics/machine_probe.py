@@ -13,7 +13,8 @@ How each peak is measured (the record says so beside each figure):
   and fp16 kernels ran 12-20% faster there, bf16 11.0 against 9.8 GFLOP/s at 1 thread), with ``F.linear`` (the op ``nn.Linear`` runs) and ``torch.matmul`` (on a CPU
   without AVX512-BF16 only the first reaches oneDNN's bf16/fp16 kernels, and those run several times faster on the
   64-row shapes) at ``n`` = 256, 512, ... (doubled until one product takes >= 0.2 s, the device's cap, or
-  ``seconds_per_dtype`` is spent), each repeated and its **best** (shortest) time kept; the peak is the best rate
+  ``seconds_per_dtype`` is spent; a GPU from n = 1024 to 16384, 12 s a dtype, timing up to 20 calls between two
+  syncs, so the launch gap is not in each call's time), each repeated and its **best** (shortest) time kept; the peak is the best rate
   over the shapes and sizes (a peak, not a typical rate: on a shared machine the short products that run between
   interruptions show what the cores can do). FLOPs = 2 rows inner out. int8 runs ``torch._int_mm``
   (int8 x int8 -> int32) where it has a kernel; otherwise it is recorded missing with the error.
@@ -34,13 +35,20 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-PROBE_VERSION = 4  # bump when the procedure changes: older caches are then ignored
+# bump a device's when its procedure changes: older caches are then ignored (cuda 5: larger shapes, batched syncs)
+PROBE_VERSION = {"cpu": 4, "cuda": 5}
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 DTYPES = ("fp32", "bf16", "fp16", "int8")
 ROWS = 64  # the short side of the second shape probed: oneDNN's bf16/fp16 kernels are far faster on it on some CPUs
 FFN_RATIO = 4  # the third shape's input is this much wider than its output (an FFN's down projection)
 MAX_CALL_S = 0.2  # a product this long already shows the sustained rate: stop growing n
-MAX_N = {"cpu": 2048, "cuda": 8192}
+MAX_N = {"cpu": 2048, "cuda": 16384}  # an H100 reaches its bf16 peak only past n = 4096
+# calls timed between two syncs (at most; fewer where the batch would pass BATCH_S): a sync per call on a GPU times
+# the launch gap with each kernel, which at n <= 2048 is a good part of it
+CALLS_PER_SYNC = {"cpu": 1, "cuda": 20}
+BATCH_S = 0.05
+SECONDS_PER_DTYPE = {"cpu": 2.0, "cuda": 12.0}  # the matmul probe's budget per dtype (a GPU: about 1.5 s a size)
+MIN_N = {"cpu": 256, "cuda": 1024}  # the first size probed
 BANDWIDTH_BYTES = {"cpu": 256 * 2 ** 20, "cuda": 2 * 2 ** 30}  # per tensor; far beyond any last-level cache
 MATMUL_METHOD = "measured:torch-linear-or-matmul(best-of-repeats-shapes-and-sizes,2-rows-inner-out-flops)"
 BANDWIDTH_METHOD = "measured:torch-copy-and-sum(best-of-repeats,max-of-copy-read+write-and-sum-read)"
@@ -48,6 +56,11 @@ BANDWIDTH_METHOD = "measured:torch-copy-and-sum(best-of-repeats,max-of-copy-read
 # Dense (no structured sparsity) peaks from NVIDIA's datasheets, per GPU model, matched against the NVML name in
 # this order (the first substring that matches wins). FLOP/s; int8 in OP/s; bandwidth in bytes/s.
 PUBLISHED_GPU_PEAKS: list[tuple[str, dict[str, float]]] = [
+    # the NVL and Grace Hopper parts before the SXM names they contain ("GH200" contains "H200")
+    ("GH200 144G", {"fp32": 67e12, "bf16": 989e12, "fp16": 989e12, "int8": 1979e12, "bandwidth": 4.9e12}),  # HBM3e
+    ("GH200", {"fp32": 67e12, "bf16": 989e12, "fp16": 989e12, "int8": 1979e12, "bandwidth": 4.0e12}),  # 96 GB HBM3
+    ("H200 NVL", {"fp32": 60e12, "bf16": 835e12, "fp16": 835e12, "int8": 1671e12, "bandwidth": 4.8e12}),
+    ("H100 NVL", {"fp32": 60e12, "bf16": 835e12, "fp16": 835e12, "int8": 1671e12, "bandwidth": 3.9e12}),
     ("H200", {"fp32": 67e12, "bf16": 989e12, "fp16": 989e12, "int8": 1979e12, "bandwidth": 4.8e12}),
     ("H100 PCIe", {"fp32": 51e12, "bf16": 756e12, "fp16": 756e12, "int8": 1513e12, "bandwidth": 2.0e12}),
     ("H100", {"fp32": 67e12, "bf16": 989e12, "fp16": 989e12, "int8": 1979e12, "bandwidth": 3.35e12}),  # SXM5
@@ -99,7 +112,7 @@ def machine_key(device: str, threads: int) -> dict[str, Any]:
         torch_version = metadata.version("torch")
     except metadata.PackageNotFoundError:
         torch_version = None
-    return {"probe_version": PROBE_VERSION, "device": device, "cpu": model,
+    return {"probe_version": PROBE_VERSION[device], "device": device, "cpu": model,
             "cpu_flags_sha256": hashlib.sha256(flags.encode()).hexdigest()[:16], "logical_cores": os.cpu_count(),
             "torch": torch_version, "gpu": _gpu_name() if device == "cuda" else None, "torch_threads": threads}
 
@@ -166,16 +179,21 @@ def load_or_measure(device: str = "cpu", refresh: bool = False) -> dict:
 
 # --- measuring ---------------------------------------------------------------------------------
 
-def _best_time(fn: Callable[[], object], sync: Callable[[], None], seconds: float, min_repeats: int = 3) -> tuple[float, int]:
-    """Shortest wall time of ``fn`` over repeats (at least ``min_repeats``, until ``seconds`` passed); one warm-up."""
+def _best_time(fn: Callable[[], object], sync: Callable[[], None], seconds: float, min_repeats: int = 3,
+               calls: int = 1) -> tuple[float, int]:
+    """Shortest wall time of ``fn`` over repeats (at least ``min_repeats``, until ``seconds`` passed); one warm-up.
+    Each repeat times up to ``calls`` calls with one sync after them (fewer where they would pass ``BATCH_S``)."""
+    t0 = time.perf_counter()
     fn()
     sync()
+    batch = max(1, min(calls, int(BATCH_S / max(time.perf_counter() - t0, 1e-9))))
     best, repeats, start = float("inf"), 0, time.perf_counter()
     while repeats < min_repeats or time.perf_counter() - start < seconds:
         t0 = time.perf_counter()
-        fn()
+        for _ in range(batch):
+            fn()
         sync()
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, (time.perf_counter() - t0) / batch)
         repeats += 1
     return best, repeats
 
@@ -197,10 +215,11 @@ def _shapes(n: int) -> list[tuple[int, int, int]]:
     return [(n, n, n), (ROWS, n, n), (ROWS, FFN_RATIO * n, n)]
 
 
-def matmul_peak(dtype_name: str, device: str = "cpu", seconds_per_dtype: float = 2.0) -> dict:
+def matmul_peak(dtype_name: str, device: str = "cpu", seconds_per_dtype: float | None = None) -> dict:
     """Best dense-matmul rate for one dtype (FLOP/s; int8: OP/s), or the reason it could not run."""
     import torch
 
+    seconds_per_dtype = seconds_per_dtype or SECONDS_PER_DTYPE[device]
     sync = (lambda: torch.cuda.synchronize()) if device == "cuda" else (lambda: None)
     # the ops the models run: nn.Linear's F.linear (x @ W^T, which reaches oneDNN's bf16/fp16 kernels on a CPU where
     # torch.matmul of two square bf16 tensors does not) and torch.matmul; int8: torch._int_mm
@@ -210,7 +229,7 @@ def matmul_peak(dtype_name: str, device: str = "cpu", seconds_per_dtype: float =
     started = time.perf_counter()
     best = None  # (rate, n, repeats, seconds, op)
     try:
-        n = 256
+        n = MIN_N[device]
         while n <= MAX_N[device]:
             slowest = 0.0
             for rows, inner, out in _shapes(n):
@@ -218,7 +237,8 @@ def matmul_peak(dtype_name: str, device: str = "cpu", seconds_per_dtype: float =
                 flops = 2 * rows * inner * out
                 for op, product in products.items():
                     t, repeats = _best_time(lambda: product(x, w), sync,
-                                            seconds_per_dtype / 4 / len(_shapes(n)) / len(products))
+                                            seconds_per_dtype / 4 / len(_shapes(n)) / len(products),
+                                            calls=CALLS_PER_SYNC[device])
                     slowest = max(slowest, t)
                     if best is None or flops / t > best[0]:
                         best = (flops / t, n, repeats, t, f"{op}({rows}x{inner}x{out})")
@@ -260,13 +280,13 @@ def published_peaks(gpu_name: str | None) -> dict | None:
     return None
 
 
-def measure(device: str = "cpu", seconds_per_dtype: float = 2.0) -> dict:
+def measure(device: str = "cpu", seconds_per_dtype: float | None = None) -> dict:
     """Probe the device now (no cache): matmul peaks per dtype, bandwidth, threads, how long it took."""
     import torch
 
     started = time.perf_counter()
     peaks = {name: matmul_peak(name, device, seconds_per_dtype) for name in DTYPES}
-    bandwidth = bandwidth_peak(device, seconds_per_dtype)
+    bandwidth = bandwidth_peak(device, seconds_per_dtype or 2.0)
     gpu = _gpu_name() if device == "cuda" else None
     return {"device": device, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "torch_threads": torch.get_num_threads(), "matmul": peaks, "bandwidth": bandwidth,

@@ -29,8 +29,13 @@ ASSUMED_WATTS_PER_BUSY_CORE = 8.0
 RAPL_ROOT = Path("/sys/class/powercap")
 
 
-def visible_gpu_indices() -> list[int]:
-    """NVML indices of the GPUs this process may use (respects CUDA_VISIBLE_DEVICES)."""
+def visible_gpus() -> list[tuple[str, int]]:
+    """The GPUs this process may use, as ``(CUDA_VISIBLE_DEVICES entry, NVML index)``, in CUDA's order.
+
+    The entries are the user's own (indices, ``GPU-<uuid>`` or ``MIG-<uuid>``; a MIG slice maps to its parent GPU's
+    NVML index); unset, every GPU NVML sees. As CUDA does, the list stops at the first entry it cannot resolve.
+    Indices match NVML's only under ``CUDA_DEVICE_ORDER=PCI_BUS_ID``, which the runner's workers set
+    (:data:`CUDA_ORDER_ENV`)."""
     try:
         import pynvml
 
@@ -40,13 +45,48 @@ def visible_gpu_indices() -> list[int]:
         return []
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is None:
-        return list(range(count))
-    indices = []
-    for token in visible.split(","):
-        token = token.strip()
+        return [(str(i), i) for i in range(count)]
+    out = []
+    for token in (t.strip() for t in visible.split(",")):
         if token.isdigit() and int(token) < count:
-            indices.append(int(token))
-    return indices
+            out.append((token, int(token)))
+            continue
+        if not token.startswith(("GPU-", "MIG-")):
+            break
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByUUID(token)
+            if token.startswith("MIG-"):
+                handle = pynvml.nvmlDeviceGetDeviceHandleFromMigDeviceHandle(handle)
+            out.append((token, pynvml.nvmlDeviceGetIndex(handle)))
+        except Exception:
+            break
+    return out
+
+
+def visible_gpu_indices() -> list[int]:
+    """NVML indices of the GPUs this process may use (respects CUDA_VISIBLE_DEVICES: :func:`visible_gpus`)."""
+    return [index for _, index in visible_gpus()]
+
+
+# CUDA numbers GPUs fastest first unless told otherwise; NVML by PCI bus: one order for both
+CUDA_ORDER_ENV = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+
+
+def job_cores() -> int:
+    """Cores this process may run on (its affinity: a Slurm job's or a container's cpuset), not the node's."""
+    try:
+        return len(psutil.Process().cpu_affinity()) or 1
+    except (AttributeError, psutil.Error):  # no affinity on this platform
+        return psutil.cpu_count() or 1
+
+
+def _query(read):
+    """One NVML reading, None where the device does not support it (a MIG slice's power or utilisation): an
+    exception here would end the sampler thread silently."""
+    try:
+        return read()
+    except Exception:
+        return None
 
 
 def _rapl_domains() -> list[Path]:
@@ -88,10 +128,16 @@ class ResourceTracker:
     def _sample(self) -> dict:
         sample = {"t": time.perf_counter(), "rss_bytes": self._process.memory_info().rss}
         if self._handles:
+            import torch
+
             nvml = self._nvml()
-            sample["gpu_mem_bytes"] = [nvml.nvmlDeviceGetMemoryInfo(h).used for h in self._handles]
-            sample["gpu_util_pct"] = [nvml.nvmlDeviceGetUtilizationRates(h).gpu for h in self._handles]
-            sample["gpu_power_w"] = [nvml.nvmlDeviceGetPowerUsage(h) / 1000 for h in self._handles]
+            sample["gpu_mem_bytes"] = [_query(lambda: nvml.nvmlDeviceGetMemoryInfo(h).used) for h in self._handles]
+            sample["gpu_util_pct"] = [_query(lambda: nvml.nvmlDeviceGetUtilizationRates(h).gpu) for h in self._handles]
+            sample["gpu_power_w"] = [_query(lambda: nvml.nvmlDeviceGetPowerUsage(h) / 1000) for h in self._handles]
+            # what tensors hold (this process, every visible device), beside NVML's used memory (allocator cache and
+            # other processes included)
+            sample["torch_allocated_bytes"] = sum(torch.cuda.memory_allocated(i)
+                                                  for i in range(torch.cuda.device_count()))
         return sample
 
     def _gpu_energy_mj(self) -> list[int] | None:
@@ -116,8 +162,9 @@ class ResourceTracker:
             try:
                 import torch
 
-                if torch.cuda.is_available():
+                if torch.cuda.is_available():  # each phase starts from its own memory: no earlier phase's cache
                     torch.cuda.synchronize()
+                    torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
             except ImportError:
                 pass
@@ -156,7 +203,9 @@ class ResourceTracker:
             joules = sum(e - s for s, e in zip(self._gpu_energy_start, self._gpu_energy_end)) / 1000
             return MetricValue.measured(joules, "J", "nvml-total-energy-counter")
         if self._handles:
-            powers = [sum(s["gpu_power_w"]) for s in self.samples]
+            powers = [sum(s["gpu_power_w"]) for s in self.samples if None not in s["gpu_power_w"]]
+            if not powers:  # a MIG slice reads neither counter; the CPU's would not be the GPU's energy
+                return MetricValue.unavailable("J", "nvml-power-and-energy-not-supported(MIG slice?)")
             return MetricValue.measured(sum(powers) / len(powers) * self.wall_s, "J", "nvml-power-draw-sampler")
         if self._rapl:
             joules = 0.0
@@ -171,17 +220,24 @@ class ResourceTracker:
     def metrics(self) -> dict[str, MetricValue]:
         """AMU, peak memory, PCU, CPU utilisation, energy and AEC for the phase."""
         out: dict[str, MetricValue] = {}
-        n_cores = psutil.cpu_count() or 1
+        n_cores = job_cores()
         total_ram = psutil.virtual_memory().total
         if self._handles:
             nvml = self._nvml()
-            used = [sum(s["gpu_mem_bytes"]) for s in self.samples]
+            used = [sum(b for b in s["gpu_mem_bytes"] if b is not None) for s in self.samples]
             total = sum(nvml.nvmlDeviceGetMemoryInfo(h).total for h in self._handles)
-            out["amu_gb"] = MetricValue.measured(sum(used) / len(used) / 1e9, "GB", "nvml-memory-used-sampler")
-            out["amu_fraction"] = MetricValue.measured(sum(used) / len(used) / total, "fraction", "nvml-memory-used-sampler")
-            out["peak_memory_gb"] = MetricValue.measured(self.torch_peak_bytes / 1e9, "GB", "torch-cuda-max-memory-allocated")
-            util = [sum(s["gpu_util_pct"]) / len(s["gpu_util_pct"]) for s in self.samples]
-            out["pcu"] = MetricValue.measured(sum(util) / len(util) / 100, "fraction", "nvml-utilization-gpu-sampler")
+            how = "nvml-memory-used-sampler(allocator-cache-included;emptied-at-phase-start)"
+            out["amu_gb"] = MetricValue.measured(sum(used) / len(used) / 1e9, "GB", how)
+            out["amu_fraction"] = MetricValue.measured(sum(used) / len(used) / total, "fraction", how)
+            allocated = [s["torch_allocated_bytes"] for s in self.samples]
+            out["amu_allocated_gb"] = MetricValue.measured(sum(allocated) / len(allocated) / 1e9, "GB",
+                                                           "torch-cuda-memory-allocated-sampler")
+            out["peak_memory_gb"] = MetricValue.measured(self.torch_peak_bytes / 1e9, "GB",
+                                                         "torch-cuda-max-memory-allocated(reset-at-phase-start)")
+            util = [sum(s["gpu_util_pct"]) / len(s["gpu_util_pct"]) for s in self.samples
+                    if None not in s["gpu_util_pct"]]
+            out["pcu"] = (MetricValue.measured(sum(util) / len(util) / 100, "fraction", "nvml-utilization-gpu-sampler")
+                          if util else MetricValue.unavailable("fraction", "nvml-utilization-not-supported(MIG?)"))
         else:
             rss = [s["rss_bytes"] for s in self.samples]
             out["amu_gb"] = MetricValue.measured(sum(rss) / len(rss) / 1e9, "GB", "psutil-process-rss-sampler")
@@ -189,10 +245,11 @@ class ResourceTracker:
             out["peak_memory_gb"] = MetricValue.measured(max(rss) / 1e9, "GB", "psutil-process-rss-sampler(max)")
             out["pcu"] = MetricValue.unavailable("fraction", "no-gpu(PCU is NVML utilization.gpu)")
         out["cpu_util"] = MetricValue.measured(self.cpu_seconds / (self.wall_s * n_cores), "fraction",
-                                               "psutil-process-cpu-times")
+                                               "psutil-process-cpu-times/cores-this-process-may-use")
         energy = self.energy()
         out["energy_j"] = energy
         kind, how = energy.method.split(":", 1)
-        out["aec_w"] = MetricValue(value=energy.value / self.wall_s, unit="W", method=f"{kind}:{how}/wall-time")
+        out["aec_w"] = MetricValue(value=None if energy.value is None else energy.value / self.wall_s, unit="W",
+                                   method=f"{kind}:{how}" + ("" if energy.value is None else "/wall-time"))
         out["phase_wall_s"] = MetricValue.measured(self.wall_s, "s", "perf-counter")
         return out

@@ -309,6 +309,8 @@ def measure_roofline(model, p: PretrainRun, metrics: dict[str, MetricValue]) -> 
     params = int(metrics["params_total"].value)
     weights = model_costs.weight_bytes_read_per_token(model, params * dtype_bytes)
     training_parts = roofline.training_memory_parts(params, dtype_bytes)
+    if dtype_bytes < 4:  # arch.train.MasterWeights: fp32 masters and their gradients, AdamW's moments of them
+        training_parts |= {"fp32-masters+gradients": 8 * params, "adamw-moments": 8 * params}
     tokens = p.batch_size * p.seq_len
     forward = _flops_per_token(model, (p.seq_len + 1) / 2)
     flops_method = "analytical" if forward is not None else f"{type(model).__name__} has none in this project"
@@ -334,7 +336,8 @@ def measure_roofline(model, p: PretrainRun, metrics: dict[str, MetricValue]) -> 
         out[f"decode_ctx{context}_prefill_mfu"] = roofline.mfu(prefill, probe)
         out |= roofline.phase_metrics(decode, probe, f"decode_ctx{context}")  # decode_ctx<c>_mfu, _mbu, _bound_s
         phases += [prefill, decode]
-    out["predicted_memory_gb"] = roofline.predicted_memory(training_parts, f"counted params x {dtype_bytes} bytes; "
-                                                                           "activations not counted")
+    out["predicted_memory_gb"] = roofline.predicted_memory(training_parts, f"counted params x {dtype_bytes} bytes"
+                                                           f"{' + fp32 masters' if dtype_bytes < 4 else ''}; "
+                                                           "activations not counted")
     return out, {"phases": [roofline.point(ph) for ph in phases], "probe": probe, "weight_bytes_read": weights,
                  "training_memory_parts": training_parts}

@@ -140,7 +140,8 @@ def train(model: DiT, p: DiTRun, data: Data) -> tuple[list[DiTStep], ResourceTra
     with ResourceTracker(interval_s=p.sample_interval_s, use_gpu=p.device == "cuda") as tracker:
         steps = train_loop(model, batches, p.steps, p.lr, p.warmup_steps, p.min_lr, weight_decay=p.weight_decay,
                            seed=p.seed, ema=ema)
-    return steps, tracker, (ema.module if ema is not None else model)
+    # the fp32 average sampled in the run's dtype
+    return steps, tracker, (ema.module.to(next(model.parameters()).dtype) if ema is not None else model)
 
 
 def training_metrics(steps: list[DiTStep], total_params: int, p: DiTRun,

@@ -243,12 +243,23 @@ def quality(before: dict, after: dict, result: ft.TrainResult, data: Data, p: Fi
     return out
 
 
+def param_dtypes(model) -> dict[str, int]:
+    """Parameter count per (storage dtype, trainable or frozen)."""
+    out: dict[str, int] = {}
+    for q in model.parameters():
+        key = f"{str(q.dtype).removeprefix('torch.')}-{'trainable' if q.requires_grad else 'frozen'}"
+        out[key] = out.get(key, 0) + q.numel()
+    return out
+
+
 def raw(result: ft.TrainResult, tracker: ResourceTracker, built: ft.BuiltMethod, data: Data, before: dict,
         after: dict, counts: dict, timings: dict, adapter: dict) -> dict:
     return {
         "steps": result.to_records(),  # the whole loss curve, seconds, samples, tokens, example rows per step
         "tracker_samples": tracker.samples,
         "description": built.description,
+        "param_dtypes": param_dtypes(built.model),  # frozen weights as loaded, trainable ones as masters
+        "train_autocast": str(ft.train.autocast_dtype(built.model)).removeprefix("torch."),  # None: none
         "train_settings": result.settings,
         "data": data.data.meta,
         "param_counts": counts,
@@ -270,6 +281,8 @@ def _compute_dtype(model, p: FinetuneRun) -> str:
     """The dtype the training matmuls run in: QLoRA's ``qlora_compute_dtype``, else the base's float dtype."""
     if p.method == "qlora":
         return p.qlora_compute_dtype
+    if ft.train.autocast_dtype(model) is not None:  # a GPU: bf16 autocast over fp32 masters
+        return "bf16"
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(model.dtype, "fp32")
 
 

@@ -30,7 +30,8 @@ from ..finetune.methods import BuiltMethod, build_module_method, trainable_param
 from ..lvm import pipelines
 from ..lvm.base import capped, latent_set
 from ..lvm.flow import heldout_item_losses
-from ..lvm.presets import examples, family
+from ..lvm.presets import examples, family, sampling
+from ..lvm.quantize import cast_inputs_hook, output_dtype_hook
 from ..lvm.train import FlowStep, LatentSet, train
 from ..metrics.tracker import ResourceTracker
 from ..metrics.training import step_latency_metrics
@@ -77,7 +78,8 @@ def heldout(model, data: Data, p: LVMFinetuneRun) -> torch.Tensor:
 
 
 def sample_fd(data: Data, p: LVMFinetuneRun, grid: Path | None = None) -> tuple[float, torch.Tensor]:
-    samples = data.fam.generate(data.pipe, data.cond, p.sampling_steps, p.seed, p.guidance_scale).cpu()
+    samples = data.fam.generate(data.pipe, data.cond, p.sampling_steps, p.seed, p.guidance_scale,
+                                **sampling(p.model)).cpu()
     if grid is not None:
         pipelines.save_grid(samples[:p.grid_samples], grid)
     features = fd.cached_features(pipelines.frames(samples), p.fd_image_size)
@@ -87,7 +89,8 @@ def sample_fd(data: Data, p: LVMFinetuneRun, grid: Path | None = None) -> tuple[
 def base_fingerprint(data: Data, p: LVMFinetuneRun) -> str:
     """What the base's numbers on the new data depend on: its weights, the held-out latents and captions, the
     prompts and settings, the code and the packages (``score_cache.fingerprint``)."""
-    held = hashlib.sha256(data.heldout.latents.numpy().tobytes() + data.heldout.caption_ids.numpy().tobytes())
+    held = hashlib.sha256(data.heldout.latents.float().cpu().numpy().tobytes()
+                          + data.heldout.caption_ids.cpu().numpy().tobytes())
     inputs = {"prompts": data.prompts, "heldout": held.hexdigest(), "heldout_source": data.heldout_source,
               "settings": {k: getattr(p, k) for k in ("n_samples", "sampling_steps", "seed", "guidance_scale",
                                                       "fd_image_size", "device", "torch_threads")}}
@@ -116,7 +119,14 @@ def build(data: Data, p: LVMFinetuneRun) -> BuiltMethod:
     settings = p.method_settings()
     if settings.target_modules == "all-linear":  # the family's attention and FFN projections
         settings = settings.model_copy(update={"target_modules": list(data.fam.ADAPTER_TARGETS)})
+    pipe_dtype = data.pipe.transformer.dtype
     built = build_module_method(p.method, data.pipe.transformer, settings, p.glora_settings())
+    if next(built.model.parameters()).dtype != pipe_dtype:  # full: upcast to fp32 masters in a bf16 pipeline
+        built.model.register_forward_pre_hook(cast_inputs_hook(next(built.model.parameters()).dtype),
+                                              with_kwargs=True)
+        to_pipe = output_dtype_hook(pipe_dtype)  # sampling: the pipeline's latents stay in its dtype
+        built.model.register_forward_hook(lambda m, a, k, out: out if m.training else to_pipe(m, a, k, out),
+                                          with_kwargs=True)
     data.pipe.transformer = built.model
     return built
 

@@ -24,7 +24,7 @@ import torch
 from .. import score_cache
 from ..lvm import pipelines
 from ..lvm.base import base_summary
-from ..lvm.presets import PAPER_MODELS, examples, family
+from ..lvm.presets import PAPER_MODELS, examples, family, sampling
 from ..lvm.quantize import psnr, ssim
 from ..metrics.stats import summarize
 from ..metrics.tracker import ResourceTracker
@@ -88,7 +88,8 @@ def prepare(p: LVMQuantizationRun, cache_dir: Path | None = None, run_label: str
     cond, prompts = cycled_cond(fam, pipe, held.captions, p.n_samples)
     stored = score_cache.cached(
         sampling_fingerprint(pipe, prompts, p, {"reference_precision": p.reference_precision}),
-        lambda: {"samples": fam.generate(pipe, cond, p.sampling_steps, p.seed, p.guidance_scale).cpu()},
+        lambda: {"samples": fam.generate(pipe, cond, p.sampling_steps, p.seed, p.guidance_scale,
+                                         **sampling(p.model)).cpu()},
         cache_dir, run_label)
     real = pipelines.frames(held.pixels)
     return Setup(fam, pipe, cond, prompts, stored["samples"], count_model_bytes(reference_transformer)["total_bytes"],
@@ -112,17 +113,19 @@ def quantized(p: LVMQuantizationRun, setup: Setup) -> tuple[dict[str, MetricValu
 
 def generate(p: LVMQuantizationRun, setup: Setup) -> tuple[pipelines.Timed, dict[str, MetricValue]]:
     for _ in range(p.warmup):
-        setup.fam.generate(setup.pipe, {k: v[:1] for k, v in setup.cond.items()}, p.sampling_steps, p.seed)
+        setup.fam.generate(setup.pipe, {k: v[:1] for k, v in setup.cond.items()}, p.sampling_steps, p.seed,
+                           **sampling(p.model))
     with ResourceTracker(interval_s=p.sample_interval_s, use_gpu=p.device == "cuda") as tracker:
         timed = pipelines.timed_generate(setup.pipe, setup.fam, setup.cond, p.sampling_steps, p.seed,
-                                         p.guidance_scale)
+                                         p.guidance_scale, **sampling(p.model))
     n_frames = len(pipelines.frames(timed.samples))
     counter = f"perf-counter(pipeline-call,{p.n_samples}-samples,{p.sampling_steps}-steps)"
     step = summarize(timed.step_seconds)
     unit = "image" if timed.samples.dim() == 4 else "clip"
     metrics = {
         "step_latency_s": MetricValue.measured(step["mean"], "s/step",
-                                               f"perf-counter(denoiser-forward-hooks,batch={p.n_samples})"),
+                                               f"perf-counter(denoiser-forward-hooks,batch="
+                                               f"{min(p.n_samples, sampling(p.model).get('batch_size', p.n_samples))})"),
         f"latency_s_per_{unit}": MetricValue.measured(timed.seconds / p.n_samples, f"s/{unit}", counter),
         "frames_per_s": MetricValue.measured(n_frames / timed.seconds, "frames/s", counter),
         **{k: v for k, v in tracker.metrics().items() if k != "phase_wall_s"},

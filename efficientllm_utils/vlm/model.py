@@ -144,10 +144,8 @@ def load_pretrained_vlm(source: str = PAPER_MODEL, dtype: torch.dtype = torch.bf
 
     from .processor import load_processor
 
-    kwargs: dict = {"dtype": dtype}
+    kwargs: dict = {"dtype": dtype, "device_map": {"": device}}  # straight onto the device: no copy in host RAM
     if quantization_config is not None:
-        kwargs |= {"quantization_config": quantization_config, "device_map": {"": device}}
+        kwargs["quantization_config"] = quantization_config
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(source, **kwargs)
-    if quantization_config is None:
-        model = model.to(device)
     return model.eval(), load_processor(source, AutoTokenizer.from_pretrained(source))
