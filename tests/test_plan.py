@@ -67,7 +67,7 @@ def test_plan_refuses_a_profile_over_80_gb_and_says_what_to_change(capsys):
     # 512 sequences of 160 tokens per micro-batch: the activations alone exceed an H100
     assert cli.main(["plan", "peft", "--profile", "gpu", "--set", "batch_size=512"]) == 2
     err = capsys.readouterr().err
-    assert "will not fit one H100 (80 GB" in err and "peft method=lora: predicted" in err
+    assert "will not fit one H100 (80 GB" in err and "peft method=lora,batch_size=512: predicted" in err
     assert "largest part activations" in err and "change: lower batch_size" in err
 
 
