@@ -186,7 +186,9 @@ def test_masked_grouped_attention_runs_on_the_memory_efficient_kernel():
 
     q, k, v, mask = (t.cuda() for t in _qkv_and_mask())
     with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):  # no math fallback
-        grouped_sdpa(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
+        out = grouped_sdpa(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
+    reference = grouped_sdpa(q.float(), k.float(), v.float(), mask, repeat_kv=True)  # any kernel, fp32
+    torch.testing.assert_close(out.float(), reference, atol=2e-2, rtol=2e-2)
 
 
 # --- 7: the user's CUDA_VISIBLE_DEVICES -------------------------------------------------------------------------
