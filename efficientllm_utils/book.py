@@ -58,6 +58,9 @@ NOISE = re.compile("|".join([
     r"^\s*(Loading weights|Loading checkpoint shards|Converting and de-quantizing GGUF|Writing model shards)\b",
     r"Failed to load CPU gemm_4bit_forward",  # bitsandbytes without the optional `kernels` package
     r"^MatMul8bitLt: inputs will be cast",  # bitsandbytes' LLM.int8() on every matmul
+    r"^Failed to load \S+/torchao/\S+\.so",  # torchao's optional CUDA extensions, on importing it without CUDA
+    r"torch/utils/_pytree\.py:\d+\] <enum",  # torchao registers its enums with torch.compile on import
+    r"Unable to import `torchao` Tensor objects",  # transformers' torchao probe, loading a quanto model
     r"site-packages/\S+:\d+: \w*Warning: ",  # a library's warning (and the source line under it, see _quiet)
 ]))
 

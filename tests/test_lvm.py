@@ -7,7 +7,7 @@ import torch
 from efficientllm_utils import cli
 from efficientllm_utils.lvm import pipelines, quantize, sd3, wan
 from efficientllm_utils.lvm.presets import PRESETS
-from efficientllm_utils.models import count_model_bytes, linear_layer_kinds
+from efficientllm_utils.precisions.counting import count_model_bytes, linear_layer_kinds
 from efficientllm_utils.params import ParamsError, expand, params_path
 from efficientllm_utils.records import load_records
 

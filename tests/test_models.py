@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from efficientllm_utils import models
+from efficientllm_utils.precisions.counting import count_model_bytes, linear_layer_kinds
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +20,7 @@ def loaded():
 def test_fp32_bytes_count_tied_weights_once(loaded):
     model = loaded("fp32")
     unique = {t.data_ptr(): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]}
-    counted = models.count_model_bytes(model)
+    counted = count_model_bytes(model)
     assert counted["total_bytes"] == sum(unique.values())
     assert counted["total_bytes"] < 4 * sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False))
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
@@ -29,13 +30,13 @@ def test_int4_layers_really_hold_four_bit_weights(loaded):
     import bitsandbytes as bnb
 
     model = loaded("int4-nf4")
-    kinds = models.linear_layer_kinds(model)
+    kinds = linear_layer_kinds(model)
     assert kinds.get("Linear4bit", 0) == 7 * model.config.num_hidden_layers  # q k v o gate up down
     layer = model.model.layers[0].mlp.down_proj
     assert isinstance(layer, bnb.nn.Linear4bit) and layer.weight.dtype == torch.uint8
     assert layer.weight.numel() * 2 == layer.in_features * layer.out_features  # two 4-bit codes per byte
-    ratio = models.count_model_bytes(loaded("bf16"))["linear_weight_bytes"] / \
-        models.count_model_bytes(model)["linear_weight_bytes"]
+    ratio = count_model_bytes(loaded("bf16"))["linear_weight_bytes"] / \
+        count_model_bytes(model)["linear_weight_bytes"]
     assert 3.4 < ratio < 4.0  # 16 -> 4 bits, plus one fp32 scale per 64 weights
 
 

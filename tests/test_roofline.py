@@ -54,7 +54,7 @@ def test_prefill_counts_the_head_at_each_sequences_last_position_only():
 
 def test_int8_mfu_is_held_against_the_arithmetic_bitsandbytes_runs():
     """bitsandbytes multiplies int8 operands with torch._int_mm only on AVX-512 CPUs; elsewhere in float32."""
-    from efficientllm_utils.models import int8_matmul_dtype
+    from efficientllm_utils.precisions.with_bitsandbytes import int8_matmul_dtype
     from efficientllm_utils.studies.quantization import compute_dtype
 
     expected = "int8" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "fp32"
@@ -92,7 +92,7 @@ def test_kv_bytes_per_token_by_hand_and_from_a_real_prefill():
 
 
 def test_weight_bytes_read_per_token_leaves_out_an_untied_embedding_only():
-    from efficientllm_utils.models import count_model_bytes
+    from efficientllm_utils.precisions.counting import count_model_bytes
 
     tied, untied = small_llama(True), small_llama(False)
     tied_total, untied_total = count_model_bytes(tied)["total_bytes"], count_model_bytes(untied)["total_bytes"]
@@ -141,7 +141,7 @@ def test_mbu_of_a_matrix_vector_loop_whose_bytes_and_time_are_known():
 def test_quantization_decode_mbu_and_prefill_mfu_from_counted_bytes(monkeypatch, tiny_llama):
     """The study's own function on a real (tiny) model: decode MBU is (weights + batch x mean context x KV bytes
     per token) / TPOT / bandwidth, prefill MFU the analytical FLOPs of the prompt / TTFT / peak."""
-    from efficientllm_utils.models import count_model_bytes
+    from efficientllm_utils.precisions.counting import count_model_bytes
     from efficientllm_utils.params import QuantizationRun
     from efficientllm_utils.studies import quantization as q
 

@@ -13,7 +13,7 @@ the same counts for any ``transformers`` model with standard attention, read fro
 * a prefill's FLOPs: every prompt token through the body, but the head only at each sequence's last position where
   ``generate`` asks the model for ``logits_to_keep=1`` (transformers does for every model whose ``forward`` takes
   it, ours included): counting the head for all prompt tokens overstated SmolLM2's 64-token prefill by a quarter.
-* bytes a decode step must read: the weights once (counted bytes, ``models.count_model_bytes``, less the input
+* bytes a decode step must read: the weights once (counted bytes, ``precisions.counting.count_model_bytes``, less the input
   embedding matrix unless the head shares it: a lookup reads one row) plus each sequence's KV cache at its context.
 * KV-cache bytes per token: ``2 * n_layers * n_kv_heads * head_dim * dtype bytes`` (keys and values of every layer).
 """

@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .. import precisions
 from ..records import RESULTS_DIR, run_dir
 from . import common as c
 from .common import StudyResults
 
 FAMILY = {"sd3": "SD3.5 (text-to-image)", "wan": "Wan 2.1 (text-to-video)"}
-PRECISION_ORDER = ("fp32", "bf16", "fp16", "int8", "int4-nf4")
+PRECISION_ORDER = precisions.names("lvm")
 METHOD_ORDER = ("lora", "rslora", "dora", "loha", "lokr", "glora", "full")
 METHOD_NAMES = {"lora": "LoRA", "rslora": "RSLoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr", "glora": "GLoRA",
                 "full": "Full"}
@@ -178,7 +179,7 @@ def quant_findings(res: StudyResults) -> list[c.Finding]:
         return None
 
     def resolve(label, name):
-        return references[models[label]] if name == "reference" else name
+        return references[models[label]] if name == "reference" else precisions.resolve_claim_name(name)
 
     return c.test_claims("lvm_quantization", "inference", variants, compare, METRIC_WORDS, resolve=resolve,
                          margin=lambda claim: float(claim["tolerance"]))

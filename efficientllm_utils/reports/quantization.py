@@ -4,13 +4,17 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from .. import precisions
 from . import common as c
 
 AXIS, GROUP = "inference", "quantization"
-# Paper leaderboard names of our precisions; int4 is compared through bitsandbytes nf4.
-PAPER_PRECISION_NAMES = {"bf16": "bfloat16", "fp16": "float16", "int4-nf4": "int4"}
+# The paper's leaderboard methods (its Table 9) and the precision each is compared through: the first registered that
+# stands for it (int4: bitsandbytes' NF4)
+PAPER_METHODS = ("bfloat16", "float16", "int4")
+PAPER_PRECISION_NAMES = {precisions.representative(m): m for m in PAPER_METHODS}
 LEADERBOARD_METRICS = {"Perf": "accuracy", "AMU": "AMU_GB", "AL": "AL_s", "IT": "IT_tok_s", "AEC": "AEC_W", "MCR": "MCR"}
-BYTES_PER_PARAM = {"fp32": 4, "bf16": 2, "fp16": 2}  # float precisions: counted bytes -> parameters
+# float precisions: counted bytes -> parameters
+BYTES_PER_PARAM = {p.name: p.planned_linear_bytes(1, 0) for p in precisions.all_precisions() if p.is_float}
 MIN_ITEMS = 200  # fewer scored items per run than this: the chapter says accuracy resolves only large differences
 
 # table column -> header (with unit), in the order shown; split into tables a 1280 px page holds
@@ -150,7 +154,8 @@ def findings(res: c.StudyResults) -> list[c.Finding]:
         return compare(claim["metric"], runs[model, subject], runs[model, baseline], _paper_margin(claim))
 
     return c.test_claims("quantization", AXIS, variants, run_compare, METRIC_WORDS,
-                         resolve=lambda model, name: references[model] if name == "reference" else name,
+                         resolve=lambda model, name: (references[model] if name == "reference"
+                                                      else precisions.resolve_claim_name(name)),
                          margin=_paper_margin)
 
 
@@ -236,6 +241,22 @@ def show_cost_tables(table: pd.DataFrame) -> None:
 
 def legend(res: c.StudyResults):
     return c.show(c.methods_legend(res, LEGEND), {"metric": "metric", "how obtained": "how obtained"})
+
+
+PRECISION_COLUMNS = {"precision": "precision", "library": "library", "stands_for": "the paper's name",
+                     "description": "what it is", "compute_dtype": "computes in", "kernel_notes": "kernel"}
+
+
+def precisions_table(table: pd.DataFrame) -> pd.DataFrame:
+    """What each precision of these runs is, from the registry (``efficientllm_utils.precisions``), in its order;
+    ``computes in`` is the registry's (bitsandbytes' int8 finds its kernel's on the device: see the roofline)."""
+    present = set(table["precision"]) if len(table) else set()
+    return pd.DataFrame([{key: getattr(p, key) if key != "precision" else p.name for key in PRECISION_COLUMNS}
+                         for p in precisions.all_precisions() if p.name in present], columns=list(PRECISION_COLUMNS))
+
+
+def show_precisions(table: pd.DataFrame):
+    return c.show(precisions_table(table), PRECISION_COLUMNS)
 
 
 KERNEL_WORDS = {

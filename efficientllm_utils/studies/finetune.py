@@ -298,7 +298,7 @@ def measure_roofline(built: ft.BuiltMethod, p: FinetuneRun, steps: list[ft.StepR
     ``(1 + share) x forward + 2 x trainable``, ``share`` from ``model_costs.backward_share`` (1 for LoRA and full
     fine-tuning, the top layers' share for Freeze, whose backward stops there)."""
     from ..metrics import machine_probe, model_costs, roofline
-    from ..models import count_model_bytes
+    from ..precisions.counting import count_model_bytes
 
     model = built.model
     with ft.threads(p.num_threads):  # the peak at the thread count the run trained with

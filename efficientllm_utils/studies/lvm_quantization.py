@@ -29,7 +29,7 @@ from ..lvm.quantize import psnr, ssim
 from ..metrics.stats import summarize
 from ..metrics.tracker import ResourceTracker
 from ..metrics.values import MetricValue
-from ..models import count_model_bytes, linear_layer_kinds
+from ..precisions.counting import count_model_bytes, linear_layer_kinds
 from ..params import LVMQuantizationRun
 from ..vision import fd
 

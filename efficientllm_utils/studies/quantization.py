@@ -22,12 +22,13 @@ from pathlib import Path
 
 import torch
 
-from .. import models, quality, score_cache
+from .. import models, precisions, quality, score_cache
 from ..metrics import machine_probe, model_costs, roofline
 from ..metrics.inference import generation_benchmark, inference_metrics, time_one_request
 from ..metrics.tracker import ResourceTracker
 from ..metrics.values import MetricValue
 from ..params import QuantizationRun
+from ..precisions.counting import count_model_bytes, linear_layer_kinds
 
 
 def load(p: QuantizationRun):
@@ -39,17 +40,17 @@ def load(p: QuantizationRun):
 
 
 def measure_size(model) -> tuple[dict[str, MetricValue], dict]:
-    counted = models.count_model_bytes(model)
+    counted = count_model_bytes(model)
     metrics = {
         "model_bytes": MetricValue.measured(counted["total_bytes"], "bytes", "counted-tensor-bytes"),
         "linear_weight_bytes": MetricValue.measured(counted["linear_weight_bytes"], "bytes", "counted-tensor-bytes"),
     }
-    return metrics, {**counted, "linear_layers": models.linear_layer_kinds(model)}
+    return metrics, {**counted, "linear_layers": linear_layer_kinds(model)}
 
 
 REFERENCE_DIR = ".reference"  # beside the runs of a profile: the reference precision's outputs by fingerprint
 # what the reference's outputs depend on besides its weights and the inputs: this code and these packages
-_SCORING_CODE = ("quality.py", "models.py", "studies/quantization.py")
+_SCORING_CODE = ("quality.py", "models.py", "precisions/floats.py", "studies/quantization.py")
 _SCORING_PACKAGES = ("torch", "transformers", "bitsandbytes", "accelerate")
 
 
@@ -167,14 +168,10 @@ def measure_inference(model, tokenizer, p: QuantizationRun) -> tuple[dict[str, M
     return metrics, raw
 
 
-# The dtype each precision's matmuls run in: which probed peak its MFU is held against. 4-bit layers compute in
-# bitsandbytes' ``bnb_4bit_compute_dtype`` (bf16, ``models.quantization_config``); LLM.int8()'s main product runs in
-# whatever bitsandbytes' int8 kernel on this device multiplies in (``models.int8_matmul_dtype``).
-COMPUTE_DTYPE = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16", "int4-nf4": "bf16", "int4-fp4": "bf16"}
-
-
 def compute_dtype(precision: str, device: str) -> str:
-    return models.int8_matmul_dtype(device) if precision == "int8" else COMPUTE_DTYPE[precision]
+    """The dtype the precision's matmuls run in on ``device``: which probed peak its MFU is held against (the
+    registry's, e.g. bf16 for bitsandbytes' 4-bit layers; LLM.int8() finds its kernel's on the device)."""
+    return precisions.get(precision).compute_dtype_for(device)
 
 
 def measure_roofline(model, tokenizer, p: QuantizationRun, metrics: dict[str, MetricValue]) -> tuple[dict, dict]:

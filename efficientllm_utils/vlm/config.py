@@ -5,8 +5,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 TASKS = ("fashion_mnist", "cifar10", "easy_vqa")  # data.py's question sets: two image sets (vision/images.py), easy-VQA
 IMAGE_TASKS = ("fashion_mnist", "cifar10")  # "What is in this picture?" over an image set's classes
-# the language model's precisions in the quantization study (models.PRECISIONS but the fp4 variant)
-PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int4-nf4")
 
 
 class VisionSettings(BaseModel):

@@ -1,0 +1,157 @@
+"""bitsandbytes: LLM.int8() and 4-bit (NF4, FP4) linear layers, through transformers' and diffusers'
+``BitsAndBytesConfig``.
+
+On the CPU a 4-bit model's kernel (dequantize, or bitsandbytes' fused bf16 kernel on CPUs with AVX512-BF16) is pinned
+right after loading (:mod:`efficientllm_utils.cpu_4bit`). diffusers' bitsandbytes quantizer refuses to run without a
+GPU, so on the CPU a denoiser is quantized by the same diffusers function that quantizer calls,
+``replace_with_bnb_linear``, with the loaded fp32 weights quantized by bitsandbytes' own ``Int8Params``/``Params4bit``
+(its CPU path); only ``nn.Linear`` layers are quantized, except the model's ``_keep_in_fp32_modules``.
+"""
+from __future__ import annotations
+
+from .registry import Precision, register
+
+
+def int8_matmul_dtype(device: str) -> str:
+    """The arithmetic LLM.int8()'s main product runs in here, found by running bitsandbytes' op once with
+    ``torch._int_mm`` watched: ``int8`` where bitsandbytes has an int8 kernel (CUDA; a CPU whose torch reports
+    AVX-512, where it registers ``torch._int_mm``), else ``fp32`` (its default kernel multiplies the int8 operands
+    as float32: on an AVX2 CPU an int8 layer's matmul is an fp32 one, and its MFU is held against the fp32 peak)."""
+    if device != "cpu":
+        return "int8"
+    import bitsandbytes  # noqa: F401 (registers torch.ops.bitsandbytes)
+    import torch
+
+    calls, int_mm = [], torch._int_mm
+
+    def watched(*args, **kwargs):
+        calls.append(1)
+        return int_mm(*args, **kwargs)
+
+    a = torch.ones(16, 32, dtype=torch.int8)
+    torch._int_mm = watched
+    try:
+        torch.ops.bitsandbytes.int8_linear_matmul(a, a)
+    finally:
+        torch._int_mm = int_mm
+    return "int8" if calls else "fp32"
+
+
+def _transformers_int8(skip_modules):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)
+
+
+def _transformers_4bit(quant_type: str):
+    def config(skip_modules):
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules=skip_modules,
+                                  bnb_4bit_quant_type=quant_type, bnb_4bit_compute_dtype=torch.bfloat16)
+    return config
+
+
+def _diffusers_int8():
+    from diffusers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def _diffusers_nf4():
+    import torch
+    from diffusers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def _denoiser_on_cpu(diffusers_config):
+    """Quantize a loaded fp32 denoiser's linear layers on the CPU, as diffusers' quantizer would on a GPU."""
+    def quantize(model):
+        import bitsandbytes as bnb
+        import torch
+        from diffusers.quantizers.bitsandbytes.utils import replace_with_bnb_linear
+
+        config = diffusers_config()
+        weights = {name: (m.weight.data, None if m.bias is None else m.bias.data)
+                   for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        # what diffusers' quantizer leaves in float: the model's fp32 modules and the config's skip list
+        keep = list(getattr(model, "_keep_in_fp32_modules", None) or []) + list(config.llm_int8_skip_modules or [])
+        model = replace_with_bnb_linear(model, modules_to_not_convert=keep, quantization_config=config)
+        for name, module in model.named_modules():
+            if name not in weights or not isinstance(module, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)):
+                continue
+            weight, bias = weights[name]
+            if isinstance(module, bnb.nn.Linear8bitLt):
+                module.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False).to("cpu")
+            else:
+                module.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4",
+                                                  compress_statistics=False).to("cpu")
+            if bias is not None:
+                module.bias = torch.nn.Parameter(bias, requires_grad=False)
+        if config.load_in_4bit:
+            from ..cpu_4bit import pin_kernel
+
+            pin_kernel(model, "dequantize")  # one kernel on every CPU; the record says so
+        return model
+    return quantize
+
+
+def _pin_4bit_kernel(model, device: str, cpu_4bit_kernel: str) -> None:
+    if device == "cpu":
+        from ..cpu_4bit import pin_kernel
+
+        pin_kernel(model, cpu_4bit_kernel)
+
+
+def _state_tensors(weight) -> list:
+    """Tensors a bitsandbytes weight keeps beside its data: a 4-bit weight's ``quant_state`` (absmax, code, and
+    those of the nested state of double quantisation), LLM.int8()'s row statistics ``SCB``."""
+    import torch
+
+    tensors = [getattr(weight, "SCB", None)]
+    state = getattr(weight, "quant_state", None)
+    if state is not None:
+        tensors += [state.absmax, getattr(state, "code", None)]
+        nested = getattr(state, "state2", None)
+        if nested is not None:
+            tensors += [nested.absmax, getattr(nested, "code", None)]
+    return [t for t in tensors if isinstance(t, torch.Tensor)]
+
+
+INT8_NOTES = ("LLM.int8(): int8 weights with a float32 scale per row, activation outliers (>6) in fp16; its main "
+              "product runs in int8 where bitsandbytes has an int8 kernel (CUDA, AVX-512 CPUs) and in fp32 elsewhere "
+              "(int8_matmul_dtype finds which, once per run)")
+FOUR_BIT_NOTES = ("4-bit weights in blocks of 64 with an absmax each (double-quantised in transformers' loader), bf16 "
+                  "compute; on the CPU the kernel is pinned after loading (cpu_4bit.py: dequantize, or the fused bf16 "
+                  "kernel of CPUs with AVX512-BF16)")
+
+
+def _int4_planned(numel: float, rows: float) -> float:
+    # half a byte per weight, an 8-bit absmax per 64 weights and a float32 one per 256 of those (double quantisation)
+    return numel / 2 + numel / 64 + 4 * numel / 64 / 256
+
+
+register(Precision(
+    name="int8", stands_for="int8", library="bitsandbytes",
+    description="bitsandbytes LLM.int8() linear layers (weights int8, outliers in fp16)",
+    studies=frozenset({"llm", "vlm", "lvm"}), devices=("cpu", "cuda"), load_dtype="bfloat16", compute_dtype="int8",
+    compute_dtype_on=int8_matmul_dtype, kernel_notes=INT8_NOTES,
+    transformers_config=_transformers_int8, diffusers_config=_diffusers_int8,
+    quantize_denoiser_on_cpu=_denoiser_on_cpu(_diffusers_int8), extra_tensors=_state_tensors,
+    planned_linear_bytes=lambda numel, rows: numel + 4 * rows,
+    silenced_warnings=("MatMul8bitLt: inputs will be cast",)))
+register(Precision(
+    name="int4-nf4", stands_for="int4", library="bitsandbytes",
+    description="bitsandbytes 4-bit NormalFloat linear layers, bf16 compute",
+    studies=frozenset({"llm", "vlm", "lvm"}), devices=("cpu", "cuda"), load_dtype="bfloat16", compute_dtype="bf16",
+    kernel_notes=FOUR_BIT_NOTES, transformers_config=_transformers_4bit("nf4"), diffusers_config=_diffusers_nf4,
+    quantize_denoiser_on_cpu=_denoiser_on_cpu(_diffusers_nf4), after_load=_pin_4bit_kernel,
+    extra_tensors=_state_tensors, planned_linear_bytes=_int4_planned))
+register(Precision(
+    name="int4-fp4", stands_for="int4", library="bitsandbytes",
+    description="bitsandbytes 4-bit float linear layers, bf16 compute",
+    studies=frozenset({"llm"}), devices=("cpu", "cuda"), load_dtype="bfloat16", compute_dtype="bf16",
+    kernel_notes=FOUR_BIT_NOTES, transformers_config=_transformers_4bit("fp4"), after_load=_pin_4bit_kernel,
+    extra_tensors=_state_tensors, planned_linear_bytes=_int4_planned))
