@@ -1,8 +1,8 @@
 """``make gpu-check``: the GPU code paths, on a model of real size, in a few minutes.
 
 Builds a Qwen2.5-1.5B-shaped model from its config (random weights, seeded: no
-hub access is needed), then for each precision of the registry that runs on CUDA (bf16, fp16, bitsandbytes'
-int8 and int4; fp32, the CPU reference, aside) measures the six
+hub access is needed), then for each kind of precision of the registry that runs on CUDA, once (bf16, fp16, int8
+and int4: bitsandbytes' LLM.int8() and nf4; fp32, the CPU reference, aside) measures the six
 metrics with the same code the study uses: NVML memory/utilisation sampling,
 the NVML energy counter, bitsandbytes int8/int4 on CUDA, counted model bytes.
 
@@ -28,8 +28,7 @@ from .metrics.tracker import visible_gpu_indices
 QWEN25_1P5B = dict(vocab_size=151936, hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
                    num_key_value_heads=2, intermediate_size=8960, max_position_embeddings=32768,
                    rope_theta=1_000_000.0, tie_word_embeddings=True)
-PRECISIONS = tuple(name for name in precisions.names("llm")
-                   if name != "fp32" and "cuda" in precisions.get(name).devices)
+PRECISIONS = tuple(name for name in precisions.one_of_each_kind("cuda") if name != "fp32")
 
 
 def _gpu_available() -> str | None:

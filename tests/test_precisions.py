@@ -108,8 +108,11 @@ def test_each_new_method_loads_on_the_cpu_close_to_fp32_in_fewer_bytes(tiny_llam
     assert planned == pytest.approx(counted, rel=0.01)  # the plan's formula is the counted layout
 
 
-def test_the_plan_and_the_roofline_read_the_registry():
+def test_the_plan_the_roofline_and_gpu_check_read_the_registry():
+    from efficientllm_utils import gpu_check
     from efficientllm_utils.studies.quantization import compute_dtype
+
+    assert gpu_check.PRECISIONS == ("bf16", "fp16", "int8", "int4-nf4")  # one of each kind that has run on CUDA
 
     assert compute_dtype("int4-quanto", "cpu") == compute_dtype("int8-torchao", "cpu") == "bf16"
     meta = plan.meta_model(plan.hub_config("Qwen/Qwen2.5-7B-Instruct"))

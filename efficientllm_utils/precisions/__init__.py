@@ -24,8 +24,8 @@ from . import floats  # noqa: F401
 from . import with_bitsandbytes  # noqa: F401
 from . import with_torchao  # noqa: F401
 from . import with_quanto  # noqa: F401
-from .registry import (STUDIES, Precision, all_precisions, check, get, names, register, representative,
-                       resolve_claim_name, standing_for, unregister)
+from .registry import (STUDIES, Precision, all_precisions, check, get, names, one_of_each_kind, register,
+                       representative, resolve_claim_name, standing_for, unregister)
 
-__all__ = ["STUDIES", "Precision", "all_precisions", "check", "get", "names", "register", "representative",
-           "resolve_claim_name", "standing_for", "unregister"]
+__all__ = ["STUDIES", "Precision", "all_precisions", "check", "get", "names", "one_of_each_kind", "register",
+           "representative", "resolve_claim_name", "standing_for", "unregister"]

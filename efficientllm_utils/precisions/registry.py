@@ -117,6 +117,15 @@ def representative(paper_name: str) -> str | None:
     return found[0] if found else None
 
 
+def one_of_each_kind(device: str) -> tuple[str, ...]:
+    """The first registered precision of each paper name that has run on ``device`` (e.g. bf16, int8, int4-nf4)."""
+    kinds: dict[str, str] = {}
+    for p in _REGISTRY.values():
+        if device in p.devices:
+            kinds.setdefault(p.stands_for, p.name)
+    return tuple(kinds.values())
+
+
 def resolve_claim_name(name: str) -> str:
     """A claim's subject or baseline (``book/paper/claims.csv`` keys on what a method stands for, e.g. ``int4``) as
     the precisions standing for it, ``|``-joined in registration order (the first one a model has decides); a name
