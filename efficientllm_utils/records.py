@@ -22,6 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(os.environ.get("EFFICIENTLLM_RESULTS", REPO_ROOT / "results"))
 RECORD_NAME = "record.json"
 NOTEBOOK_NAME = "notebook.ipynb"
+GRID_FILE = "samples.png"  # a generative run's grid of samples (DiT, lvm), which its chapter shows
 # Explored runs (made with ``--set``/``--grid`` values the profile does not have, or a notebook run by hand) never
 # share a folder with a profile's own runs: ``<profile>+explore/`` and ``manual/`` beside the profiles' folders.
 EXPLORE_TAG = "+explore"

@@ -9,7 +9,10 @@ import torch
 from efficientllm_utils.arch.train import StepSample
 from efficientllm_utils.params import ParamsError, PretrainRun, expand, params_path
 from efficientllm_utils.reports import architecture as ar
-from efficientllm_utils.reports import common
+from efficientllm_utils.reports.display import methods_legend, pareto_front
+from efficientllm_utils.reports.load import StudyResults, load_study
+from efficientllm_utils.reports.paper import paper_ranks
+from efficientllm_utils.reports.verdicts import within_group_spread
 from efficientllm_utils.studies import architecture as arch
 
 STUDIES = {"attention": "attention", "positional_encoding": "position", "moe": "variant"}
@@ -264,7 +267,7 @@ def test_leaderboard_ranks_perplexity_lower_first_and_maps_paper_names():
         {"param_attention": "mqa", "quality_perplexity": 120.0, "al_s": 0.1},
         {"param_attention": "mla", "quality_perplexity": 90.0, "al_s": 0.4},
     ])
-    table = ar.pretraining_table(common.StudyResults("attention", "cpu", [], frame))
+    table = ar.pretraining_table(StudyResults("attention", "cpu", [], frame))
     assert list(table["variant"]) == ["mha", "gqa", "mqa", "mla"]  # the order the runs were made in
     assert set(table["model"]) == {"hidden 32, 1 layer"}
     board = ar.leaderboard("attention", table)
@@ -272,7 +275,7 @@ def test_leaderboard_ranks_perplexity_lower_first_and_maps_paper_names():
     assert "mha" not in set(board["method"])  # not in the paper's leaderboard
     assert (ranks["MLA", "Perf"], ranks["GQA", "Perf"], ranks["MQA", "Perf"]) == (1, 2, 3)
     assert (ranks["MQA", "AL"], ranks["MLA", "AL"]) == (1, 3)
-    paper = common.paper_ranks("architecture_pretraining", "attention", "0.5B-3B")
+    paper = paper_ranks("architecture_pretraining", "attention", "0.5B-3B")
     assert not paper.duplicated().any() and set(paper["method"]) == {"MQA", "GQA", "MLA", "NSA"}
     (only,) = ar.leaderboards("attention", table)
     assert only.size_group == "0.5B-3B" and "fewer than every group" in only.why  # 1M parameters
@@ -283,13 +286,13 @@ def test_leaderboard_ranks_perplexity_lower_first_and_maps_paper_names():
 def test_pareto_front_with_lower_is_better_quality():
     costs = pd.Series([1.0, 2.0, 3.0]).to_numpy()
     perplexity = pd.Series([10.0, 12.0, 8.0]).to_numpy()
-    assert common.pareto_front(costs, perplexity, higher_is_better=False).tolist() == [True, False, True]
+    assert pareto_front(costs, perplexity, higher_is_better=False).tolist() == [True, False, True]
 
 
 def test_pages_handle_a_study_without_results(tmp_path):
-    res = common.load_study("moe", "cpu", root=tmp_path)
+    res = load_study("moe", "cpu", root=tmp_path)
     assert ar.pretraining_table(res).empty and ar.decode_curves(res).empty
-    assert ar.loss_curves(res).empty and common.methods_legend(res, {"al_s": "AL"}).empty
+    assert ar.loss_curves(res).empty and methods_legend(res, {"al_s": "AL"}).empty
     assert ar.findings_text(res, ar.pretraining_table(res)) == "*No results yet.*"
     assert ar.leaderboards("moe", ar.pretraining_table(res)) == []
 
@@ -327,5 +330,5 @@ def test_repeated_runs_of_the_reference_model_set_the_noise(tmp_path):
 
 def test_noise_is_the_spread_within_groups_not_across_them():
     frame = pd.DataFrame({"group": [1, 1, 2, 2], "AL_s": [1.0, 1.02, 2.0, 2.06]})
-    assert common.within_group_spread(frame, "group", "AL_s") == pytest.approx(0.03)  # not 2.06 / 1.0 - 1
-    assert common.within_group_spread(frame.iloc[[0, 2]], "group", "AL_s") is None  # no group of two
+    assert within_group_spread(frame, "group", "AL_s") == pytest.approx(0.03)  # not 2.06 / 1.0 - 1
+    assert within_group_spread(frame.iloc[[0, 2]], "group", "AL_s") is None  # no group of two

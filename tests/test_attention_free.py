@@ -10,7 +10,7 @@ from efficientllm_utils.arch.analysis import kv_cache_bytes_per_token, param_cou
 from efficientllm_utils.params import AttentionFreeRun, ParamsError, PretrainRun, expand, params_path
 from efficientllm_utils.reports import architecture as ar
 from efficientllm_utils.reports import attention_free as afr
-from efficientllm_utils.reports import common
+from efficientllm_utils.reports.load import load_study
 from efficientllm_utils.studies import attention_free as study
 
 PATH = params_path("attention_free")
@@ -152,7 +152,7 @@ def test_every_model_trains_and_decodes_through_the_shared_loop():
 # --- report --------------------------------------------------------------------------------------
 
 def test_pages_handle_the_study_without_results(tmp_path):
-    res = common.load_study("attention_free", "cpu", root=tmp_path)
+    res = load_study("attention_free", "cpu", root=tmp_path)
     table = ar.pretraining_table(res)
     curves = afr.state_curves(res)
     assert table.empty and curves.empty and afr.params_table(table).empty and afr.state_table(curves).empty
@@ -184,7 +184,7 @@ def test_smoke_profile_end_to_end(tmp_path):
     from efficientllm_utils import cli
 
     assert cli.main(["run", "attention_free", "--profile", "smoke", "--results", str(tmp_path)]) == 0
-    res = common.load_study("attention_free", "smoke", root=tmp_path)
+    res = load_study("attention_free", "smoke", root=tmp_path)
     assert len(res.ok_records) == len(expand(PATH, "smoke"))
     for record in res.ok_records:
         m = record.metrics

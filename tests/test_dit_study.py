@@ -119,7 +119,7 @@ def test_dit_params_fail_early_with_the_allowed_values():
 def test_dit_smoke_profile_end_to_end(results_root):
     assert cli.main(["run", "dit", "--profile", "smoke", "--results", str(results_root)]) == 0
     from efficientllm_utils.reports import dit as dit_report
-    from efficientllm_utils.reports.common import load_study
+    from efficientllm_utils.reports.load import load_study
 
     for study, variant in (("dit_attention", "nsa"), ("dit_moe", "moe-8x2")):
         records = load_records(study, "smoke", results_root)
@@ -162,7 +162,7 @@ def test_learned_verdict_is_per_variant_against_the_noise_floor():
 def test_dit_claims_use_the_shared_rules_with_the_noise_floor():
     from types import SimpleNamespace
 
-    from efficientllm_utils.reports import common
+    from efficientllm_utils.reports import paper, verdicts
     from efficientllm_utils.reports import dit as dit_report
 
     def run(fd, seconds=(0.1,) * 8):
@@ -170,14 +170,14 @@ def test_dit_claims_use_the_shared_rules_with_the_noise_floor():
                                raw={"steps": [{"seconds": s} for s in seconds]}, metrics={})
 
     def verdict(a, b, metric="FD", expect="lower"):
-        return common.decide(dit_report.compare(a, b, metric, 0.0), expect)
+        return verdicts.decide(dit_report.compare(a, b, metric, 0.0), expect)
 
-    assert verdict(run(20.0), run(30.0)) == common.AGREES  # 10 better: beyond the floor of 6
-    assert verdict(run(26.0), run(30.0)) == common.INCONCLUSIVE  # 4 better: within it
-    assert verdict(run(37.0), run(30.0)) == common.DISAGREES
+    assert verdict(run(20.0), run(30.0)) == verdicts.AGREES  # 10 better: beyond the floor of 6
+    assert verdict(run(26.0), run(30.0)) == verdicts.INCONCLUSIVE  # 4 better: within it
+    assert verdict(run(37.0), run(30.0)) == verdicts.DISAGREES
     slow = run(30.0, (1.0, 1.0) + (0.2, 0.21, 0.19, 0.2, 0.2, 0.21))  # the warm-up steps are not timed
-    assert verdict(slow, run(30.0), "AL_s", "higher") == common.AGREES
-    assert {"d-mqa-fd", "d-gqa-fd"} <= set(common.claims("dit_attention")["claim_id"])
-    assert {"d-moe-fd", "d-moe-memory"} <= set(common.claims("dit_moe")["claim_id"])
+    assert verdict(slow, run(30.0), "AL_s", "higher") == verdicts.AGREES
+    assert {"d-mqa-fd", "d-gqa-fd"} <= set(paper.claims("dit_attention")["claim_id"])
+    assert {"d-moe-fd", "d-moe-memory"} <= set(paper.claims("dit_moe")["claim_id"])
     # a model name with a slash: the selector splits from the right
-    assert common.paper_quote("DiT-XL/2/MHA/FID;DiT-XL/2/MQA/FID", "vision") == "DiT-XL/2 MHA FID 19.47, MQA FID 8.93"
+    assert paper.paper_quote("DiT-XL/2/MHA/FID;DiT-XL/2/MQA/FID", "vision") == "DiT-XL/2 MHA FID 19.47, MQA FID 8.93"

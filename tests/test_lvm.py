@@ -166,7 +166,7 @@ def _finetune_results(shift: float, n_items: int = 40):
 
     from efficientllm_utils.metrics.values import MetricValue
     from efficientllm_utils.records import RunRecord
-    from efficientllm_utils.reports.common import StudyResults
+    from efficientllm_utils.reports.load import StudyResults
 
     base = (0.5 + torch.rand(n_items, generator=torch.Generator().manual_seed(0))).tolist()
     records = []
@@ -202,7 +202,7 @@ def _tradeoff_results(methods: dict[str, tuple[float, float, float]], n_items: i
 
     from efficientllm_utils.metrics.values import MetricValue
     from efficientllm_utils.records import RunRecord
-    from efficientllm_utils.reports.common import StudyResults
+    from efficientllm_utils.reports.load import StudyResults
 
     base = (0.5 + torch.rand(n_items, generator=torch.Generator().manual_seed(0))).tolist()
     records = [RunRecord(

@@ -10,7 +10,8 @@ from efficientllm_utils import cli, cpu_4bit, models
 from efficientllm_utils import finetune as ft
 from efficientllm_utils.params import FinetuneRun, ParamsError, expand, params_path
 from efficientllm_utils.records import RunContext, load_records
-from efficientllm_utils.reports import common
+from efficientllm_utils.reports.load import load_study
+from efficientllm_utils.reports.verdicts import LATENCY_TOLERANCE, bootstrap_ratio, decide
 from efficientllm_utils.reports import finetune as fr
 from efficientllm_utils.studies import finetune as fts
 
@@ -260,7 +261,7 @@ def _merged_scores_equal_unmerged(tiny_dir, method):
 
 def test_book_helpers_read_the_records(tiny_runs):
     root, runs = tiny_runs
-    res = common.load_study("peft", "tiny", root)
+    res = load_study("peft", "tiny", root)
     table = fr.results_table(res)
     assert list(table["method"]) == ["lora", "freeze"]  # the params file's order
     assert table.loc[0, "AL_s"] == runs["lora"]["record"].metrics["al_s"].value
@@ -281,14 +282,14 @@ def test_book_helpers_read_the_records(tiny_runs):
     (freeze,) = [f for f in fr.findings(res, table) if f.claim_id == "f-freeze-latency"]
     # the verdict the rule gives on the two runs' timed steps, taken from the training loop (not the records)
     timed = {m: [s.seconds for s in runs[m]["result"].steps[runs[m]["p"].timing_warmup_steps:]] for m in runs}
-    lower = common.decide(common.bootstrap_ratio(timed["freeze"], timed["lora"]), "lower", common.LATENCY_TOLERANCE)
+    lower = decide(bootstrap_ratio(timed["freeze"], timed["lora"]), "lower", LATENCY_TOLERANCE)
     assert freeze.verdict == lower and "interval" in freeze.sentence
     mixed = table.assign(data_order=["a", "b"])
     assert "did not all see the same data" in fr.data_order_line(mixed)
 
 
 def test_pages_handle_a_study_without_results(tmp_path):
-    res = common.load_study("peft", "cpu", tmp_path)
+    res = load_study("peft", "cpu", tmp_path)
     table = fr.results_table(res)
     assert table.empty and fr.loss_curves(res).empty and fr.leaderboards(table) == []
     assert fr.findings_text(res, table) == fr.data_order_line(table) == "*No results yet.*"

@@ -5,7 +5,15 @@ import pytest
 
 from efficientllm_utils.metrics.values import MetricValue
 from efficientllm_utils.records import RunRecord
-from efficientllm_utils.reports import common
+from efficientllm_utils.reports.display import pareto_front
+from efficientllm_utils.reports.findings import common_caveats, findings_markdown
+from efficientllm_utils.reports.leaderboard import kendall_taus, tau_table
+from efficientllm_utils.reports.load import StudyResults
+from efficientllm_utils.reports.paper import claims, paper_quote, paper_ranks, size_group
+from efficientllm_utils.reports.verdicts import (AGREES, DISAGREES, INCONCLUSIVE, LATENCY_TOLERANCE, MIN_ITEMS,
+                                                 MIN_SAMPLES, Difference, bootstrap_ratio, combine, decide,
+                                                 estimated_difference, is_estimate, paired_accuracy, paired_ratio,
+                                                 point_difference)
 from efficientllm_utils.reports import quantization as qr
 
 
@@ -21,7 +29,7 @@ def test_mcr_is_size_ratio_times_quality_ratio():
         {"param_precision": "fp32", "model_bytes": 400.0, "quality_mean_accuracy": 0.50},
         {"param_precision": "int4-nf4", "model_bytes": 100.0, "quality_mean_accuracy": 0.45},
     ])
-    table = qr.quantization_table(common.StudyResults("quantization", "cpu", [], frame)).set_index("precision")
+    table = qr.quantization_table(StudyResults("quantization", "cpu", [], frame)).set_index("precision")
     assert table.loc["int4-nf4", "compression"] == pytest.approx(4.0)
     assert table.loc["int4-nf4", "MCR"] == pytest.approx(4.0 * 0.9)
     assert table.loc["int4-nf4", "accuracy_change_pct"] == pytest.approx(-10.0)
@@ -36,7 +44,7 @@ def test_two_models_get_their_own_reference_ranks_and_size_group():
         {"param_model": "big", "param_precision": p, "model_bytes": b, "quality_mean_accuracy": a, "al_s": al}
         for p, b, a, al in [("fp32", 32e9, 0.7, 1.0), ("bf16", 16e9, 0.6, 3.0), ("fp16", 16e9, 0.7, 2.0)]
     ])
-    table = qr.quantization_table(common.StudyResults("quantization", "cpu", [], frame))
+    table = qr.quantization_table(StudyResults("quantization", "cpu", [], frame))
     assert table.groupby("model")["MCR"].apply(lambda s: s.notna().all()).all()  # each against its own fp32
     assert qr.parameter_counts(table) == pytest.approx({"small": 1e9, "big": 8e9})
     boards = {b.model: b for b in qr.leaderboards(table)}
@@ -45,7 +53,7 @@ def test_two_models_get_their_own_reference_ranks_and_size_group():
     side = boards["big"].side.set_index("method")
     assert side.loc["float16", "AL"].startswith("1 /") and side.loc["bfloat16", "AL"].startswith("2 /")
     assert boards["small"].side.set_index("method").loc["bfloat16", "AL"].startswith("1 /")
-    assert set(common.tau_table(list(boards.values()))["model"]) == {"small", "big"}
+    assert set(tau_table(list(boards.values()))["model"]) == {"small", "big"}
 
 
 def test_a_model_without_quality_keeps_its_costs_and_ranks_and_says_why():
@@ -54,7 +62,7 @@ def test_a_model_without_quality_keeps_its_costs_and_ranks_and_says_why():
     rows = [{"param_model": "shape:qwen2.5-7b", "param_precision": p, "model_bytes": b, "al_s": al,
              "param_reference_precision": "bf16"}
             for p, b, al in [("bf16", 15e9, 1.0), ("fp16", 15e9, 1.1), ("int4-nf4", 5e9, 2.0)]]
-    alone = qr.quantization_table(common.StudyResults("quantization", "gpu", [], _frame(rows)))
+    alone = qr.quantization_table(StudyResults("quantization", "gpu", [], _frame(rows)))
     assert alone["accuracy"].isna().all() and alone["MCR"].isna().all()
     assert alone.set_index("precision").loc["int4-nf4", "compression"] == pytest.approx(3.0)
     board = qr.leaderboards(alone)[0]
@@ -63,23 +71,23 @@ def test_a_model_without_quality_keeps_its_costs_and_ranks_and_says_why():
 
     real = [{"param_precision": p, "model_bytes": b, "quality_mean_accuracy": a, "param_reference_precision": "bf16"}
             for p, b, a in [("bf16", 2.7e8, 0.5), ("int4-nf4", 1e8, 0.45)]]
-    both = qr.quantization_table(common.StudyResults("quantization", "gpu", [], _frame(rows + real)))
+    both = qr.quantization_table(StudyResults("quantization", "gpu", [], _frame(rows + real)))
     assert both.set_index(["model", "precision"]).loc[("m", "int4-nf4"), "accuracy_change_pct"] == pytest.approx(-10)
-    text = qr.summary(common.StudyResults("quantization", "gpu", [], _frame(rows + real)), both)
+    text = qr.summary(StudyResults("quantization", "gpu", [], _frame(rows + real)), both)
     assert "no quality was measured (random weights" in text and "accuracy changed by -10.0%" in text
 
 
 @pytest.mark.parametrize("count, group, why", [(2e9, "1.5B-3.8B", "lie in"), (135e6, "1.5B-3.8B", "fewer"),
                                                (6.5e9, "7B-8B", "between"), (70e9, "14B-34B", "more")])
 def test_size_group_holds_the_count_or_says_which_was_used(count, group, why):
-    chosen, reason = common.size_group("inference", "quantization", count)
+    chosen, reason = size_group("inference", "quantization", count)
     assert chosen == group and why in reason
 
 
 def test_pareto_front_keeps_only_undominated_points():
     costs = np.array([1.0, 2.0, 3.0, 2.5])
     quality = np.array([0.5, 0.7, 0.9, 0.6])
-    assert common.pareto_front(costs, quality).tolist() == [True, True, True, False]
+    assert pareto_front(costs, quality).tolist() == [True, True, True, False]
 
 
 def test_kendall_tau_against_paper_ranks():
@@ -87,39 +95,39 @@ def test_kendall_tau_against_paper_ranks():
                          "our_rank": [1, 2, 3, 1, 2, 3]})
     paper = pd.DataFrame({"method": ["a", "b", "c"] * 2, "metric": ["AL"] * 3 + ["AMU"] * 3,
                           "paper_rank": [1, 2, 3, 3, 2, 1]})
-    side, taus = common.kendall_taus(ours, paper)
+    side, taus = kendall_taus(ours, paper)
     assert taus.set_index("metric")["kendall_tau"].to_dict() == pytest.approx({"AL": 1.0, "AMU": -1.0})
     assert side.set_index("method").loc["a", "AMU"] == "1 / 3"
 
 
 def test_paper_leaderboard_and_claims_ship_with_the_book():
-    ranks = common.paper_ranks("inference", "quantization", "1.5B-3.8B")
+    ranks = paper_ranks("inference", "quantization", "1.5B-3.8B")
     assert set(ranks["method"]) == {"bfloat16", "float16", "int4"}
     assert set(ranks["metric"]) >= {"Perf", "AMU", "AL", "IT", "AEC", "MCR"}
     for chapter in ("quantization", "attention", "positional_encoding", "moe", "peft"):
-        assert len(common.claims(chapter)) >= 2
-    assert "71.33 GB" in common.paper_quote("Qwen2.5-32B/bfloat16/AMU;Qwen2.5-32B/int4/AMU", "inference")
+        assert len(claims(chapter)) >= 2
+    assert "71.33 GB" in paper_quote("Qwen2.5-32B/bfloat16/AMU;Qwen2.5-32B/int4/AMU", "inference")
 
 
 # --- the verdict rules, on each side -------------------------------------------------------------
 
 def test_paired_accuracy_verdict_changes_with_the_flips():
     base = [1] * 50 + [0] * 50
-    same = common.paired_accuracy(base, base)
-    assert same.estimate == 0 and common.decide(same, "lower") == common.INCONCLUSIVE
-    one_flip = common.paired_accuracy([0] + base[1:], base)  # one item of 100: noise
-    assert common.decide(one_flip, "lower") == common.INCONCLUSIVE
-    many = common.paired_accuracy([0] * 30 + base[30:], base)  # 30 items lost, none gained
-    assert many.high < 0 and common.decide(many, "lower") == common.AGREES
-    assert common.decide(many, "higher") == common.DISAGREES
+    same = paired_accuracy(base, base)
+    assert same.estimate == 0 and decide(same, "lower") == INCONCLUSIVE
+    one_flip = paired_accuracy([0] + base[1:], base)  # one item of 100: noise
+    assert decide(one_flip, "lower") == INCONCLUSIVE
+    many = paired_accuracy([0] * 30 + base[30:], base)  # 30 items lost, none gained
+    assert many.high < 0 and decide(many, "lower") == AGREES
+    assert decide(many, "higher") == DISAGREES
     # non-inferiority: a drop within the margin agrees, a drop clearly beyond it disagrees
-    assert common.decide(same, "not_lower", 0.10) == common.AGREES
-    assert common.decide(many, "not_lower", 0.10) == common.DISAGREES
-    assert common.decide(one_flip, "not_lower", 0.01) == common.INCONCLUSIVE
+    assert decide(same, "not_lower", 0.10) == AGREES
+    assert decide(many, "not_lower", 0.10) == DISAGREES
+    assert decide(one_flip, "not_lower", 0.01) == INCONCLUSIVE
     with pytest.raises(ValueError, match="same items"):
-        common.paired_accuracy([1, 0], [1])
-    few = common.paired_accuracy([0] * 10, [1] * 10)  # every answer lost, but 10 items are too few
-    assert common.decide(few, "lower") == common.INCONCLUSIVE and "too few items" in str(few)
+        paired_accuracy([1, 0], [1])
+    few = paired_accuracy([0] * 10, [1] * 10)  # every answer lost, but 10 items are too few
+    assert decide(few, "lower") == INCONCLUSIVE and "too few items" in str(few)
 
 
 def test_latency_interval_verdict_changes_with_the_gap_and_the_noise():
@@ -128,96 +136,95 @@ def test_latency_interval_verdict_changes_with_the_gap_and_the_noise():
     faster = [x * 0.8 for x in base]
     close = [x * 0.99 for x in base]  # 1% faster: within the 3% tolerance
     noisy = [0.3, 1.5, 0.4, 1.4, 0.5]  # 18% faster on average, but the interval is wide
-    assert common.decide(common.bootstrap_ratio(faster, base), "lower", common.LATENCY_TOLERANCE) == common.AGREES
-    assert common.decide(common.bootstrap_ratio(base, faster), "lower", common.LATENCY_TOLERANCE) == common.DISAGREES
-    assert common.decide(common.bootstrap_ratio(close, base), "lower", common.LATENCY_TOLERANCE) == common.INCONCLUSIVE
-    assert common.decide(common.bootstrap_ratio(noisy, base), "lower", common.LATENCY_TOLERANCE) == common.INCONCLUSIVE
-    two = common.bootstrap_ratio(faster[:2], base[:2])  # 20% faster, but two samples are no interval
-    assert common.decide(two, "lower", common.LATENCY_TOLERANCE) == common.INCONCLUSIVE and "too few" in str(two)
+    assert decide(bootstrap_ratio(faster, base), "lower", LATENCY_TOLERANCE) == AGREES
+    assert decide(bootstrap_ratio(base, faster), "lower", LATENCY_TOLERANCE) == DISAGREES
+    assert decide(bootstrap_ratio(close, base), "lower", LATENCY_TOLERANCE) == INCONCLUSIVE
+    assert decide(bootstrap_ratio(noisy, base), "lower", LATENCY_TOLERANCE) == INCONCLUSIVE
+    two = bootstrap_ratio(faster[:2], base[:2])  # 20% faster, but two samples are no interval
+    assert decide(two, "lower", LATENCY_TOLERANCE) == INCONCLUSIVE and "too few" in str(two)
 
 
 def test_single_values_count_only_beyond_their_noise():
-    assert common.decide(common.point_difference(90, 100, 0.05, "noise"), "lower") == common.AGREES
-    assert common.decide(common.point_difference(97, 100, 0.05, "noise"), "lower") == common.INCONCLUSIVE
-    assert common.decide(common.point_difference(110, 100, 0.05, "noise"), "lower") == common.DISAGREES
+    assert decide(point_difference(90, 100, 0.05, "noise"), "lower") == AGREES
+    assert decide(point_difference(97, 100, 0.05, "noise"), "lower") == INCONCLUSIVE
+    assert decide(point_difference(110, 100, 0.05, "noise"), "lower") == DISAGREES
 
 
 def test_no_verdict_from_a_zero_baseline_or_a_nan_or_infinite_sample():
     fine = [1.0, 1.1, 0.9, 1.0, 1.2]
     nan, inf = float("nan"), float("inf")
     cases = {
-        "zero baseline": [common.bootstrap_ratio(fine, [0.0] * 5), common.paired_ratio(fine, [0.0] * 5),
-                          common.point_difference(1.0, 0.0, 0.05, "noise")],
-        "NaN": [common.bootstrap_ratio(fine[:4] + [nan], fine), common.paired_ratio(fine, fine[:4] + [nan]),
-                common.point_difference(nan, 1.0, 0.05, "noise")],
-        "inf": [common.bootstrap_ratio(fine[:4] + [inf], fine), common.paired_ratio([inf] + fine[1:], fine),
-                common.point_difference(1.0, -inf, 0.05, "noise"), common.bootstrap_ratio([inf, -inf] * 3, fine)],
+        "zero baseline": [bootstrap_ratio(fine, [0.0] * 5), paired_ratio(fine, [0.0] * 5),
+                          point_difference(1.0, 0.0, 0.05, "noise")],
+        "NaN": [bootstrap_ratio(fine[:4] + [nan], fine), paired_ratio(fine, fine[:4] + [nan]),
+                point_difference(nan, 1.0, 0.05, "noise")],
+        "inf": [bootstrap_ratio(fine[:4] + [inf], fine), paired_ratio([inf] + fine[1:], fine),
+                point_difference(1.0, -inf, 0.05, "noise"), bootstrap_ratio([inf, -inf] * 3, fine)],
     }
     for case, diffs in cases.items():
         for diff in diffs:
             for expect in ("lower", "higher", "not_lower"):
-                assert common.decide(diff, expect, 0.05) == common.INCONCLUSIVE, (case, diff)
+                assert decide(diff, expect, 0.05) == INCONCLUSIVE, (case, diff)
             why = "the baseline is zero" if case == "zero baseline" else "a value is NaN or infinite"
             assert str(diff) == f"no relative difference ({why})", case
     # accuracy: a baseline that got nothing right is compared in absolute shares (1 / 0 has no meaning)
-    gained = common.paired_accuracy([1] * 30, [0] * 30)
-    assert gained.estimate == 1.0 and common.decide(gained, "higher") == common.AGREES
+    gained = paired_accuracy([1] * 30, [0] * 30)
+    assert gained.estimate == 1.0 and decide(gained, "higher") == AGREES
     with pytest.raises(ValueError, match="scored 0 .* or 1 .*nan"):  # an answer that is neither right nor wrong
-        common.paired_accuracy([1] * 29 + [nan], [0] * 30)
+        paired_accuracy([1] * 29 + [nan], [0] * 30)
 
 
 def test_a_verdict_exactly_at_its_margin():
     """An interval bound exactly on the margin: "lower"/"higher" need the whole interval beyond it; "not_lower"
     (at most ``tolerance`` lower) is met by a bound exactly ``tolerance`` lower. 0.25 is exact in binary."""
     def at(low, high):
-        return common.Difference((low + high) / 2, low, high, "test")
+        return Difference((low + high) / 2, low, high, "test")
 
-    decide = common.decide
-    assert decide(at(-0.5, -0.25), "lower", 0.25) == common.INCONCLUSIVE
-    assert decide(at(-0.5, np.nextafter(-0.25, -1)), "lower", 0.25) == common.AGREES
-    assert decide(at(0.25, 0.5), "lower", 0.25) == common.INCONCLUSIVE
-    assert decide(at(np.nextafter(0.25, 1), 0.5), "lower", 0.25) == common.DISAGREES
-    assert decide(at(0.25, 0.5), "higher", 0.25) == common.INCONCLUSIVE
-    assert decide(at(np.nextafter(0.25, 1), 0.5), "higher", 0.25) == common.AGREES
-    assert decide(at(-0.5, -0.25), "higher", 0.25) == common.INCONCLUSIVE
-    assert decide(at(-0.5, np.nextafter(-0.25, -1)), "higher", 0.25) == common.DISAGREES
-    assert decide(at(-0.25, 0.0), "not_lower", 0.25) == common.AGREES
-    assert decide(at(np.nextafter(-0.25, -1), 0.0), "not_lower", 0.25) == common.INCONCLUSIVE
-    assert decide(at(-0.5, -0.25), "not_lower", 0.25) == common.INCONCLUSIVE
-    assert decide(at(-0.5, np.nextafter(-0.25, -1)), "not_lower", 0.25) == common.DISAGREES
-    assert decide(at(-0.1, 0.1), "lower", 0.0) == common.INCONCLUSIVE  # zero margin: 0 inside the interval
+    assert decide(at(-0.5, -0.25), "lower", 0.25) == INCONCLUSIVE
+    assert decide(at(-0.5, np.nextafter(-0.25, -1)), "lower", 0.25) == AGREES
+    assert decide(at(0.25, 0.5), "lower", 0.25) == INCONCLUSIVE
+    assert decide(at(np.nextafter(0.25, 1), 0.5), "lower", 0.25) == DISAGREES
+    assert decide(at(0.25, 0.5), "higher", 0.25) == INCONCLUSIVE
+    assert decide(at(np.nextafter(0.25, 1), 0.5), "higher", 0.25) == AGREES
+    assert decide(at(-0.5, -0.25), "higher", 0.25) == INCONCLUSIVE
+    assert decide(at(-0.5, np.nextafter(-0.25, -1)), "higher", 0.25) == DISAGREES
+    assert decide(at(-0.25, 0.0), "not_lower", 0.25) == AGREES
+    assert decide(at(np.nextafter(-0.25, -1), 0.0), "not_lower", 0.25) == INCONCLUSIVE
+    assert decide(at(-0.5, -0.25), "not_lower", 0.25) == INCONCLUSIVE
+    assert decide(at(-0.5, np.nextafter(-0.25, -1)), "not_lower", 0.25) == DISAGREES
+    assert decide(at(-0.1, 0.1), "lower", 0.0) == INCONCLUSIVE  # zero margin: 0 inside the interval
     with pytest.raises(ValueError, match="lower, higher or not_lower"):
         decide(at(-0.1, 0.1), "smaller")
 
 
 def test_intervals_start_exactly_at_the_minimum_samples_and_items():
-    n, rng = common.MIN_SAMPLES, np.random.default_rng(0)
+    n, rng = MIN_SAMPLES, np.random.default_rng(0)
     slow, fast = list(2.0 + 0.01 * rng.random(n)), list(1.0 + 0.01 * rng.random(n))
-    for rule in (common.bootstrap_ratio, common.paired_ratio):
+    for rule in (bootstrap_ratio, paired_ratio):
         enough, short = rule(fast, slow), rule(fast[:-1], slow[:-1])
-        assert np.isfinite([enough.low, enough.high]).all() and common.decide(enough, "lower") == common.AGREES
+        assert np.isfinite([enough.low, enough.high]).all() and decide(enough, "lower") == AGREES
         assert (short.low, short.high) == (-np.inf, np.inf) and f"fewer than {n}" in str(short)
-        assert common.decide(short, "lower") == common.INCONCLUSIVE
+        assert decide(short, "lower") == INCONCLUSIVE
         assert short.estimate == pytest.approx(np.mean(fast[:-1]) / np.mean(slow[:-1]) - 1)  # still reported
-    m = common.MIN_ITEMS
-    enough = common.paired_accuracy([0] * m, [1] * m)  # every answer lost
-    short = common.paired_accuracy([0] * (m - 1), [1] * (m - 1))
-    assert (enough.low, enough.high) == (-1.0, -1.0) and common.decide(enough, "lower") == common.AGREES
+    m = MIN_ITEMS
+    enough = paired_accuracy([0] * m, [1] * m)  # every answer lost
+    short = paired_accuracy([0] * (m - 1), [1] * (m - 1))
+    assert (enough.low, enough.high) == (-1.0, -1.0) and decide(enough, "lower") == AGREES
     assert (short.low, short.high) == (-np.inf, np.inf) and f"fewer than {m}" in str(short)
-    assert short.estimate == -1.0 and common.decide(short, "lower") == common.INCONCLUSIVE
+    assert short.estimate == -1.0 and decide(short, "lower") == INCONCLUSIVE
 
 
 def test_two_estimates_are_never_evidence():
-    diff = common.estimated_difference(50.0, 100.0)  # half, but both estimated
-    assert common.decide(diff, "lower") == common.decide(diff, "higher") == common.INCONCLUSIVE
-    assert common.is_estimate("estimated:cpu-time-x-watts") and not common.is_estimate("measured:rapl")
+    diff = estimated_difference(50.0, 100.0)  # half, but both estimated
+    assert decide(diff, "lower") == decide(diff, "higher") == INCONCLUSIVE
+    assert is_estimate("estimated:cpu-time-x-watts") and not is_estimate("measured:rapl")
 
 
 def test_a_claim_of_several_parts():
-    assert common.combine([common.AGREES, common.AGREES]) == common.AGREES
-    assert common.combine([common.AGREES, common.INCONCLUSIVE]) == common.INCONCLUSIVE
-    assert common.combine([common.AGREES, common.DISAGREES]) == common.DISAGREES
-    assert common.combine([]) == common.INCONCLUSIVE
+    assert combine([AGREES, AGREES]) == AGREES
+    assert combine([AGREES, INCONCLUSIVE]) == INCONCLUSIVE
+    assert combine([AGREES, DISAGREES]) == DISAGREES
+    assert combine([]) == INCONCLUSIVE
 
 
 # --- findings generated from records --------------------------------------------------------------
@@ -235,7 +242,7 @@ def _quant_record(precision, correct, latencies, energy=1.0, energy_method="esti
 
 
 def _findings(records):
-    res = common.StudyResults("quantization", "t", records, pd.DataFrame([r.flat() for r in records]))
+    res = StudyResults("quantization", "t", records, pd.DataFrame([r.flat() for r in records]))
     return {(f.model, f.claim_id): f for f in qr.findings(res)}
 
 
@@ -245,11 +252,11 @@ def test_quantization_findings_follow_the_numbers():
     found = _findings([_quant_record("fp32", base, fast), _quant_record("int4-nf4", base, fast, energy=0.5, size=1e6),
                        _quant_record("bf16", base, [x * 0.5 for x in fast], size=2e6),
                        _quant_record("fp16", base, fast, size=2e6)])
-    assert found["tiny", "q-int4-size"].verdict == common.AGREES  # counted bytes: exact
-    assert found["tiny", "q-int4-accuracy"].verdict == common.AGREES  # the very same answers
+    assert found["tiny", "q-int4-size"].verdict == AGREES  # counted bytes: exact
+    assert found["tiny", "q-int4-accuracy"].verdict == AGREES  # the very same answers
     energy = found["tiny", "q-int4-energy"]
-    assert energy.verdict == common.INCONCLUSIVE and "no evidence" in energy.sentence  # two estimates
-    assert found["tiny", "q-bf16-speed"].verdict == common.AGREES  # twice the tokens/s, tight interval
+    assert energy.verdict == INCONCLUSIVE and "no evidence" in energy.sentence  # two estimates
+    assert found["tiny", "q-bf16-speed"].verdict == AGREES  # twice the tokens/s, tight interval
     assert "paper: DeepSeek-R1-Distill-Qwen-1.5B bfloat16 IT 39.68 tokens/s" in found["tiny", "q-bf16-speed"].sentence
 
     worse = [0] * 60 + base[60:]  # int4 loses 60 of 100 correct answers
@@ -258,12 +265,12 @@ def test_quantization_findings_follow_the_numbers():
                        _quant_record("int4-nf4", worse, fast, energy=0.5, energy_method=measured, size=1e6),
                        _quant_record("bf16", base, [x * 2 for x in fast], size=2e6),
                        _quant_record("fp16", base, fast, size=2e6)])
-    assert found["tiny", "q-int4-accuracy"].verdict == common.DISAGREES
-    assert found["tiny", "q-int4-energy"].verdict == common.AGREES  # measured, half
-    assert found["tiny", "q-bf16-speed"].verdict == common.DISAGREES
+    assert found["tiny", "q-int4-accuracy"].verdict == DISAGREES
+    assert found["tiny", "q-int4-energy"].verdict == AGREES  # measured, half
+    assert found["tiny", "q-bf16-speed"].verdict == DISAGREES
     found = _findings([_quant_record("fp32", base, fast), _quant_record("int4-nf4", base, fast, energy=0.5,
                                                                           energy_method=measured, size=1e6)])
-    assert found["tiny", "q-int4-energy"].verdict == common.INCONCLUSIVE  # one of the two is an estimate
+    assert found["tiny", "q-int4-energy"].verdict == INCONCLUSIVE  # one of the two is an estimate
 
 
 def test_findings_are_per_model():
@@ -272,7 +279,7 @@ def test_findings_are_per_model():
                for m, s in (("a", 4e6), ("b", 8e6)) for p, k in (("fp32", 1.0), ("int4-nf4", 0.25))]
     found = _findings(records)
     assert {m for m, _ in found} == {"a", "b"}
-    text = common.findings_markdown(list(found.values()))
+    text = findings_markdown(list(found.values()))
     assert "**a**" in text and "**b**" in text
 
 
@@ -289,16 +296,16 @@ def test_a_claim_read_from_the_paper_ranks_follows_the_models_size_group():
     steps = [1.0, 1.0, 1.01, 0.99, 1.0, 1.02, 0.98]
     records = [_peft_record(m, method, loss, steps) for m in ("small", "mid")
                for method, loss in (("lora", 1.0), ("rslora", 0.8))]
-    res = common.StudyResults("peft", "t", records, pd.DataFrame([r.flat() for r in records]))
+    res = StudyResults("peft", "t", records, pd.DataFrame([r.flat() for r in records]))
     table = pd.DataFrame({"model": ["small", "mid"], "total_params": [2e9, 7.5e9]})
     found = {f.model: f for f in fr.findings(res, table) if f.claim_id == "f-rslora-loss"}
     # at 1B-3B the paper ranks RSLoRA ahead of LoRA on loss (5 vs 7), at 7B-8B behind (3 vs 2)
-    assert found["small"].verdict == common.AGREES and "1B-3B" in found["small"].sentence
-    assert found["mid"].verdict == common.DISAGREES and "7B-8B" in found["mid"].sentence
+    assert found["small"].verdict == AGREES and "1B-3B" in found["small"].sentence
+    assert found["mid"].verdict == DISAGREES and "7B-8B" in found["mid"].sentence
     close = [_peft_record("small", method, loss, steps) for method, loss in (("lora", 1.0), ("rslora", 0.98))]
-    res = common.StudyResults("peft", "t", close, pd.DataFrame([r.flat() for r in close]))
+    res = StudyResults("peft", "t", close, pd.DataFrame([r.flat() for r in close]))
     (within,) = [f for f in fr.findings(res, table) if f.claim_id == "f-rslora-loss"]
-    assert within.verdict == common.INCONCLUSIVE  # 2% apart: inside the 5% tolerance
+    assert within.verdict == INCONCLUSIVE  # 2% apart: inside the 5% tolerance
 
 
 def _arch_record(attention, seconds, perplexity, hidden=32):
@@ -319,20 +326,20 @@ def test_lowest_of_several_needs_every_other_variant_clearly_behind():
     def verdicts(mqa_speed, mla_ppl):
         records = [_arch_record("mqa", [s * mqa_speed for s in steps], 100.0), _arch_record("gqa", steps, 100.0),
                    _arch_record("mla", [s * 1.5 for s in steps], mla_ppl)]
-        res = common.StudyResults("attention", "t", records, pd.DataFrame([r.flat() for r in records]))
+        res = StudyResults("attention", "t", records, pd.DataFrame([r.flat() for r in records]))
         return {f.claim_id: f.verdict for f in ar.findings(res, {"perplexity": 0.05})}
 
-    assert verdicts(0.8, 80.0)["a-mqa-latency"] == common.AGREES  # 20% faster than gqa, 47% than mla
-    assert verdicts(1.2, 80.0)["a-mqa-latency"] == common.DISAGREES  # gqa is clearly faster
-    assert verdicts(1.01, 80.0)["a-mqa-latency"] == common.INCONCLUSIVE  # level with gqa
-    assert verdicts(0.8, 80.0)["a-mla-perplexity"] == common.AGREES  # 20% lower, beyond the 5% noise
-    assert verdicts(0.8, 98.0)["a-mla-perplexity"] == common.INCONCLUSIVE  # 2%: within the noise
-    assert verdicts(0.8, 120.0)["a-mla-perplexity"] == common.DISAGREES
+    assert verdicts(0.8, 80.0)["a-mqa-latency"] == AGREES  # 20% faster than gqa, 47% than mla
+    assert verdicts(1.2, 80.0)["a-mqa-latency"] == DISAGREES  # gqa is clearly faster
+    assert verdicts(1.01, 80.0)["a-mqa-latency"] == INCONCLUSIVE  # level with gqa
+    assert verdicts(0.8, 80.0)["a-mla-perplexity"] == AGREES  # 20% lower, beyond the 5% noise
+    assert verdicts(0.8, 98.0)["a-mla-perplexity"] == INCONCLUSIVE  # 2%: within the noise
+    assert verdicts(0.8, 120.0)["a-mla-perplexity"] == DISAGREES
 
 
 def test_caveats_appear_only_when_the_records_show_them():
     cpu = pd.DataFrame({"status": ["ok"], "param_device": ["cpu"], "aec_w_method": ["estimated:cpu-time-x-watts"]})
     gpu = pd.DataFrame({"status": ["ok"], "param_device": ["cuda"], "aec_w_method": ["measured:nvml-total-energy"]})
-    small = common.common_caveats(common.StudyResults("s", "p", [], cpu), {"m": 135e6}, 1.5e9, 200, 32)
+    small = common_caveats(StudyResults("s", "p", [], cpu), {"m": 135e6}, 1.5e9, 200, 32)
     assert len(small) == 4 and "CPU" in small[0] and "135M" in small[1] and "estimated" in small[2] and "32" in small[3]
-    assert common.common_caveats(common.StudyResults("s", "p", [], gpu), {"m": 7e9}, 1.5e9, 200, 1000) == []
+    assert common_caveats(StudyResults("s", "p", [], gpu), {"m": 7e9}, 1.5e9, 200, 1000) == []

@@ -308,13 +308,13 @@ def test_report_shows_mfu_mbu_and_says_why_a_record_has_none(tmp_path):
 
     matplotlib.use("Agg")
     from efficientllm_utils.records import write_record
-    from efficientllm_utils.reports import common
+    from efficientllm_utils.reports.load import load_study
     from efficientllm_utils.reports import quantization as qr
     from efficientllm_utils.reports import roofline as rl
 
     for run_id, precision, probed in (("a", "fp32", True), ("b", "bf16", False)):
         write_record(_record(run_id, precision, probed), tmp_path / "quantization" / "cpu" / run_id)
-    res = common.load_study("quantization", "cpu", root=tmp_path)
+    res = load_study("quantization", "cpu", root=tmp_path)
     label = qr.run_label(res)
     table = rl.utilisation_table(res, label, qr.ROOFLINE_METRICS).set_index("run")
     assert table.loc["fp32", "decode MBU"] == "20%"  # 1e8 bytes / 0.05 s / 10 GB/s
@@ -338,16 +338,16 @@ def test_report_shows_mfu_mbu_and_says_why_a_record_has_none(tmp_path):
 
 def test_report_of_records_without_any_probe_never_crashes(tmp_path):
     from efficientllm_utils.records import write_record
-    from efficientllm_utils.reports import common
+    from efficientllm_utils.reports.load import load_study
     from efficientllm_utils.reports import quantization as qr
     from efficientllm_utils.reports import roofline as rl
 
     write_record(_record("b", "bf16", False), tmp_path / "quantization" / "cpu" / "b")
-    res = common.load_study("quantization", "cpu", root=tmp_path)
+    res = load_study("quantization", "cpu", root=tmp_path)
     assert rl.probe_of(res) is None and "no machine probe" in rl.probe_note(None)
     assert rl.points(res, qr.run_label(res)).empty
     qr.show_roofline(res)
-    qr.show_roofline(common.load_study("quantization", "cpu", root=tmp_path / "none"))
+    qr.show_roofline(load_study("quantization", "cpu", root=tmp_path / "none"))
 
 
 def test_lora_training_step_mfu_counts_the_adapters_and_their_weight_gradients_only(monkeypatch):

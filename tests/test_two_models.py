@@ -20,7 +20,7 @@ from efficientllm_utils.book import build_book
 from efficientllm_utils.params import params_path
 from efficientllm_utils.records import load_records
 from efficientllm_utils.reports import architecture as ar
-from efficientllm_utils.reports import common
+from efficientllm_utils.reports.load import load_study
 from efficientllm_utils.reports import finetune as fr
 from efficientllm_utils.reports import quantization as qr
 
@@ -87,21 +87,21 @@ def test_two_model_grids_run_through_the_book(tmp_path, results_root, monkeypatc
         assert cli.main(["run", axis, "--profile", "two", "--results", str(results_root)]) == 0, axis
 
     # the report layer: per model, each beside the paper's size group that it chose and said why
-    res = common.load_study("quantization", "two", results_root)
+    res = load_study("quantization", "two", results_root)
     table = qr.quantization_table(res)
     assert set(table["model"]) == set(WIDTHS) and table["MCR"].notna().all()
     boards = qr.leaderboards(table)
     assert {b.model for b in boards} == set(WIDTHS)
     assert all(b.size_group == "1.5B-3.8B" and "fewer than every group" in b.why for b in boards)
     assert {f.model for f in qr.findings(res)} == set(WIDTHS)
-    peft = common.load_study("peft", "two", results_root)
+    peft = load_study("peft", "two", results_root)
     ft_table = fr.results_table(peft)
     assert {b.model for b in fr.leaderboards(ft_table)} == set(WIDTHS)
     assert {f.model for f in fr.findings(peft, ft_table)} == set(WIDTHS)
     arch_models = {f"hidden {w}, 1 layer" for w in ARCH_WIDTHS}
     for study, field in ARCH_FIELDS.items():
         _check_architecture_records(study, field, results_root)
-        res = common.load_study(study, "two", results_root)
+        res = load_study(study, "two", results_root)
         table = ar.pretraining_table(res)
         assert set(table["model"]) == arch_models
         assert {b.model for b in ar.leaderboards(study, table)} == arch_models
@@ -111,7 +111,7 @@ def test_two_model_grids_run_through_the_book(tmp_path, results_root, monkeypatc
     monkeypatch.setenv("EFFICIENTLLM_BOOK_PROFILE", "two")
     index = build_book(results_root, book, published_root=None)  # the two-model runs only
     # what each chapter's findings section shows, from the report layer
-    studies = {chapter: common.load_study(chapter, "two", results_root) for chapter in ("quantization", *ARCH_FIELDS)}
+    studies = {chapter: load_study(chapter, "two", results_root) for chapter in ("quantization", *ARCH_FIELDS)}
     shown = {"quantization": qr.findings_text(studies["quantization"], qr.quantization_table(studies["quantization"])),
              "peft": fr.findings_text(peft, ft_table),
              **{study: ar.findings_text(studies[study], ar.pretraining_table(studies[study])) for study in ARCH_FIELDS}}

@@ -9,7 +9,11 @@ from pathlib import Path
 import pandas as pd
 
 from ..records import load_records
-from . import common as c
+from .display import methods_legend, show, tradeoff_plots
+from .findings import Finding, common_caveats, decide_claims, findings_markdown, verdict_counts
+from .leaderboard import Leaderboard, against_paper, rank_methods
+from .load import StudyResults
+from .verdicts import Difference, bootstrap_ratio, point_difference, tracked_difference, within_group_spread
 
 AXIS = "architecture_pretraining"
 # the run parameter that names a run within its study (the MoE study's runs differ in several fields: `variant`)
@@ -31,7 +35,7 @@ PRETRAINING_METRICS = {"Perf": "perplexity", "AMU": "AMU_GB", "AL": "AL_s", "TT"
 _DECODE_COLUMN = re.compile(r"^decode_ctx(\d+)_(latency_s|ttft_s|tpot_s|tokens_per_s)$")
 
 
-def _variant_column(res: c.StudyResults, frame: pd.DataFrame) -> pd.Series:
+def _variant_column(res: StudyResults, frame: pd.DataFrame) -> pd.Series:
     field = STUDY_FIELD.get(res.study, "variant")
     column = f"param_{field}"
     return frame[column] if column in frame else frame["label"]
@@ -42,7 +46,7 @@ def decode_contexts(frame: pd.DataFrame) -> list[int]:
     return sorted({int(m.group(1)) for c in frame.columns if (m := _DECODE_COLUMN.match(c))})
 
 
-def pretraining_table(res: c.StudyResults) -> pd.DataFrame:
+def pretraining_table(res: StudyResults) -> pd.DataFrame:
     """One row per run of an architecture study: quality, sizes, analytical costs, training metrics, decoding
     at the longest context. Rows keep the order the runs were made in (the params file's)."""
     df = res.ok.sort_values("started") if len(res.ok) else res.ok
@@ -84,7 +88,7 @@ def pretraining_table(res: c.StudyResults) -> pd.DataFrame:
     return table.reset_index(drop=True)
 
 
-def decode_curves(res: c.StudyResults) -> pd.DataFrame:
+def decode_curves(res: StudyResults) -> pd.DataFrame:
     """Decode timings per run and context length, long form: variant, (size), context, latency_s, ttft_s, ..."""
     df = res.ok.sort_values("started") if len(res.ok) else res.ok
     if df.empty:
@@ -101,7 +105,7 @@ def decode_curves(res: c.StudyResults) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def loss_curves(res: c.StudyResults, smooth: int = 5) -> pd.DataFrame:
+def loss_curves(res: StudyResults, smooth: int = 5) -> pd.DataFrame:
     """Training loss per step of every run (from the records' raw step samples), with a centred rolling mean."""
     frames = []
     for record in sorted((r for r in res.records if r.status == "ok"), key=lambda r: r.started or ""):
@@ -177,14 +181,14 @@ def leaderboard(study: str, table: pd.DataFrame) -> pd.DataFrame:
     columns = [col for col in PRETRAINING_METRICS.values() if col in ours]
     ours = ours.groupby(["model", "variant"], sort=False)[columns].mean().reset_index()
     ours["method"] = ours["variant"].map(names)
-    return c.rank_methods(ours, PRETRAINING_METRICS, {"Perf": False})
+    return rank_methods(ours, PRETRAINING_METRICS, {"Perf": False})
 
 
-def leaderboards(study: str, table: pd.DataFrame) -> list[c.Leaderboard]:
+def leaderboards(study: str, table: pd.DataFrame) -> list[Leaderboard]:
     if table.empty:
         return []
     params = (table.groupby("model", sort=False)["params_M"].median() * 1e6).to_dict()
-    return c.leaderboards(leaderboard(study, table), AXIS, study, params)
+    return against_paper(leaderboard(study, table), AXIS, study, params)
 
 
 # Relative gaps this small are ties: one run on a shared 2-core CPU does not resolve them. These are floors; repeated
@@ -241,7 +245,7 @@ def noise_tolerances(profile: str, root: Path | None = None) -> dict[str, float]
     repeats = repeated_runs(profile, root)
     for column in tolerances:
         if column in repeats:
-            spread = c.within_group_spread(repeats, "group", column)
+            spread = within_group_spread(repeats, "group", column)
             if spread is not None:
                 tolerances[column] = max(tolerances[column], spread)
     return tolerances
@@ -258,34 +262,34 @@ def _timed_steps(record) -> list[dict]:
     return record.raw.get("steps", [])[record.params.get("timing_warmup_steps", 0):]
 
 
-def compare(record_a, record_b, metric: str, tolerance: float) -> c.Difference | None:
+def compare(record_a, record_b, metric: str, tolerance: float) -> Difference | None:
     """The difference of two runs on one metric: step times (AL) and per-step throughput (TT) by a bootstrap
     interval over their timed steps; perplexity and memory by the noise tolerance; estimated energy never."""
     if metric == "AL_s":
         a, b = (_timed_steps(r) for r in (record_a, record_b))
-        return c.bootstrap_ratio([s["seconds"] for s in a], [s["seconds"] for s in b]) if a and b else None
+        return bootstrap_ratio([s["seconds"] for s in a], [s["seconds"] for s in b]) if a and b else None
     if metric == "TT":
         a, b = (_timed_steps(r) for r in (record_a, record_b))
         if not (a and b):
             return None
         per_param = [[s["tokens"] / s["seconds"] / r.metrics["params_total"].value for s in steps]
                      for r, steps in ((record_a, a), (record_b, b))]
-        return c.bootstrap_ratio(*per_param)
+        return bootstrap_ratio(*per_param)
     if metric == "perplexity":
-        return c.point_difference(record_a.quality["perplexity"], record_b.quality["perplexity"], tolerance,
+        return point_difference(record_a.quality["perplexity"], record_b.quality["perplexity"], tolerance,
                                   "noise tolerance (seeds and repeated runs)")
     key = {"AMU_GB": "amu_gb", "AEC_W": "aec_w"}[metric]
-    return c.tracked_difference(record_a.metrics[key], record_b.metrics[key], tolerance)
+    return tracked_difference(record_a.metrics[key], record_b.metrics[key], tolerance)
 
 
-def _records_by(res: c.StudyResults) -> dict[tuple[str, str], object]:
+def _records_by(res: StudyResults) -> dict[tuple[str, str], object]:
     """(model, variant) -> record; repeated runs of one (model, variant): the latest."""
     field = STUDY_FIELD.get(res.study, "variant")
     runs = sorted(res.ok_records, key=lambda r: r.started or "")
     return {(model_key(res.study, r.params), r.params.get(field) or r.label): r for r in runs}
 
 
-def findings(res: c.StudyResults, tolerances: dict[str, float] | None = None) -> list[c.Finding]:
+def findings(res: StudyResults, tolerances: dict[str, float] | None = None) -> list[Finding]:
     """The chapter's claims (``book/paper/claims.csv``) on every model; ``tolerances`` (relative, per column;
     default ``noise_tolerances`` of the profile) are the noise of single values."""
     tol = {**TIE_TOLERANCE, **(tolerances if tolerances is not None else noise_tolerances(res.profile))}
@@ -302,7 +306,7 @@ def findings(res: c.StudyResults, tolerances: dict[str, float] | None = None) ->
             tolerance = 0.0  # decided on intervals from the raw steps
         return compare(runs[model, subject], runs[model, baseline], claim["metric"], tolerance)
 
-    return c.test_claims(res.study, AXIS, variants, run_compare, METRIC_WORDS)
+    return decide_claims(res.study, AXIS, variants, run_compare, METRIC_WORDS)
 
 
 def observations(study: str, table: pd.DataFrame) -> list[str]:
@@ -330,9 +334,9 @@ def observations(study: str, table: pd.DataFrame) -> list[str]:
     return out
 
 
-def caveats(res: c.StudyResults, table: pd.DataFrame, tolerances: dict[str, float]) -> list[str]:
+def caveats(res: StudyResults, table: pd.DataFrame, tolerances: dict[str, float]) -> list[str]:
     params = (table.groupby("model", sort=False)["params_M"].median() * 1e6).to_dict() if len(table) else {}
-    out = c.common_caveats(res, params, 0.5e9)
+    out = common_caveats(res, params, 0.5e9)
     names = {"perplexity": "perplexity", "AMU_GB": "memory (AMU)"}
     shown = ", ".join(f"{names[col]} {100 * t:.0f}%" for col, t in tolerances.items() if col in names)
     out.append(f"Single values per run (perplexity, memory) count as different only beyond their noise: {shown} (the "
@@ -341,20 +345,20 @@ def caveats(res: c.StudyResults, table: pd.DataFrame, tolerances: dict[str, floa
     return out
 
 
-def findings_text(res: c.StudyResults, table: pd.DataFrame, tolerances: dict[str, float] | None = None) -> str:
+def findings_text(res: StudyResults, table: pd.DataFrame, tolerances: dict[str, float] | None = None) -> str:
     if table.empty:
         return "*No results yet.*"
     tol = {**TIE_TOLERANCE, **(tolerances if tolerances is not None else noise_tolerances(res.profile))}
-    return c.findings_markdown(findings(res, tol), observations(res.study, table), caveats(res, table, tol))
+    return findings_markdown(findings(res, tol), observations(res.study, table), caveats(res, table, tol))
 
 
-def summary(res: c.StudyResults, table: pd.DataFrame) -> str:
+def summary(res: StudyResults, table: pd.DataFrame) -> str:
     """The chapter's opening lines: what this run found, per model, from the records."""
     if table.empty:
         return f"*No results yet: run `make reproduce AXIS={res.study}`.*"
     found = findings(res)
     lines = [f"This run pretrained {table['variant'].nunique()} variant(s) on {table['model'].nunique()} model "
-             f"shape(s). The paper's claims: {c.verdict_counts(found)}."]
+             f"shape(s). The paper's claims: {verdict_counts(found)}."]
     for model, group in table.groupby("model", sort=False):
         by = group.groupby("variant", sort=False).mean(numeric_only=True)
         lines.append(f"- **{model}** ({by['params_M'].median():.2f}M parameters): the lowest perplexity is "
@@ -390,12 +394,12 @@ def show_tables(table: pd.DataFrame) -> None:
 
     drop = {"model"} if len(table) and table["model"].nunique() == 1 else set()
     for columns in (QUALITY_COLUMNS, TRAINING_COLUMNS, DECODE_COLUMNS):
-        display(c.show(table, {k: v for k, v in columns.items() if k not in drop},
+        display(show(table, {k: v for k, v in columns.items() if k not in drop},
                        {"decode_context": "{:.0f}", "KV_bytes_per_token": "{:,.0f}", "KV_measured": "{:,.0f}"}))
 
 
-def legend(res: c.StudyResults):
-    return c.show(c.methods_legend(res, {**LEGEND, **{f"decode_ctx{ctx}_latency_s": "decode"
+def legend(res: StudyResults):
+    return show(methods_legend(res, {**LEGEND, **{f"decode_ctx{ctx}_latency_s": "decode"
                                                       for ctx in decode_contexts(res.ok)[-1:]}}),
                   {"metric": "metric", "how obtained": "how obtained"})
 
@@ -405,24 +409,24 @@ def show_repeats(profile: str):
     if repeats.empty:
         from IPython.display import Markdown
         return Markdown("*No repeated runs on this profile.*")
-    return c.show(repeats, REPEAT_COLUMNS)
+    return show(repeats, REPEAT_COLUMNS)
 
 
 def perplexity_plots(table: pd.DataFrame, costs: dict[str, str]):
     """Perplexity against each cost (``costs``: column -> axis label with its unit)."""
-    return c.tradeoff_plots(table, "perplexity", costs, hue="variant", higher_is_better=False,
+    return tradeoff_plots(table, "perplexity", costs, hue="variant", higher_is_better=False,
                             quality_label="held-out perplexity", style="model")
 
 
 # --- against the machine's limits (reports/roofline.py) -----------------------------------------
 
-def run_label(res: c.StudyResults):
+def run_label(res: StudyResults):
     """A run's name in the roofline section: the value of the study's swapped field."""
     field = {**STUDY_FIELD, "attention_free": "architecture"}.get(res.study, "variant")
     return lambda r: str(r.params.get(field) or r.label)
 
 
-def show_roofline(res: c.StudyResults) -> None:
+def show_roofline(res: StudyResults) -> None:
     """Training MFU, and the longest context's prefill MFU and decode MBU, per run (``reports.roofline``)."""
     from . import roofline as rl
 

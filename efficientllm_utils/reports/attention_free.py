@@ -8,9 +8,10 @@ import re
 import pandas as pd
 
 from . import architecture as ar
-from . import common as c
+from .display import show
+from .findings import findings_markdown
+from .load import StudyResults
 
-STUDY = "attention_free"
 BASELINE = "transformer"
 PARAMS_TOLERANCE = 0.05  # each attention-free model is sized to the transformer's parameter count within +-5%
 _STATE_COLUMN = re.compile(r"^state_ctx(\d+)_bytes$")
@@ -21,7 +22,7 @@ def state_contexts(frame: pd.DataFrame) -> list[int]:
     return sorted({int(m.group(1)) for col in frame.columns if (m := _STATE_COLUMN.match(col))})
 
 
-def state_curves(res: c.StudyResults) -> pd.DataFrame:
+def state_curves(res: StudyResults) -> pd.DataFrame:
     """Per run and context: the cache or state bytes of one sequence (formula and measured) and the decode timings,
     long form: model, variant, context, analytical_bytes, measured_bytes, latency_s, tpot_s, ..."""
     df = res.ok.sort_values("started") if len(res.ok) else res.ok
@@ -125,7 +126,7 @@ def observations(table: pd.DataFrame, curves: pd.DataFrame) -> list[str]:
     return out
 
 
-def summary(res: c.StudyResults, table: pd.DataFrame, curves: pd.DataFrame) -> str:
+def summary(res: StudyResults, table: pd.DataFrame, curves: pd.DataFrame) -> str:
     """The chapter's opening lines, from the records."""
     if table.empty:
         return f"*No results yet: run `make reproduce AXIS={res.study}`.*"
@@ -138,12 +139,12 @@ def summary(res: c.StudyResults, table: pd.DataFrame, curves: pd.DataFrame) -> s
     return "\n".join(lines)
 
 
-def findings_text(res: c.StudyResults, table: pd.DataFrame, curves: pd.DataFrame) -> str:
+def findings_text(res: StudyResults, table: pd.DataFrame, curves: pd.DataFrame) -> str:
     if table.empty:
         return "*No results yet.*"
     # this study repeats no run: the noise is the architecture studies' (floors, raised by their repeated runs)
     tol = {**ar.TIE_TOLERANCE, **ar.noise_tolerances(res.profile)}
-    return c.findings_markdown(ar.findings(res, tol), observations(table, curves), ar.caveats(res, table, tol))
+    return findings_markdown(ar.findings(res, tol), observations(table, curves), ar.caveats(res, table, tol))
 
 
 PARAMS_COLUMNS = {"model": "model", "variant": "model kind", "params": "parameters (counted)",
@@ -154,16 +155,16 @@ PARAMS_COLUMNS = {"model": "model", "variant": "model kind", "params": "paramete
 def show_params(table: pd.DataFrame):
     frame = params_table(table)
     drop = {"model"} if len(frame) and frame["model"].nunique() == 1 else set()
-    return c.show(frame, {k: v for k, v in PARAMS_COLUMNS.items() if k not in drop},
+    return show(frame, {k: v for k, v in PARAMS_COLUMNS.items() if k not in drop},
                   {"params": "{:,.0f}", "transformer_params": "{:,.0f}", "difference_pct": "{:+.1f}"})
 
 
 def show_state(curves: pd.DataFrame):
     frame = state_table(curves)
     if frame.empty:
-        return c.show(frame, {})
+        return show(frame, {})
     drop = {"model"} if frame["model"].nunique() == 1 else set()
     columns = {col: (f"{col[3:]} tokens (bytes)" if col.startswith("ctx") else
                      {"model": "model", "variant": "model kind", "equals_formula": "measured = formula"}[col])
                for col in frame.columns if col not in drop}
-    return c.show(frame, columns, {h: "{:,.0f}" for h in columns if h.startswith("ctx")})
+    return show(frame, columns, {h: "{:,.0f}" for h in columns if h.startswith("ctx")})

@@ -7,11 +7,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..records import RESULTS_DIR, run_dir
-from . import common as c
-from .common import StudyResults, load_study
+from ..records import GRID_FILE, RESULTS_DIR, run_dir
+from . import display
+from .findings import Finding, decide_claims, findings_markdown
+from .load import StudyResults, load_study
+from .paper import published_figures
+from .verdicts import Difference, bootstrap_ratio, point_difference, tracked_difference
 
-PAPER_CSV = Path(__file__).resolve().parents[2] / "book" / "paper" / "published_figures.csv"
 AXIS = "vision"  # the axis of the paper's DiT tables in published_figures.csv
 METRIC_WORDS = {"FD": "FD (EfficientNet-Lite0)", "AL_s": "the training step time (AL)", "AMU_GB": "AMU"}
 PAPER_TABLES = {"dit_attention": 10, "dit_moe": 11}
@@ -25,7 +27,7 @@ COLUMNS = {  # our column <- record column
     "peak_GB": "peak_memory_gb", "AEC_W": "aec_w", "energy_J": "energy_j",
     "sample_s_per_image": "sample_latency_s_per_image",
 }
-# what the pages show: table column -> header with its unit (``common.show``: no index, readable numbers)
+# what the pages show: table column -> header with its unit (``display.show``: no index, readable numbers)
 HEADERS = {
     "variant": "variant", "params_M": "parameters (M)", "active_params_M": "active parameters (M)",
     "GFLOP_per_step": "training (GFLOP/step)", "FD": "FD", "FD_untrained": "FD untrained",
@@ -41,11 +43,9 @@ HEADERS = {
 
 def show(table: pd.DataFrame, columns: list[str]):
     """``table``'s ``columns`` as a page shows them, with ``HEADERS``."""
-    return c.show(table, {k: HEADERS.get(k, k) for k in columns})
+    return display.show(table, {k: HEADERS.get(k, k) for k in columns})
 
 
-LOWER_IS_BETTER = {"FD": True, "AL_s": True, "AMU_GB": True, "AEC_W": True, "TT": False,
-                   "sample_s_per_image": True}
 MIN_COST_TOLERANCE = 0.02  # cost gaps under 2% are ties even when the repeated run agrees more closely
 
 
@@ -74,8 +74,6 @@ def dit_table(res: StudyResults) -> pd.DataFrame:
 
 def sample_grids(res: StudyResults, root: Path | None = None) -> list[tuple[str, Path]]:
     """(variant, path of its samples.png) for every successful run that saved a grid."""
-    from ..studies.dit import GRID_FILE  # a constant; the module's torch imports are already paid by then
-
     table = dit_table(res)
     out = []
     for variant, run_id in zip(table.get("variant", []), table.get("run_id", []), strict=False):
@@ -87,7 +85,7 @@ def sample_grids(res: StudyResults, root: Path | None = None) -> list[tuple[str,
 
 def paper_figures(study: str) -> pd.DataFrame:
     """The paper's Table 10 (attention) or 11 (MoE) figures that our sources hold (second-hand summaries)."""
-    figures = pd.read_csv(PAPER_CSV)
+    figures = published_figures()
     rows = figures[(figures["axis"] == "vision") & (figures["table"] == PAPER_TABLES[study])]
     return rows[["model", "method", "metric", "value", "unit", "source", "confidence"]].reset_index(drop=True)
 
@@ -200,8 +198,8 @@ def _timed_seconds(record) -> list[float]:
     return [s["seconds"] for s in record.raw.get("steps", [])[record.params.get("timing_warmup_steps", 0):]]
 
 
-def compare(record_a, record_b, metric: str, tolerance: float) -> c.Difference | None:
-    """The difference of two runs on one metric by ``reports.common``'s rules: FD as a single value whose noise is
+def compare(record_a, record_b, metric: str, tolerance: float) -> Difference | None:
+    """The difference of two runs on one metric by ``reports.verdicts``' rules: FD as a single value whose noise is
     the noise floor (an absolute FD, made relative to the baseline's); AL by a bootstrap interval over the timed
     steps, widened by ``tolerance``; AMU by the tracker's values within ``tolerance``. ``tolerance`` is the metric's
     run-to-run spread, from the MHA DiT that both studies train with identical settings (``cost_tolerances``)."""
@@ -210,22 +208,22 @@ def compare(record_a, record_b, metric: str, tolerance: float) -> c.Difference |
                              record_b.quality.get("fd_noise_floor"))
         if None in (fd_a, fd_b, floor) or not fd_b:
             return None
-        return c.point_difference(fd_a, fd_b, floor / fd_b, f"the noise floor, FD {floor:.1f}")
+        return point_difference(fd_a, fd_b, floor / fd_b, f"the noise floor, FD {floor:.1f}")
     if metric == "AL_s":
         a, b = _timed_seconds(record_a), _timed_seconds(record_b)
         if not (a and b):
             return None
         # the steps of one run vary less than two runs do on a shared machine: widen by the measured spread
-        diff = c.bootstrap_ratio(a, b)
-        return c.Difference(diff.estimate, diff.low - tolerance, diff.high + tolerance,
+        diff = bootstrap_ratio(a, b)
+        return Difference(diff.estimate, diff.low - tolerance, diff.high + tolerance,
                             f"{diff.how}, widened by the run-to-run spread +-{100 * tolerance:.1f}%")
     key = {"AMU_GB": "amu_gb"}[metric]
     if key not in record_a.metrics or key not in record_b.metrics:
         return None
-    return c.tracked_difference(record_a.metrics[key], record_b.metrics[key], tolerance)
+    return tracked_difference(record_a.metrics[key], record_b.metrics[key], tolerance)
 
 
-def claim_findings(res: StudyResults, tolerances: dict[str, float] | None = None) -> list[c.Finding]:
+def claim_findings(res: StudyResults, tolerances: dict[str, float] | None = None) -> list[Finding]:
     """The paper's DiT claims (``book/paper/claims.csv``, chapter = the study) tested on the runs' records."""
     tol = tolerances or {}
     runs = {(r.params.get("variant") or r.params.get("attention")): r
@@ -234,7 +232,7 @@ def claim_findings(res: StudyResults, tolerances: dict[str, float] | None = None
     def run_compare(claim, model, subject, baseline):
         return compare(runs[subject], runs[baseline], claim["metric"], tol.get(claim["metric"], MIN_COST_TOLERANCE))
 
-    return c.test_claims(res.study, AXIS, {"": list(runs)}, run_compare, METRIC_WORDS)
+    return decide_claims(res.study, AXIS, {"": list(runs)}, run_compare, METRIC_WORDS)
 
 
 def learned_lines(table: pd.DataFrame) -> list[str]:
@@ -259,9 +257,9 @@ def learned_lines(table: pd.DataFrame) -> list[str]:
 
 def findings(res: StudyResults, table: pd.DataFrame, tolerances: dict[str, float] | None = None) -> str:
     """Markdown: whether every variant learned, then each of the paper's claims with the numbers behind it and its
-    verdict (``agrees``, ``disagrees``, ``inconclusive``, by ``reports.common``'s rules)."""
+    verdict (``agrees``, ``disagrees``, ``inconclusive``, by ``reports.verdicts``' rules)."""
     if not len(table):
         return "*No results yet.*"
     found = claim_findings(res, tolerances)
-    claims_text = c.findings_markdown(found) if found else "*The runs the paper's claims need are not here.*"
+    claims_text = findings_markdown(found) if found else "*The runs the paper's claims need are not here.*"
     return "\n".join(learned_lines(table)) + "\n\n**The paper's claims**\n\n" + claims_text

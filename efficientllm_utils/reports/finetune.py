@@ -8,7 +8,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from . import common as c
+from .display import methods_legend, model_label, show
+from .findings import Finding, common_caveats, decide_claims, findings_markdown, verdict_counts
+from .leaderboard import Leaderboard, against_paper, rank_methods
+from .load import StudyResults
+from .paper import paper_ranks, size_group
+from .verdicts import CONFIDENCE, INCONCLUSIVE, Difference, bootstrap_ratio, decide, paired_accuracy, point_difference
 
 AXIS, GROUP = "fine_tuning", "peft"
 
@@ -35,7 +40,7 @@ def results_table(res):
         return df[f"quality_{name}"].to_numpy() if f"quality_{name}" in df else np.full(len(df), np.nan)
 
     return pd.DataFrame({
-        "model": df["param_model"].map(c.model_label).to_numpy(),
+        "model": df["param_model"].map(model_label).to_numpy(),
         "method": df["param_method"].to_numpy(),
         "label": df["label"].to_numpy(),
         "lr": df["param_lr"].to_numpy(), "rank": df["param_rank"].to_numpy(), "alpha": df["param_alpha"].to_numpy(),
@@ -66,7 +71,7 @@ def results_table(res):
 
 def loss_curves(res):
     """Training loss per step of every run, long form (method, step, loss), from the records' raw steps."""
-    frames = [pd.DataFrame(r.raw["steps"]).assign(method=r.params["method"], model=c.model_label(r.params["model"]))
+    frames = [pd.DataFrame(r.raw["steps"]).assign(method=r.params["method"], model=model_label(r.params["model"]))
               [["model", "method", "step", "loss", "seconds"]]
               for r in res.records if r.status == "ok" and r.raw.get("steps")]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
@@ -92,7 +97,7 @@ def leaderboard(table):
     """Our per-metric ranks (1 = best), per model, of the methods the paper's leaderboard has."""
     ours = table[table["method"].isin(PAPER_METHOD_NAMES)].copy()
     ours["method"] = ours["method"].map(PAPER_METHOD_NAMES)
-    return c.rank_methods(ours, LEADERBOARD_METRICS, {"Perf": False})
+    return rank_methods(ours, LEADERBOARD_METRICS, {"Perf": False})
 
 
 def parameter_counts(table) -> dict[str, float]:
@@ -100,8 +105,8 @@ def parameter_counts(table) -> dict[str, float]:
     return table.groupby("model", sort=False)["total_params"].median().to_dict() if len(table) else {}
 
 
-def leaderboards(table) -> list[c.Leaderboard]:
-    return c.leaderboards(leaderboard(table), AXIS, GROUP, parameter_counts(table)) if len(table) else []
+def leaderboards(table) -> list[Leaderboard]:
+    return against_paper(leaderboard(table), AXIS, GROUP, parameter_counts(table)) if len(table) else []
 
 
 def data_order_line(table) -> str:
@@ -128,27 +133,27 @@ def data_order_line(table) -> str:
 
 
 def _records_by(res) -> dict[tuple[str, str], object]:
-    return {(c.model_label(r.params["model"]), r.params["method"]): r for r in res.ok_records}
+    return {(model_label(r.params["model"]), r.params["method"]): r for r in res.ok_records}
 
 
 def _timed_seconds(record) -> list[float]:
     return [s["seconds"] for s in record.raw.get("steps", [])[record.params.get("timing_warmup_steps", 0):]]
 
 
-def compare(record_a, record_b, metric: str, tolerance: float) -> c.Difference | None:
+def compare(record_a, record_b, metric: str, tolerance: float) -> Difference | None:
     """Step times by a bootstrap interval over the timed steps; the final loss (a mean over the last steps, on the
     same sequences for every method) by a relative tolerance."""
     if metric == "AL_s":
         a, b = _timed_seconds(record_a), _timed_seconds(record_b)
-        return c.bootstrap_ratio(a, b) if a and b else None
+        return bootstrap_ratio(a, b) if a and b else None
     if metric == "final_loss":
-        return c.point_difference(record_a.quality["final_loss"], record_b.quality["final_loss"], tolerance,
+        return point_difference(record_a.quality["final_loss"], record_b.quality["final_loss"], tolerance,
                                   f"tolerance over the mean of the last {record_a.quality.get('final_loss_steps')} "
                                   "steps")
     raise ValueError(f"no comparison rule for {metric!r}")
 
 
-def findings(res, table) -> list[c.Finding]:
+def findings(res, table) -> list[Finding]:
     """The chapter's claims (``book/paper/claims.csv``) on every base model. A claim whose direction is ``ranks``
     expects what the paper's leaderboard of the model's size group shows."""
     runs = _records_by(res)
@@ -158,8 +163,8 @@ def findings(res, table) -> list[c.Finding]:
     counts = parameter_counts(table)
 
     def expected(claim, model):
-        group, why = c.size_group(AXIS, GROUP, counts.get(model))
-        ranks = c.paper_ranks(AXIS, GROUP, group)
+        group, why = size_group(AXIS, GROUP, counts.get(model))
+        ranks = paper_ranks(AXIS, GROUP, group)
         perf = ranks[ranks["metric"] == "Perf"].set_index("method")["paper_rank"]
         subject, baseline = PAPER_METHOD_NAMES[claim["subject"]], PAPER_METHOD_NAMES[claim["baseline"]]
         if subject not in perf or baseline not in perf or perf[subject] == perf[baseline]:
@@ -171,7 +176,7 @@ def findings(res, table) -> list[c.Finding]:
     def run_compare(claim, model, subject, baseline):
         return compare(runs[model, subject], runs[model, baseline], claim["metric"], float(claim["tolerance"] or 0))
 
-    return c.test_claims("peft", AXIS, variants, run_compare, METRIC_WORDS, expected=expected)
+    return decide_claims("peft", AXIS, variants, run_compare, METRIC_WORDS, expected=expected)
 
 
 def accuracy_changes(res) -> pd.DataFrame:
@@ -181,10 +186,10 @@ def accuracy_changes(res) -> pd.DataFrame:
         before, after = r.quality.get("correct_before"), r.quality.get("correct_after")
         if not before or not after or len(before) != len(after):
             continue
-        diff = c.paired_accuracy(after, before)
+        diff = paired_accuracy(after, before)
         rows.append({"model": model, "method": method, "before": sum(before) / len(before),
                      "after": sum(after) / len(after), "items": len(after), "low": diff.low, "high": diff.high,
-                     "changed": c.decide(diff, "higher") != c.INCONCLUSIVE})
+                     "changed": decide(diff, "higher") != INCONCLUSIVE})
     return pd.DataFrame(rows)
 
 
@@ -198,7 +203,7 @@ def observations(res, table) -> list[str]:
         out.append(
             f"{prefix}held-out accuracy on {int(group['items'].iloc[0])} items never trained on: before "
             f"{group['before'].median():.2f} (median), after {group['after'].min():.2f}-{group['after'].max():.2f}; "
-            f"{len(changed)} of {len(group)} methods changed it beyond the paired {100 * c.CONFIDENCE:.0f}% "
+            f"{len(changed)} of {len(group)} methods changed it beyond the paired {100 * CONFIDENCE:.0f}% "
             "interval" + (f" ({', '.join(changed['method'])})" if len(changed) else "") + ".")
     for model, group in table.groupby("model", sort=False):
         prefix = f"{model}: " if table["model"].nunique() > 1 else ""
@@ -211,13 +216,13 @@ def observations(res, table) -> list[str]:
 
 def caveats(res, table) -> list[str]:
     items = int(table["n_heldout"].min()) if len(table) else None
-    return c.common_caveats(res, parameter_counts(table), 1e9, 200, items)
+    return common_caveats(res, parameter_counts(table), 1e9, 200, items)
 
 
 def findings_text(res, table) -> str:
     if table.empty:
         return "*No results yet.*"
-    return c.findings_markdown(findings(res, table), observations(res, table), caveats(res, table))
+    return findings_markdown(findings(res, table), observations(res, table), caveats(res, table))
 
 
 def summary(res, table) -> str:
@@ -226,7 +231,7 @@ def summary(res, table) -> str:
         return "*No results yet: run `make reproduce AXIS=peft`.*"
     found = findings(res, table)
     lines = [f"This run fine-tuned {table['model'].nunique()} base model(s) with {table['method'].nunique()} "
-             f"method(s). The paper's claims: {c.verdict_counts(found)}."]
+             f"method(s). The paper's claims: {verdict_counts(found)}."]
     for model, g in table.groupby("model", sort=False):
         lines.append(f"- **{model}**: the lowest final loss is {g.loc[g['final_loss'].idxmin(), 'method']}'s "
                      f"({g['final_loss'].min():.3f}), the fastest step {g.loc[g['AL_s'].idxmin(), 'method']}'s "
@@ -264,16 +269,16 @@ def show_tables(table) -> None:
     for columns in (QUALITY_COLUMNS, COST_COLUMNS, SIZE_COLUMNS):
         if len(table) and table["model"].nunique() == 1:
             columns = {k: v for k, v in columns.items() if k != "model"}
-        display(c.show(table, columns, FORMATS))
+        display(show(table, columns, FORMATS))
 
 
 def legend(res):
-    return c.show(c.methods_legend(res, LEGEND), {"metric": "metric", "how obtained": "how obtained"})
+    return show(methods_legend(res, LEGEND), {"metric": "metric", "how obtained": "how obtained"})
 
 
 # --- against the machine's limits (reports/roofline.py) -----------------------------------------
 
-def show_roofline(res: c.StudyResults) -> None:
+def show_roofline(res: StudyResults) -> None:
     """Training-step MFU and MBU per method, the roofline plot, the cost model's memory against AMU."""
     from . import roofline as rl
 

@@ -9,8 +9,9 @@ import pandas as pd
 
 from .. import precisions
 from ..records import RESULTS_DIR, run_dir
-from . import common as c
-from .common import StudyResults
+from .findings import Finding, common_caveats, decide_claims, findings_markdown
+from .load import StudyResults
+from .verdicts import Difference, bootstrap_ratio, paired_ratio, point_difference, tracked_difference
 
 FAMILY = {"sd3": "SD3.5 (text-to-image)", "wan": "Wan 2.1 (text-to-video)"}
 PRECISION_ORDER = precisions.names("lvm")
@@ -116,7 +117,7 @@ def tradeoff_plot(table: pd.DataFrame, x: str, y: str, hue: str, xlabel: str, yl
 
 
 # --- findings -------------------------------------------------------------------------------------------------
-# The claims are rows of book/paper/claims.csv (chapter = the study), decided by reports.common's rules:
+# The claims are rows of book/paper/claims.csv (chapter = the study), decided by reports.verdicts' rules:
 # per-item values of two runs on the same items (held-out losses under the same times and noise, per-image PSNR and
 # SSIM against one reference) by a paired bootstrap over items; step times by a bootstrap over the timed steps;
 # counted bytes and parameters exactly.
@@ -145,17 +146,17 @@ def _runs(res: StudyResults, key: str) -> dict[str, dict[str, object]]:
     return out
 
 
-def _paired(a, b) -> c.Difference | None:
-    return c.paired_ratio(a, b) if a and b and len(a) == len(b) else None
+def _paired(a, b) -> Difference | None:
+    return paired_ratio(a, b) if a and b and len(a) == len(b) else None
 
 
-def _exact(subject, baseline, what: str) -> c.Difference | None:
+def _exact(subject, baseline, what: str) -> Difference | None:
     if subject is None or baseline is None or subject.value is None or baseline.value is None:
         return None
-    return c.point_difference(subject.value, baseline.value, 0.0, what)
+    return point_difference(subject.value, baseline.value, 0.0, what)
 
 
-def quant_findings(res: StudyResults) -> list[c.Finding]:
+def quant_findings(res: StudyResults) -> list[Finding]:
     """The quantization claims (``claims.csv``, chapter ``lvm_quantization``) on each model's runs, and the base's
     pretraining (pretrained against untrained, from the per-item held-out losses the records carry)."""
     runs = _runs(res, "precision")
@@ -175,17 +176,17 @@ def quant_findings(res: StudyResults) -> list[c.Finding]:
         if metric in PER_FRAME:
             return _paired(a.raw.get(PER_FRAME[metric]), b.raw.get(PER_FRAME[metric]))
         if metric == "step_latency_s":
-            return c.bootstrap_ratio(a.raw.get("step_seconds", []), b.raw.get("step_seconds", []))
+            return bootstrap_ratio(a.raw.get("step_seconds", []), b.raw.get("step_seconds", []))
         return None
 
     def resolve(label, name):
         return references[models[label]] if name == "reference" else precisions.resolve_claim_name(name)
 
-    return c.test_claims("lvm_quantization", "inference", variants, compare, METRIC_WORDS, resolve=resolve,
+    return decide_claims("lvm_quantization", "inference", variants, compare, METRIC_WORDS, resolve=resolve,
                          margin=lambda claim: float(claim["tolerance"]))
 
 
-def finetune_findings(res: StudyResults) -> list[c.Finding]:
+def finetune_findings(res: StudyResults) -> list[Finding]:
     """The fine-tuning claims (``claims.csv``, chapter ``lvm_finetune``) on each model's runs: every method's held-out
     loss against the base's on the same items, and the costs of the methods against full fine-tuning."""
     runs = _runs(res, "method")
@@ -202,15 +203,15 @@ def finetune_findings(res: StudyResults) -> list[c.Finding]:
         if metric == "trainable_params":
             return _exact(a.metrics.get("trainable_params"), b.metrics.get("trainable_params"), "counted, exact")
         if metric == "AMU_GB":
-            return c.tracked_difference(a.metrics.get("amu_gb"), b.metrics.get("amu_gb"), AMU_TOLERANCE) \
+            return tracked_difference(a.metrics.get("amu_gb"), b.metrics.get("amu_gb"), AMU_TOLERANCE) \
                 if "amu_gb" in a.metrics and "amu_gb" in b.metrics else None
         if metric == "AL_s":
             def timed(r):
                 return [x["seconds"] for x in r.raw.get("steps", [])[r.params.get("timing_warmup_steps", 0):]]
-            return c.bootstrap_ratio(timed(a), timed(b))
+            return bootstrap_ratio(timed(a), timed(b))
         return None
 
-    return c.test_claims("lvm_finetune", "vision", variants, compare, METRIC_WORDS)
+    return decide_claims("lvm_finetune", "vision", variants, compare, METRIC_WORDS)
 
 
 def observations(qt: pd.DataFrame, ft: pd.DataFrame) -> list[str]:
@@ -231,5 +232,5 @@ def findings_text(quant: StudyResults, finetune: StudyResults, qt: pd.DataFrame,
     found = (quant_findings(quant) if len(qt) else []) + (finetune_findings(finetune) if len(ft) else [])
     if not found and qt.empty and ft.empty:
         return "*No results yet.*"
-    caveats = c.common_caveats(quant if len(qt) else finetune, {}, 0.0)
-    return c.findings_markdown(found, observations(qt, ft), caveats)
+    caveats = common_caveats(quant if len(qt) else finetune, {}, 0.0)
+    return findings_markdown(found, observations(qt, ft), caveats)

@@ -5,7 +5,12 @@ import numpy as np
 import pandas as pd
 
 from .. import precisions
-from . import common as c
+from .display import methods_legend, model_label, show
+from .findings import Finding, common_caveats, decide_claims, findings_markdown, verdict_counts
+from .leaderboard import Leaderboard, against_paper, rank_methods
+from .load import StudyResults
+from .paper import paper_figures
+from .verdicts import Difference, bootstrap_ratio, paired_accuracy, point_difference, tracked_difference
 
 AXIS, GROUP = "inference", "quantization"
 # The paper's leaderboard methods (its Table 9) and the precision each is compared through: the first registered that
@@ -30,7 +35,7 @@ SPEED_COLUMNS = {"model": "model", "precision": "precision", "AL_s": "AL (s/requ
                  "AEC_W": "AEC (W)", "J_per_token": "energy (J/token)"}
 
 
-def quantization_table(res: c.StudyResults) -> pd.DataFrame:
+def quantization_table(res: StudyResults) -> pd.DataFrame:
     """One row per (model, precision): quality, counted size, MCR against the model's reference precision, costs."""
     df = res.ok
     if df.empty:
@@ -41,7 +46,7 @@ def quantization_table(res: c.StudyResults) -> pd.DataFrame:
         ref = group[group["param_precision"] == ref_name]
         for _, r in group.iterrows():
             row = {
-                "model": c.model_label(source), "source": source, "precision": r["param_precision"],
+                "model": model_label(source), "source": source, "precision": r["param_precision"],
                 # NaN for a model whose random weights (a paper shape) give efficiency figures only
                 "accuracy": r.get("quality_mean_accuracy", np.nan), "perplexity": r.get("quality_perplexity", np.nan),
                 "kl": r.get("quality_kl_to_reference"), "top1": r.get("quality_top1_agreement"),
@@ -80,17 +85,17 @@ def leaderboard(table: pd.DataFrame) -> pd.DataFrame:
     """Our per-metric ranks, per model, of the precisions the paper compared (paper names)."""
     ours = table[table["precision"].isin(PAPER_PRECISION_NAMES)].copy()
     ours["method"] = ours["precision"].map(PAPER_PRECISION_NAMES)
-    return c.rank_methods(ours, LEADERBOARD_METRICS)
+    return rank_methods(ours, LEADERBOARD_METRICS)
 
 
-def leaderboards(table: pd.DataFrame) -> list[c.Leaderboard]:
-    return c.leaderboards(leaderboard(table), AXIS, GROUP, parameter_counts(table)) if len(table) else []
+def leaderboards(table: pd.DataFrame) -> list[Leaderboard]:
+    return against_paper(leaderboard(table), AXIS, GROUP, parameter_counts(table)) if len(table) else []
 
 
 # --- findings -----------------------------------------------------------------------------------
 
-def _records_by(res: c.StudyResults) -> dict[tuple[str, str], object]:
-    return {(c.model_label(r.params["model"]), r.params["precision"]): r for r in res.ok_records}
+def _records_by(res: StudyResults) -> dict[tuple[str, str], object]:
+    return {(model_label(r.params["model"]), r.params["precision"]): r for r in res.ok_records}
 
 
 def _correct(record) -> list[int] | None:
@@ -111,19 +116,19 @@ def _tokens_per_s(record) -> list[float]:
     return [tokens / s for s in _latencies(record)]
 
 
-def compare(metric: str, subject, baseline, tolerance: float) -> c.Difference | None:
-    """The difference of two runs on a claim's metric, by the rule that suits it (see ``common``)."""
+def compare(metric: str, subject, baseline, tolerance: float) -> Difference | None:
+    """The difference of two runs on a claim's metric, by the rule that suits it (see ``verdicts``)."""
     if metric == "accuracy":
         a, b = _correct(subject), _correct(baseline)
-        return c.paired_accuracy(a, b) if a is not None and b is not None and len(a) == len(b) else None
+        return paired_accuracy(a, b) if a is not None and b is not None and len(a) == len(b) else None
     if metric == "model_bytes":  # counted: exact, no noise
-        return c.point_difference(subject.metrics["model_bytes"].value, baseline.metrics["model_bytes"].value, 0.0,
+        return point_difference(subject.metrics["model_bytes"].value, baseline.metrics["model_bytes"].value, 0.0,
                                   "counted bytes, exact")
     if metric == "it_tokens_per_s":
-        return c.bootstrap_ratio(_tokens_per_s(subject), _tokens_per_s(baseline))
+        return bootstrap_ratio(_tokens_per_s(subject), _tokens_per_s(baseline))
     if metric == "al_s":
-        return c.bootstrap_ratio(_latencies(subject), _latencies(baseline))
-    return c.tracked_difference(subject.metrics[metric], baseline.metrics[metric], tolerance)
+        return bootstrap_ratio(_latencies(subject), _latencies(baseline))
+    return tracked_difference(subject.metrics[metric], baseline.metrics[metric], tolerance)
 
 
 METRIC_WORDS = {"accuracy": "accuracy", "model_bytes": "counted model size", "it_tokens_per_s": "throughput (IT)",
@@ -136,13 +141,13 @@ def _paper_margin(claim) -> float:
     if claim["tolerance"] != "paper":
         return float(claim["tolerance"] or 0)
     by_model: dict[str, dict[str, float]] = {}
-    for f in c.paper_figures(claim["paper_figures"], AXIS):
+    for f in paper_figures(claim["paper_figures"], AXIS):
         by_model.setdefault(f["model"], {})[f["method"]] = f["value"]
     drops = [1 - v["int4"] / v["bfloat16"] for v in by_model.values() if {"int4", "bfloat16"} <= set(v)]
     return max(drops) if drops else 0.0
 
 
-def findings(res: c.StudyResults) -> list[c.Finding]:
+def findings(res: StudyResults) -> list[Finding]:
     """Every claim of ``book/paper/claims.csv`` for this chapter, tested on every model that has the runs."""
     runs = _records_by(res)
     variants: dict[str, list[str]] = {}
@@ -153,19 +158,19 @@ def findings(res: c.StudyResults) -> list[c.Finding]:
     def run_compare(claim, model, subject, baseline):
         return compare(claim["metric"], runs[model, subject], runs[model, baseline], _paper_margin(claim))
 
-    return c.test_claims("quantization", AXIS, variants, run_compare, METRIC_WORDS,
-                         resolve=lambda model, name: (references[model] if name == "reference"
-                                                      else precisions.resolve_claim_name(name)),
-                         margin=_paper_margin)
+    return decide_claims("quantization", AXIS, variants, run_compare, METRIC_WORDS,
+                          resolve=lambda model, name: (references[model] if name == "reference"
+                                                       else precisions.resolve_claim_name(name)),
+                          margin=_paper_margin)
 
 
-def caveats(res: c.StudyResults, table: pd.DataFrame) -> list[str]:
+def caveats(res: StudyResults, table: pd.DataFrame) -> list[str]:
     counts = parameter_counts(table) if len(table) else {}
     # scored items per run: the per-item record, else n_per_task x tasks (None: every item of every task)
     sizes = [len(_correct(r) or []) or (r.params["n_per_task"] or 10 ** 9) * len(r.params["tasks"])
              for r in res.ok_records]
     items = min(sizes) if sizes else None
-    out = c.common_caveats(res, counts, 1.5e9, MIN_ITEMS, items)
+    out = common_caveats(res, counts, 1.5e9, MIN_ITEMS, items)
     gguf = sorted({m for m in res.ok.get("param_model", pd.Series(dtype=str)) if _ships_as_gguf(m)})
     if gguf:
         out.append(f"{', '.join(gguf)} ships as 4-bit GGUF weights dequantised on load: its reference precision "
@@ -179,19 +184,19 @@ def _ships_as_gguf(model: str) -> bool:
     return model in OFFLINE_MODELS
 
 
-def findings_text(res: c.StudyResults, table: pd.DataFrame) -> str:
+def findings_text(res: StudyResults, table: pd.DataFrame) -> str:
     if table.empty:
         return "*No results yet.*"
-    return c.findings_markdown(findings(res), caveats=caveats(res, table))
+    return findings_markdown(findings(res), caveats=caveats(res, table))
 
 
-def summary(res: c.StudyResults, table: pd.DataFrame) -> str:
+def summary(res: StudyResults, table: pd.DataFrame) -> str:
     """The chapter's opening lines: what this run found, per model, from the records."""
     if table.empty:
         return "*No results yet: run `make reproduce AXIS=quantization`.*"
     found = findings(res)
     lines = [f"This run measured {table['model'].nunique()} model(s) at {table['precision'].nunique()} precision(s) "
-             f"({', '.join(dict.fromkeys(table['precision']))}). The paper's claims: {c.verdict_counts(found)}."]
+             f"({', '.join(dict.fromkeys(table['precision']))}). The paper's claims: {verdict_counts(found)}."]
     records = _records_by(res)
     for model, group in table.groupby("model", sort=False):
         g = group.dropna(subset=["compression"])
@@ -224,8 +229,8 @@ def _without_single_model(table: pd.DataFrame, columns: dict[str, str]) -> dict[
 def show_tables(table: pd.DataFrame):
     """Quality per (model, precision); the fidelity columns only where the records have them."""
     if table.empty:
-        return c.show(table, {})
-    return c.show(table, _without_single_model(table, QUALITY_COLUMNS), FORMATS)
+        return show(table, {})
+    return show(table, _without_single_model(table, QUALITY_COLUMNS), FORMATS)
 
 
 def show_cost_tables(table: pd.DataFrame) -> None:
@@ -233,14 +238,14 @@ def show_cost_tables(table: pd.DataFrame) -> None:
     from IPython.display import display
 
     if table.empty:
-        display(c.show(table, {}))
+        display(show(table, {}))
         return
     for columns in (SIZE_COLUMNS, SPEED_COLUMNS):
-        display(c.show(table, _without_single_model(table, columns), FORMATS))
+        display(show(table, _without_single_model(table, columns), FORMATS))
 
 
-def legend(res: c.StudyResults):
-    return c.show(c.methods_legend(res, LEGEND), {"metric": "metric", "how obtained": "how obtained"})
+def legend(res: StudyResults):
+    return show(methods_legend(res, LEGEND), {"metric": "metric", "how obtained": "how obtained"})
 
 
 PRECISION_COLUMNS = {"precision": "precision", "library": "library", "stands_for": "the paper's name",
@@ -256,7 +261,7 @@ def precisions_table(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def show_precisions(table: pd.DataFrame):
-    return c.show(precisions_table(table), PRECISION_COLUMNS)
+    return show(precisions_table(table), PRECISION_COLUMNS)
 
 
 KERNEL_WORDS = {
@@ -265,7 +270,7 @@ KERNEL_WORDS = {
 }
 
 
-def kernel_note(res: c.StudyResults) -> str:
+def kernel_note(res: StudyResults) -> str:
     """Which bitsandbytes CPU kernel each 4-bit run used, from its record's provenance (``cpu_4bit.py``); empty
     when no 4-bit run ran on a CPU."""
     lines = []
@@ -275,7 +280,7 @@ def kernel_note(res: c.StudyResults) -> str:
             continue
         cpu = "with" if kernel["cpu_has_avx512bf16"] else "without"
         narrow = kernel.get("layers_too_narrow_for_repack", 0)
-        lines.append(f"- {c.model_label(r.params['model'])} at {r.params['precision']}: bitsandbytes' "
+        lines.append(f"- {model_label(r.params['model'])} at {r.params['precision']}: bitsandbytes' "
                      f"{KERNEL_WORDS.get(kernel['kernel'], kernel['kernel'])}; {kernel['layers_packed']} of "
                      f"{kernel['layers_4bit']} 4-bit layers repacked for the fused kernel"
                      + (f", {narrow} too narrow for it" if narrow else "")
@@ -293,14 +298,14 @@ ROOFLINE_METRICS = {"prefill_mfu": "prefill MFU", "decode_mbu": "decode MBU", "d
                     "pcu": "PCU (NVML utilization.gpu)"}
 
 
-def run_label(res: c.StudyResults):
+def run_label(res: StudyResults):
     """A run's name in the roofline section: its precision (and model, where the study has several)."""
     several = len({r.params["model"] for r in res.ok_records}) > 1
-    return lambda r: (f"{c.model_label(r.params['model'])} {r.params['precision']}" if several
+    return lambda r: (f"{model_label(r.params['model'])} {r.params['precision']}" if several
                       else r.params["precision"])
 
 
-def show_roofline(res: c.StudyResults) -> None:
+def show_roofline(res: StudyResults) -> None:
     from . import roofline as rl
 
     rl.show_section(res, run_label(res), ROOFLINE_METRICS, lambda name: name == "decode", "decode_mbu")

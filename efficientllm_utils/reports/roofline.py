@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 
 from ..metrics import roofline
-from . import common as c
+from .display import show, styled
+from .load import StudyResults
 
 PHASE_KIND = {"prefill": "prefill", "decode": "decode", "train-step": "training step"}
 Label = Callable[[object], str]
@@ -20,7 +21,7 @@ def _kind(phase_name: str) -> str:
     return PHASE_KIND.get(phase_name.split("-ctx")[0], phase_name)
 
 
-def probe_of(res: c.StudyResults) -> dict | None:
+def probe_of(res: StudyResults) -> dict | None:
     """The machine probe the study's runs were held against: the one the newest run used (``raw["roofline"]``),
     else one its provenance carries."""
     for record in sorted(res.ok_records, key=lambda r: r.finished or "", reverse=True):
@@ -76,7 +77,7 @@ def _load_words(probe: dict) -> str:
             "on an idle machine measures them again).")
 
 
-def utilisation_table(res: c.StudyResults, label: Label, metrics: dict[str, str]) -> pd.DataFrame:
+def utilisation_table(res: StudyResults, label: Label, metrics: dict[str, str]) -> pd.DataFrame:
     """One row per run: each of ``metrics`` (record metric -> header) as a value, or the reason it is missing
     (a metric the probe could not give, or a record made before the probe)."""
     rows = []
@@ -97,7 +98,7 @@ def utilisation_table(res: c.StudyResults, label: Label, metrics: dict[str, str]
     return pd.DataFrame(rows)
 
 
-def points(res: c.StudyResults, label: Label) -> pd.DataFrame:
+def points(res: StudyResults, label: Label) -> pd.DataFrame:
     """Every timed phase of every run that has them (``raw["roofline"]``): intensity and achieved FLOP/s."""
     rows = []
     for record in res.ok_records:
@@ -146,7 +147,7 @@ def roofline_plot(pts: pd.DataFrame, probe: dict | None):
     return fig
 
 
-def cost_model_table(res: c.StudyResults, label: Label, decode_phase: Callable[[str], bool]) -> pd.DataFrame:
+def cost_model_table(res: StudyResults, label: Label, decode_phase: Callable[[str], bool]) -> pd.DataFrame:
     """Prediction against measurement per run: memory (cost model vs AMU) and decode time per token (roofline
     bound vs TPOT), each with their ratio and, beyond ``roofline.MEMORY_GAP``, where the difference goes."""
     rows = []
@@ -211,10 +212,10 @@ def show_cost_model(table: pd.DataFrame):
     if table.empty or not ({"predicted_GB", "bound_ms"} & set(table.columns)):
         return Markdown("*No cost-model predictions: these records were made before the cost model (re-run the "
                         "profile to get them).*")
-    return c.show(table, COST_COLUMNS)
+    return show(table, COST_COLUMNS)
 
 
-def decode_mbu_summary(res: c.StudyResults, label: Label, metric: str = "decode_mbu") -> str:
+def decode_mbu_summary(res: StudyResults, label: Label, metric: str = "decode_mbu") -> str:
     """One sentence per run with the decode MBU: what share of the probed bandwidth decoding used."""
     parts = []
     for record in res.ok_records:
@@ -227,7 +228,7 @@ def decode_mbu_summary(res: c.StudyResults, label: Label, metric: str = "decode_
             f"bandwidth): {', '.join(parts)}.")
 
 
-def show_section(res: c.StudyResults, label: Label, metrics: dict[str, str], decode_phase: Callable[[str], bool],
+def show_section(res: StudyResults, label: Label, metrics: dict[str, str], decode_phase: Callable[[str], bool],
                  mbu_metric: str) -> None:
     """A chapter's roofline section: the probe, MFU/MBU per run, the roofline plot, the cost model."""
     from IPython.display import Markdown, display
@@ -238,9 +239,9 @@ def show_section(res: c.StudyResults, label: Label, metrics: dict[str, str], dec
     probe = probe_of(res)
     display(Markdown(probe_note(probe)))
     if probe:
-        display(c.show(probe_table(probe), {"ceiling": "ceiling", "unit": "unit", "measured": "measured",
+        display(show(probe_table(probe), {"ceiling": "ceiling", "unit": "unit", "measured": "measured",
                                              "published": "published by the vendor", "how obtained": "how obtained"}))
-    display(c.styled(utilisation_table(res, label, metrics)))
+    display(styled(utilisation_table(res, label, metrics)))
     pts = points(res, label)
     if len(pts) and probe:
         roofline_plot(pts, probe)

@@ -12,7 +12,11 @@ import base64
 
 import pandas as pd
 
-from . import common as c
+from .display import show
+from .findings import findings_markdown, verdict_counts
+from .load import load_study
+from .paper import published_figures
+from .verdicts import AGREES, DISAGREES, INCONCLUSIVE, decide, paired_accuracy
 from . import finetune as fr
 from . import quantization as qr
 
@@ -27,7 +31,7 @@ def _tasks(table: pd.DataFrame) -> list[str]:
 
 def load():
     """(fine-tuning results, quantization results)."""
-    return c.load_study(PEFT), c.load_study(QUANT)
+    return load_study(PEFT), load_study(QUANT)
 
 
 # --- fine-tuning ----------------------------------------------------------------------------------
@@ -60,7 +64,7 @@ def majority_correct(quality: dict, task: str) -> tuple[list[int], list[int]] | 
 
 def above_majority(table: pd.DataFrame, res=None) -> pd.DataFrame:
     """Per method and task: accuracy after training, the majority-class baseline, and the verdict on "above it",
-    decided by the claims rule on the paired bootstrap interval over the held-out items (``common.paired_accuracy``:
+    decided by the claims rule on the paired bootstrap interval over the held-out items (``verdicts.paired_accuracy``:
     the method's answers against always answering the majority class, item by item); without per-item records
     (``res`` None) the verdict is inconclusive."""
     by_label = {r.label: r for r in res.ok_records} if res is not None else {}
@@ -70,15 +74,15 @@ def above_majority(table: pd.DataFrame, res=None) -> pd.DataFrame:
             if pd.isna(r.get(f"{task}_after")):
                 continue
             pair = majority_correct(by_label[r["label"]].quality, task) if r["label"] in by_label else None
-            diff = c.paired_accuracy(*pair) if pair else None
+            diff = paired_accuracy(*pair) if pair else None
             rows.append({"method": r["method"], "task": name, "before": r[f"{task}_before"],
                          "after": r[f"{task}_after"], "majority": r[f"{task}_majority"],
                          "n": len(pair[0]) if pair else float("nan"),
                          "difference": str(diff) if diff else "no per-item record",
-                         "verdict": c.decide(diff, "higher") if diff else c.INCONCLUSIVE})
+                         "verdict": decide(diff, "higher") if diff else INCONCLUSIVE})
     frame = pd.DataFrame(rows)
     if len(frame):
-        frame["above"] = frame["verdict"] == c.AGREES
+        frame["above"] = frame["verdict"] == AGREES
     return frame
 
 
@@ -88,17 +92,17 @@ def majority_text(verdicts: pd.DataFrame) -> str:
         return ""
     counts = verdicts["verdict"].value_counts()
     required = verdicts[verdicts["method"].isin(["full", "lora"])]
-    met = bool(len(required) == 4 and (required["verdict"] == c.AGREES).all())
+    met = bool(len(required) == 4 and (required["verdict"] == AGREES).all())
     return (f"**Above the majority-class baseline after training** (the outcome this axis requires of full fine-tuning "
             f"and LoRA on both tasks: **{'met' if met else 'not met'}**): of {len(verdicts)} (method, task) pairs, "
-            + ", ".join(f"{counts.get(v, 0)} {v}" for v in (c.AGREES, c.INCONCLUSIVE, c.DISAGREES))
+            + ", ".join(f"{counts.get(v, 0)} {v}" for v in (AGREES, INCONCLUSIVE, DISAGREES))
             + ". Each is decided on a paired bootstrap interval (95%) over the held-out items of the accuracy "
               "difference against always answering the most frequent answer of those same items (relative to that "
               "baseline's accuracy): agrees when the whole interval is above zero, disagrees when it is below.")
 
 
 def majority_columns(verdicts: pd.DataFrame) -> pd.DataFrame:
-    return c.show(verdicts, {"method": "method", "task": "task", "before": "before", "after": "after",
+    return show(verdicts, {"method": "method", "task": "task", "before": "before", "after": "after",
                              "majority": "majority class", "n": "items", "difference": "difference vs majority",
                              "verdict": "above majority?"})
 
@@ -106,7 +110,7 @@ def majority_columns(verdicts: pd.DataFrame) -> pd.DataFrame:
 def paper_table12(table: pd.DataFrame) -> pd.DataFrame:
     """Our final loss per method beside the paper's Table 12 losses that ``book/paper/published_figures.csv`` holds
     (vision-language models on ChatQA; only a few figures are known, second-hand)."""
-    figures = c.published_figures()
+    figures = published_figures()
     figures = figures[(figures["axis"] == "vision") & (figures["table"].astype(str) == "12")]
     ours = {fr.PAPER_METHOD_NAMES.get(m, m): v for m, v in zip(table.get("method", []), table.get("final_loss", []))}
     tasks = " + ".join(TASK_NAMES.get(t, t) for t in _tasks(table))
@@ -185,7 +189,7 @@ def finetune_summary(res, table) -> str:
     best = table.loc[table["final_loss"].idxmin()]
     lines.append(f"- The lowest final training loss is {best['method']}'s ({best['final_loss']:.3f}); the fastest "
                  f"step {table.loc[table['AL_s'].idxmin(), 'method']}'s ({table['AL_s'].min():.3g} s/step). "
-                 f"The LLM chapter's claims on these runs: {c.verdict_counts(fr.findings(res, table))}.")
+                 f"The LLM chapter's claims on these runs: {verdict_counts(fr.findings(res, table))}.")
     return "\n".join(line for line in lines if line)
 
 
@@ -194,7 +198,7 @@ def accuracy_columns(table: pd.DataFrame) -> pd.DataFrame:
     for task, name in TASK_NAMES.items():
         cols |= {f"{task}_before": f"{name} before", f"{task}_after": f"{name} after",
                  f"{task}_majority": f"{name} majority class"}
-    return c.show(table, cols | {"answer_mass_after": "answer-set mass after"})
+    return show(table, cols | {"answer_mass_after": "answer-set mass after"})
 
 
 # --- quantization ------------------------------------------------------------------------------------
@@ -222,7 +226,7 @@ def quantization_columns(table: pd.DataFrame):
             "accuracy": "accuracy", **TASK_NAMES, "kl": "KL to reference (nats)",
             "flip_rate": "flip rate", "MCR": "MCR", "TTFT_s": "TTFT with image (s)", "TPOT_s": "decode (s/token)",
             "AMU_GB": "AMU (GB)", "AEC_W": "AEC (W)"}
-    return c.show(table, cols, qr.FORMATS)
+    return show(table, cols, qr.FORMATS)
 
 
 # --- what the profile costs ------------------------------------------------------------------------------
@@ -263,13 +267,13 @@ def transfer_text(peft_res, peft_table, quant_res, quant_table) -> str:
     if len(peft_table):
         found = fr.findings(peft_res, peft_table)
         parts.append("**Fine-tuning** (the PEFT chapter's claims, on the Qwen2.5-VL runs): "
-                     + c.verdict_counts(found) + ".")
-        parts.append(c.findings_markdown(found, caveats=fr.caveats(peft_res, peft_table)))
+                     + verdict_counts(found) + ".")
+        parts.append(findings_markdown(found, caveats=fr.caveats(peft_res, peft_table)))
         verdicts = above_majority(peft_table, peft_res)
         parts.append(majority_text(verdicts))
     if len(quant_table):
         found = qr.findings(quant_res)
         parts.append("**Quantization** (the quantization chapter's claims, on the Qwen2.5-VL's language model): "
-                     + c.verdict_counts(found) + ".")
-        parts.append(c.findings_markdown(found, caveats=qr.caveats(quant_res, quant_table)))
+                     + verdict_counts(found) + ".")
+        parts.append(findings_markdown(found, caveats=qr.caveats(quant_res, quant_table)))
     return "\n\n".join(parts) if parts else "*No results yet.*"

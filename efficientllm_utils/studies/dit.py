@@ -35,10 +35,10 @@ from ..metrics.tracker import ResourceTracker
 from ..metrics.training import step_latency_metrics
 from ..metrics.values import MetricValue
 from ..params import DiTRun
+from ..records import GRID_FILE
 from ..vision import fd
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-GRID_FILE = "samples.png"
 GRID_PER_CLASS = 8  # columns of the sample grid (one row per class)
 
 

@@ -31,9 +31,9 @@ from ..metrics.tracker import ResourceTracker
 from ..metrics.values import MetricValue
 from ..precisions.counting import count_model_bytes, linear_layer_kinds
 from ..params import LVMQuantizationRun
+from ..records import GRID_FILE
 from ..vision import fd
 
-GRID_FILE = "samples.png"
 CLIP_FILE = "sample.mp4"
 REFERENCE_DIR = ".reference"  # beside the runs of a profile: the reference precision's samples by fingerprint
 # what the reference's samples depend on besides the pipeline's weights and the prompts: this code and these packages
