@@ -16,7 +16,7 @@ RUN_FLAGS = $(if $(PROFILE),--profile $(PROFILE)) --executor $(EXECUTOR) $(if $(
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PYTHONWARNINGS := ignore::FutureWarning
 
-.PHONY: help env lock assets test-assets reproduce run plan book test test-fast lab gpu-check gpu-suite clean distclean
+.PHONY: help env lock assets test-assets reproduce run plan book test test-fast lab notebooks gpu-check gpu-suite clean distclean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -68,6 +68,9 @@ test-fast: test-assets  ## the tests without the end-to-end runs
 
 lab: env  ## JupyterLab with the project's kernel
 	$(BIN)/jupyter lab notebooks/
+
+notebooks: env  ## regenerate every run notebook under notebooks/ (one generator: efficientllm_utils/notebooks/)
+	$(BIN)/python -m efficientllm_utils.notebooks
 
 gpu-check: env  ## NVML sampling, energy counter and bitsandbytes int4 on CUDA (says so and exits 0 without a GPU)
 	$(BIN)/python -m efficientllm_utils gpu-check

@@ -1,4 +1,5 @@
-"""What every notebook generator script writes the same way: the setup cell and the notebook itself.
+"""How the notebook generator (``efficientllm_utils.notebooks``, one module per study) writes every run notebook the
+same way: the setup cell and the notebook itself.
 
 A generated run notebook is a list of ``(kind, source)`` cells, ``kind`` one of ``md``, ``code`` or
 ``parameters`` (the cell papermill replaces; ``params.notebook_parameters_source`` writes it), committed without

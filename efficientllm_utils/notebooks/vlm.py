@@ -1,19 +1,11 @@
-"""Write ``notebooks/vlm/vlm_peft.ipynb`` and ``notebooks/vlm/vlm_quantization.ipynb`` without outputs.
-
-Each parameters cell holds every run field at its params file's default-profile values (the first grid point), so
-a notebook run by hand reproduces one run of the CPU profile.
-
-    .venv/bin/python notebooks/vlm/make_vlm_notebooks.py   # from the repository root
-"""
+"""``notebooks/vlm/``: ``vlm_peft.ipynb`` and ``vlm_quantization.ipynb`` (a Qwen2.5-VL fine-tuned, or its language
+model quantized); the measurements are ``studies.vlm_finetune`` and ``studies.vlm_quantization``."""
 from __future__ import annotations
-
-from pathlib import Path
 
 import nbformat
 
-from efficientllm_utils.params import VLMFinetuneRun, VLMQuantizationRun, notebook_parameters_source
-
-HERE = Path(__file__).resolve().parent
+from ..notebook_builder import build, setup_source
+from ..params import VLMFinetuneRun, VLMQuantizationRun, notebook_parameters_source
 
 PEFT_INTRO = """# Vision-language fine-tuning: one method on a Qwen2.5-VL
 
@@ -28,14 +20,6 @@ held-out test splits by log-likelihood over each task's closed answer set; the m
 axis's fine-tuning library (`peft`) and trained by its one loop (same questions in the same order, same steps,
 schedule and seed) under the resource tracker; then the held-out questions are scored again and the adapter saved.
 The paper's quality metric is the final training loss; every metric records how it was obtained."""
-
-PEFT_SETUP = """from efficientllm_utils.params import VLMFinetuneRun
-from efficientllm_utils.records import RunContext, metrics_table
-from efficientllm_utils.studies import vlm_finetune as vft
-
-p = VLMFinetuneRun.from_namespace(globals())  # a wrong value fails here, naming the field and the allowed values
-run = RunContext.from_namespace(globals(), p)
-p"""
 
 PEFT_DATA = """source = vft.base_source(p)  # the small model: aligned once, then read from the cache
 processor = vft.load_processor(source, p)
@@ -85,14 +69,6 @@ are answered by log-likelihood over each task's answer set and compared with the
 rate) and answer distributions (KL divergence); then time to first token with an image in the prompt, decode latency,
 and memory and energy under the tracker."""
 
-QUANT_SETUP = """from efficientllm_utils.params import VLMQuantizationRun
-from efficientllm_utils.records import RunContext, metrics_table
-from efficientllm_utils.studies import vlm_quantization as vq
-
-p = VLMQuantizationRun.from_namespace(globals())  # a wrong value fails here, naming the field and the allowed values
-run = RunContext.from_namespace(globals(), p)
-p"""
-
 QUANT_LOAD = """source = vq.base_source(p)
 reference = vq.reference_outputs(source, p, run.result_dir.parent / vq.REFERENCE_DIR, run.label)
 model, processor, load_s = vq.load(source, p)
@@ -115,44 +91,30 @@ record = run.write(metrics={**size_metrics, **inference_metrics}, quality=qualit
 metrics_table(record)"""
 
 
-def notebook(cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
-    nb = nbformat.v4.new_notebook()
-    for kind, source in cells:
-        if kind == "parameters":
-            cell = nbformat.v4.new_code_cell(source)
-            cell.metadata["tags"] = ["parameters"]
-        else:
-            cell = (nbformat.v4.new_markdown_cell if kind == "md" else nbformat.v4.new_code_cell)(source)
-        nb.cells.append(cell)
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    for i, cell in enumerate(nb.cells):  # stable ids: regenerating leaves an unchanged notebook unchanged
-        cell["id"] = f"cell-{i}"
-    return nb
-
-
 def peft_notebook() -> nbformat.NotebookNode:
-    return notebook([
-        ("md", PEFT_INTRO), ("parameters", notebook_parameters_source("vlm_peft", VLMFinetuneRun)), ("code", PEFT_SETUP),
+    return build([
+        ("md", PEFT_INTRO), ("parameters", notebook_parameters_source("vlm_peft", VLMFinetuneRun)),
+        ("code", setup_source("VLMFinetuneRun", "vlm_finetune", "vft")),
         ("md", "## 1. Base model and questions"), ("code", PEFT_DATA),
         ("md", "## 2. Held-out accuracy before training\n\nReused from an earlier run of this profile whose base had "
                "the same fingerprint (weights, items and images, scoring settings, code and packages)."),
         ("code", PEFT_BEFORE),
         ("md", "## 3. The method, trained under the resource tracker"), ("code", PEFT_TRAIN),
         ("md", "## 4. Held-out accuracy after training, and the adapter on disk"), ("code", PEFT_AFTER),
-        ("md", "## Result record"), ("code", PEFT_RECORD), ("code", PEFT_PLOT)])
+        ("md", "## Result record"), ("code", PEFT_RECORD), ("code", PEFT_PLOT)], "vlmp")
 
 
 def quantization_notebook() -> nbformat.NotebookNode:
-    return notebook([
+    return build([
         ("md", QUANT_INTRO),
-        ("parameters", notebook_parameters_source("vlm_quantization", VLMQuantizationRun)), ("code", QUANT_SETUP),
+        ("parameters", notebook_parameters_source("vlm_quantization", VLMQuantizationRun)),
+        ("code", setup_source("VLMQuantizationRun", "vlm_quantization", "vq")),
         ("md", "## 1. The reference's answers, the model at this precision, its bytes"), ("code", QUANT_LOAD),
         ("md", "## 2. Answers: accuracy, flips and KL against the reference"), ("code", QUANT_QUALITY),
         ("md", "## 3. Time to first token with an image, decode latency, memory and energy"), ("code", QUANT_INFERENCE),
-        ("md", "## Result record"), ("code", QUANT_RECORD)])
+        ("md", "## Result record"), ("code", QUANT_RECORD)], "vlmq")
 
 
-if __name__ == "__main__":
-    nbformat.write(peft_notebook(), HERE / "vlm_peft.ipynb")
-    if (HERE.parent.parent / "params" / "vlm_quantization.yaml").exists():
-        nbformat.write(quantization_notebook(), HERE / "vlm_quantization.ipynb")
+def notebooks() -> dict[str, nbformat.NotebookNode]:
+    return {"notebooks/vlm/vlm_peft.ipynb": peft_notebook(),
+            "notebooks/vlm/vlm_quantization.ipynb": quantization_notebook()}

@@ -1,23 +1,15 @@
-"""Write the four architecture-pretraining notebooks (attention, positional_encoding, moe, attention_free),
-without outputs.
+"""``notebooks/llm/``: the four architecture-pretraining notebooks (attention, positional_encoding, moe,
+attention_free).
 
-The first three differ only in their title and introduction: the measurement is
-``efficientllm_utils.studies.architecture`` and the parameters cell holds every ``PretrainRun`` field at the study's
-default-profile values (the first grid point), so a notebook run by hand reproduces one run of the CPU profile. The
+The first three differ only in their title and introduction: the measurement is ``studies.architecture``. The
 attention-free notebook runs the same cells through ``studies.attention_free`` (``AttentionFreeRun``), plus the
-cache or state per sequence against context length.
-
-    .venv/bin/python notebooks/llm/make_architecture_notebooks.py   # from the repository root
-"""
+cache or state per sequence against context length."""
 from __future__ import annotations
-
-from pathlib import Path
 
 import nbformat
 
-from efficientllm_utils.params import AttentionFreeRun, PretrainRun, notebook_parameters_source
-
-HERE = Path(__file__).resolve().parent
+from ..notebook_builder import build, setup_source
+from ..params import AttentionFreeRun, PretrainRun, notebook_parameters_source
 
 INTRO = {
     "attention": ("Architecture pretraining: attention", "attention",
@@ -47,14 +39,6 @@ OWN_METHOD = """ The model is our decoder (`architecture: transformer`) or `tran
 holds after a prefill of each `decode_contexts` length is read from the model's real cache object and set beside its
 formula."""
 
-SETUP = """from efficientllm_utils.params import {run_model}
-from efficientllm_utils.records import RunContext, metrics_table
-from efficientllm_utils.studies import {module} as arch
-
-p = {run_model}.from_namespace(globals())  # a wrong value fails here, naming the field and the allowed values
-run = RunContext.from_namespace(globals(), p)
-{threads}p"""
-
 MODEL = """data = arch.load_data(p)
 model = arch.build_model(p, data.tokenizer)
 model_metrics, model_raw = arch.measure_model(model, p, data)
@@ -78,6 +62,8 @@ RECORD = """record = run.write(metrics={{**model_metrics, **train_metrics, **dec
                    raw={{"steps": arch.loss_curve(samples), "tracker_samples": tracker.samples, "decode": decode_raw,
                         "roofline": roofline_raw, **model_raw}}{provenance})
 metrics_table(record)"""
+
+OWN_PROVENANCE = ',\n                   provenance_extra={"model": arch.implementation(model, p)}'
 
 STATE = """import pandas as pd
 
@@ -103,57 +89,39 @@ def notebook(study: str) -> nbformat.NotebookNode:
     title, field, swapped = INTRO[study]
     run_model, module = RUNNERS.get(study, (PretrainRun, "architecture"))
     own = study in RUNNERS
-    md, code = nbformat.v4.new_markdown_cell, nbformat.v4.new_code_cell
-    parameters = code(notebook_parameters_source(study, run_model))
-    parameters.metadata["tags"] = ["parameters"]
-    cells = [
-        md(f"# {title}\n\nOne grid point of the `{study}` study: "
-           f"{'a small language model' if own else 'a small Qwen2.5-style decoder'} pretrained from scratch, "
-           f"where the runs differ only in {swapped} (parameter `{field}`). The runner (`make reproduce "
-           f"AXIS={study}`, or `AXIS=architecture` for the four studies) executes this notebook once per grid point "
-           f"of `params/{study}.yaml` with papermill; you can also run it by hand with other values.\n\n{METHOD}"
-           + (OWN_METHOD if own else "")),
-        parameters,
-        code(SETUP.format(run_model=run_model.__name__, module=module,
-                          threads="arch.set_threads(p)  # torch threads for the whole run (num_threads)\n" if own else "")),
-        md("## 1. Data, model and its analytical costs"),
-        code(MODEL),
-        *([md("Cache or recurrent state of one sequence after a prefill of each context length: the formula "
-              "(analytical) beside the bytes the model's real cache object holds (measured)."), code(STATE)]
+    return build([
+        ("md", f"# {title}\n\nOne grid point of the `{study}` study: "
+               f"{'a small language model' if own else 'a small Qwen2.5-style decoder'} pretrained from scratch, "
+               f"where the runs differ only in {swapped} (parameter `{field}`). The runner (`make reproduce "
+               f"AXIS={study}`, or `AXIS=architecture` for the four studies) executes this notebook once per grid "
+               f"point of `params/{study}.yaml` with papermill; you can also run it by hand with other values.\n\n"
+               f"{METHOD}" + (OWN_METHOD if own else "")),
+        ("parameters", notebook_parameters_source(study, run_model)),
+        ("code", setup_source(run_model.__name__, module, "arch",
+                              "arch.set_threads(p)  # torch threads for the whole run (num_threads)\n" if own else "")),
+        ("md", "## 1. Data, model and its analytical costs"),
+        ("code", MODEL),
+        *([("md", "Cache or recurrent state of one sequence after a prefill of each context length: the formula "
+                  "(analytical) beside the bytes the model's real cache object holds (measured)."), ("code", STATE)]
           if own else []),
-        md("## 2. Pretraining under the resource tracker"),
-        code(TRAIN),
-        md("## 3. Quality: held-out perplexity"),
-        code(QUALITY),
-        md("## 4. Greedy decoding at several context lengths"),
-        code(DECODE),
-        md("## 5. Against the machine's limits: MFU, MBU and the cost model\n\nEach training step's MFU "
-           "(3 x the analytical forward FLOPs of its tokens over AL, against the probed matmul peak of the run's "
-           "dtype); at each context, the prefill's MFU (over TTFT) and the decode step's MBU (every weight once plus "
-           "the cache, over TPOT, against the probed bandwidth), with each phase's roofline-bound time; and the "
-           "predicted training memory (weights, gradients, AdamW's moments). The machine probe runs once per "
-           "machine and is cached (`python -m efficientllm_utils probe`)."),
-        code(ROOFLINE),
-        md("## Result record"),
-        code(RECORD.format(provenance=",\n                   provenance_extra={\"model\": arch.implementation(model, p)}"
-                           if own else "")),
-        code(PLOT),
-    ]
-    nb = nbformat.v4.new_notebook(cells=cells)
-    nb.metadata = {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
-                   "language_info": {"name": "python"}}
-    return nb
+        ("md", "## 2. Pretraining under the resource tracker"),
+        ("code", TRAIN),
+        ("md", "## 3. Quality: held-out perplexity"),
+        ("code", QUALITY),
+        ("md", "## 4. Greedy decoding at several context lengths"),
+        ("code", DECODE),
+        ("md", "## 5. Against the machine's limits: MFU, MBU and the cost model\n\nEach training step's MFU "
+               "(3 x the analytical forward FLOPs of its tokens over AL, against the probed matmul peak of the run's "
+               "dtype); at each context, the prefill's MFU (over TTFT) and the decode step's MBU (every weight once "
+               "plus the cache, over TPOT, against the probed bandwidth), with each phase's roofline-bound time; and "
+               "the predicted training memory (weights, gradients, AdamW's moments). The machine probe runs once per "
+               "machine and is cached (`python -m efficientllm_utils probe`)."),
+        ("code", ROOFLINE),
+        ("md", "## Result record"),
+        ("code", RECORD.format(provenance=OWN_PROVENANCE if own else "")),
+        ("code", PLOT),
+    ], study[:4])
 
 
-def main() -> None:
-    for study in INTRO:
-        nb = notebook(study)
-        for i, cell in enumerate(nb.cells):  # stable ids: regenerating gives the same file
-            cell.id = f"{study[:4]}-{i:02d}"
-        path = HERE / f"{study}.ipynb"
-        nbformat.write(nb, path)
-        print(path)
-
-
-if __name__ == "__main__":
-    main()
+def notebooks() -> dict[str, nbformat.NotebookNode]:
+    return {f"notebooks/llm/{study}.ipynb": notebook(study) for study in INTRO}
