@@ -52,7 +52,6 @@ def results_table(res):
         "acc_after": q("accuracy_after"), "acc_after_se": q("accuracy_after_stderr"),
         "gold_logprob_before": q("gold_logprob_before"), "gold_logprob_after": q("gold_logprob_after"),
         "answer_mass_before": q("answer_mass_before"), "answer_mass_after": q("answer_mass_after"),
-        "yes_share_after": q("yes_share_after"),
         "AL_s": df["al_s"].to_numpy(), "AL_p90_s": df["al_p90_s"].to_numpy(), "AL_CV": df["al_cv"].to_numpy(),
         "ST": df["st_samples_per_param_s"].to_numpy(),
         "samples_per_s": df["train_samples_per_s"].to_numpy(),
