@@ -7,11 +7,12 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from ..metrics.schema import PAPER_METRICS
 from .display import show, styled
 from .paper import paper_ranks, size_group
 
-HIGHER_IS_BETTER = {"Perf": True, "AMU": False, "AL": False, "IT": True, "TT": True, "ST": True, "AEC": False,
-                    "MCR": True, "PCU": True}
+# the paper's quality metric (accuracy, or a loss negated) is higher-better; the efficiency metrics say their own
+HIGHER_IS_BETTER = {"Perf": True, **{m.name: not m.lower_is_better for m in PAPER_METRICS.values()}}
 
 
 def rank_methods(table: pd.DataFrame, metric_columns: dict[str, str],
