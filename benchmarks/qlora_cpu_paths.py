@@ -23,7 +23,8 @@ import torch
 
 from efficientllm_utils import cpu_4bit
 from efficientllm_utils import finetune as ft
-from efficientllm_utils.params import FinetuneRun, expand, params_path
+from efficientllm_utils.params import expand, params_path
+from efficientllm_utils.studies.finetune_run import FinetuneRun
 from efficientllm_utils.studies import finetune as fts
 
 

@@ -9,16 +9,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+from . import study_registry
+from .paths import REPO_ROOT
+from .portable import portable_notebook
 from .published import PUBLISHED_DIR, SOURCES_FILE, book_view
-from .records import NOTEBOOK_NAME, REPO_ROOT, RESULTS_DIR, RunRecord, read_record
+from .records import NOTEBOOK_NAME, RESULTS_DIR, RunRecord, read_record
 
-BOOK_DIR = Path(__file__).resolve().parent.parent / "book"
+BOOK_DIR = REPO_ROOT / "book"
 
 
 def copy_run_notebooks(results_root: Path, book_dir: Path = BOOK_DIR) -> list[Path]:
@@ -38,41 +40,16 @@ def copy_run_notebooks(results_root: Path, book_dir: Path = BOOK_DIR) -> list[Pa
 
 # --- run pages a reader can use -------------------------------------------------------------
 
-# the title of a run page: its grid point (a grid key the template does not name is added in brackets)
-RUN_TITLES = {
-    "quantization": "Quantization: {model} at {precision}",
-    "attention": "Attention: {attention}",
-    "positional_encoding": "Positional encoding: {position}",
-    "moe": "MoE: {variant}",
-    "attention_free": "Attention-free: {variant}",
-    "peft": "PEFT: {method}",
-    "vlm_peft": "VLM fine-tuning: {method}",
-    "vlm_quantization": "VLM quantization: {precision}",
-    "lvm_quantization": "Vision generation, quantization: {model} at {precision}",
-    "lvm_finetune": "Vision generation, fine-tuning: {model} with {method}",
-    "selftest": "Self-test: {mode} {value}",
-}
-# stream output lines that are library chatter, not results (the runner silences most at the source)
-NOISE = re.compile("|".join([
-    r"\d+%\|",  # a tqdm progress bar
-    r"^\s*(Loading weights|Loading checkpoint shards|Converting and de-quantizing GGUF|Writing model shards)\b",
-    r"Failed to load CPU gemm_4bit_forward",  # bitsandbytes without the optional `kernels` package
-    r"^MatMul8bitLt: inputs will be cast",  # bitsandbytes' LLM.int8() on every matmul
-    r"^Failed to load \S+/torchao/\S+\.so",  # torchao's optional CUDA extensions, on importing it without CUDA
-    r"torch/utils/_pytree\.py:\d+\] <enum",  # torchao registers its enums with torch.compile on import
-    r"Unable to import `torchao` Tensor objects",  # transformers' torchao probe, loading a quanto model
-    r"site-packages/\S+:\d+: \w*Warning: ",  # a library's warning (and the source line under it, see _quiet)
-]))
-
-
 def _short(value) -> str:
     """A model given as a hub id or a path shows its last part."""
     return Path(value).name if isinstance(value, str) and "/" in value else str(value)
 
 
 def run_title(study: str, label: str, params: dict) -> str:
+    """The title of a run's page: the study's ``run_title`` (``study_registry``) at the run's grid point (a grid key
+    the template does not name is added in brackets)."""
     grid = dict(part.split("=", 1) for part in label.split(",") if "=" in part)
-    template = RUN_TITLES.get(study)
+    template = study_registry.BY_NAME[study].run_title if study in study_registry.BY_NAME else None
     if template is None:
         return f"{study}: {', '.join(_short(v) for v in grid.values()) or label}"
     try:
@@ -81,49 +58,6 @@ def run_title(study: str, label: str, params: dict) -> str:
         return f"{study}: {label}"
     others = [f"{k}={_short(v)}" for k, v in grid.items() if "{" + k + "}" not in template]
     return f"{title} ({', '.join(others)})" if others else title
-
-
-def _quiet(text: str) -> str:
-    lines, after_warning = [], False
-    for line in text.split("\n"):
-        line = line.rsplit("\r", 1)[-1]  # a line redrawn with carriage returns shows its last state
-        if after_warning and line.startswith("  "):  # the source line Python prints under a warning
-            after_warning = False
-            continue
-        after_warning = bool(NOISE.search(line))
-        if not after_warning:
-            lines.append(line)
-    return "\n".join(lines)
-
-
-def without_machine_paths(text: str, results_root: Path) -> str:
-    """JSON text with the results folder's and the repository's paths made relative (a path in the results folder
-    becomes relative to it, one in the repository relative to the repository)."""
-    for root in (Path(results_root).resolve(), Path(results_root), REPO_ROOT):  # longest first
-        text = text.replace(json.dumps(f"{root}/")[1:-1], "").replace(json.dumps(str(root))[1:-1], ".")
-    return OTHER_CHECKOUT.sub("", text)
-
-
-# a path into another checkout of this repository (a run made elsewhere): its package or notebooks stay, relative
-OTHER_CHECKOUT = re.compile(r"(?:(?<=\\n)|(?<![\w.]))/[^\s\"'\\:]*?/(?=(?:efficientllm_utils|notebooks)/)")
-
-
-def portable_notebook(text: str, results_root: Path) -> str:
-    """An executed notebook's JSON without progress bars or library warnings in its stream outputs and without
-    machine paths (the results folder and the repository become relative paths): what the published copy keeps."""
-    nb = json.loads(without_machine_paths(text, results_root))
-    papermill = nb.get("metadata", {}).get("papermill", {})
-    for key in ("input_path", "output_path"):  # a run made in another checkout keeps that checkout's paths here
-        if str(papermill.get(key) or "").startswith("/"):
-            path = papermill[key]
-            papermill[key] = path[path.index("/notebooks/") + 1:] if "/notebooks/" in path else Path(path).name
-    for cell in nb["cells"]:
-        if "outputs" in cell:
-            for output in cell["outputs"]:
-                if output.get("output_type") == "stream":
-                    output["text"] = _quiet("".join(output["text"]))
-            cell["outputs"] = [o for o in cell["outputs"] if o.get("output_type") != "stream" or o["text"].strip()]
-    return json.dumps(nb, indent=1, ensure_ascii=False)
 
 
 def readable_run_notebook(notebook: Path, record: RunRecord | None, results_root: Path) -> str:

@@ -10,30 +10,20 @@ import os
 import sys
 from pathlib import Path
 
-from . import records
+from . import records, study_registry
 from .clusters import ClusterError
-from .params import PARAMS_DIR, ParamsError, expand, label_value, params_path
+from .params import ParamsError, expand, label_value, params_path
+from .paths import REPO_ROOT
 from .published import PUBLISHED_PROFILES, publish
 from .runner import EXECUTORS, ResourceError, Summary, execute
 
-# An axis of the study is one or more studies, each with its params file and notebook.
-AXES: dict[str, list[str]] = {
-    "quantization": ["quantization"],
-    "architecture": ["attention", "positional_encoding", "moe", "attention_free"],
-    "peft": ["peft"],
-    "dit": ["dit_attention", "dit_moe"],
-    "vlm": ["vlm_peft", "vlm_quantization"],
-    "lvm": ["lvm_quantization", "lvm_finetune"],
-}
-
 
 def studies_of(axis: str) -> list[str]:
-    if axis in AXES:
-        return AXES[axis]
-    if params_path(axis).exists():  # a single study can be run by name too
-        return [axis]
-    raise ParamsError(f"AXIS {axis!r} is not one of {sorted(AXES)} "
-                      f"(or a study with a params file: {sorted(p.stem for p in PARAMS_DIR.glob('*.yaml'))})")
+    """The studies of an axis (``study_registry``), or the one study of that name."""
+    try:
+        return study_registry.axis_studies(axis)
+    except ValueError as err:
+        raise ParamsError(str(err)) from None
 
 
 def _overrides(pairs: list[str], option: str = "--set") -> dict:
@@ -131,7 +121,7 @@ def cmd_run(args) -> int:
                   file=sys.stderr)
         elif args.publish and specs[0].profile in PUBLISHED_PROFILES:
             target = publish(study, specs[0].profile, results_root, run_ids={s.run_id for s in specs})
-            print(f"published: {target.relative_to(records.REPO_ROOT) if target.is_relative_to(records.REPO_ROOT) else target}"
+            print(f"published: {target.relative_to(REPO_ROOT) if target.is_relative_to(REPO_ROOT) else target}"
                   f" (commit it to share these results)", file=sys.stderr)
     index = None
     if args.book:
@@ -198,12 +188,10 @@ def cmd_gpu_suite(args) -> int:
 
 def assets_needed(axis: str, profile: str | None = None) -> list[str]:
     """The assets every run of ``axis``'s profile reads (each study's run model declares them)."""
-    from .params import STUDIES
-
     names: set[str] = set()
     for study in studies_of(axis):
         for spec in expand(params_path(study), profile):
-            names |= set(STUDIES[spec.study].model_validate(spec.params).required_assets())
+            names |= set(spec.run_params().required_assets())
     return sorted(names)
 
 
@@ -239,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add_selection(p):
-        p.add_argument("axis", help=f"an axis ({', '.join(AXES)}) or a study name")
+        p.add_argument("axis", help=f"an axis ({', '.join(study_registry.axes())}) or a study name")
         p.add_argument("--profile", default=None, help="profile in the params file (default: its default_profile)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="set a parameter in every run (validated like the params file); on a field the grid "
@@ -309,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
 
     fetch = sub.add_parser("assets", help="fetch and verify the offline assets an axis's runs read (or --tests, "
                                           "--all); each from its first source that works")
-    fetch.add_argument("axis", nargs="?", help=f"an axis ({', '.join(AXES)}) or a study name")
+    fetch.add_argument("axis", nargs="?", help=f"an axis ({', '.join(study_registry.axes())}) or a study name")
     fetch.add_argument("--profile", default=None)
     fetch.add_argument("--tests", action="store_true", help="what the test suite reads")
     fetch.add_argument("--all", action="store_true", help="every asset")

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .params import PARAMS_DIR, ParamsError, _format_error
+from .params import PARAMS_DIR, ParamsError, format_error
 
 SLURM_PROFILES = PARAMS_DIR / "cluster" / "slurm.yaml"
 RUN_TASK_PREFIX = "run"  # runner submits keys "run-<run_id>"; Dask groups their durations under this prefix
@@ -61,7 +61,7 @@ def load_slurm_profile(name: str | None = None, overrides: dict[str, Any] | None
     try:
         return SlurmProfile.model_validate({**raw["profiles"][name], **(overrides or {})})
     except ValidationError as err:
-        raise ParamsError(_format_error(f"{path.name} cluster profile '{name}'", err)) from None
+        raise ParamsError(format_error(f"{path.name} cluster profile '{name}'", err)) from None
 
 
 def slurm_cluster(profile: SlurmProfile, log_directory: Path):

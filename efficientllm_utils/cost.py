@@ -17,14 +17,15 @@ import re
 import statistics
 from pathlib import Path
 
-from .params import AttentionFreeRun, PretrainRun, RunSpec, expand, params_path
+from . import study_registry
+from .params import RunSpec, expand, params_path
 from .records import load_records
 from .runner import gpus_of
 
 ASSUMED_MFU = 0.40  # a typical training model-FLOPs utilisation (also make plan's, plan.py)
 # 40% of the 989 TFLOP/s dense bf16 peak of an H100/H200 SXM
 ASSUMED_SUSTAINED_FLOPS = ASSUMED_MFU * 989e12
-PRETRAIN_STUDIES = ("attention", "positional_encoding", "moe")
+PRETRAIN_STUDIES = tuple(s.name for s in study_registry.STUDIES if s.run_model == "architecture_run:PretrainRun")
 # parameter counts of models whose id does not say it (from their model cards)
 KNOWN_PARAMS = {"microsoft/phi-4": 14.7e9, "microsoft/Phi-3.5-mini-instruct": 3.8e9}
 
@@ -44,17 +45,15 @@ def training_flops(spec: RunSpec) -> float | None:
     if spec.study in PRETRAIN_STUDIES or transformer:
         from .arch.analysis import flops_per_token
 
-        config = (AttentionFreeRun if transformer else PretrainRun).model_validate(p).decoder_config()
+        config = spec.run_params().decoder_config()
         tokens = p["steps"] * p["batch_size"] * p["seq_len"]
         # forward + backward = 3 forwards; the average token of a causal block attends to (S + 1) / 2 keys
         return 3 * flops_per_token(config, (p["seq_len"] + 1) / 2) * tokens
     if spec.study == "attention_free":
         from .arch.attention_free import meta_param_count
 
-        run = AttentionFreeRun.model_validate(p)
-
         # 6 FLOPs per parameter and token (forward + backward); Mamba's scan and Pythia's attention not counted
-        return 6 * meta_param_count(run.hf_config()) * p["steps"] * p["batch_size"] * p["seq_len"]
+        return 6 * meta_param_count(spec.run_params().hf_config()) * p["steps"] * p["batch_size"] * p["seq_len"]
     if spec.study == "peft":
         n_params = params_in_model_id(p["model"])
         if n_params is None:

@@ -58,7 +58,7 @@ def main() -> int:
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     from . import models, quality
-    from .params import QuantizationRun
+    from .studies.quantization_run import QuantizationRun
     from .studies import quantization as q
 
     t_start = time.perf_counter()

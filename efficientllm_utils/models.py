@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -66,6 +67,8 @@ def build_once(target: Path, build) -> Path:
     return target
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # a hub model id, e.g. Qwen/Qwen2.5-7B
+
 # The paper's quantization models whose shape can be built without the hub: the architecture fields of their
 # published config.json (Qwen2.5-1.5B is DeepSeek-R1-Distill-Qwen-1.5B's base). Used as ``shape:<name>``.
 SHAPE_PREFIX = "shape:"
@@ -79,6 +82,19 @@ SHAPE_MODELS: dict[str, dict] = {
 
 def is_shape_model(source: str) -> bool:
     return str(source).startswith(SHAPE_PREFIX)
+
+
+def check_model_source(value: str, shapes: bool = False) -> str:
+    """``value`` if it names a model this package can load (a run model's check), else a ``ValueError`` naming
+    the allowed kinds (``shapes``: a paper model's ``shape:`` too)."""
+    if value in OFFLINE_MODELS or HUB_ID.match(value) or Path(value).is_dir():
+        return value
+    if shapes and value in {SHAPE_PREFIX + name for name in SHAPE_MODELS}:
+        return value
+    shape_text = f", a paper model's shape with random weights {sorted(SHAPE_PREFIX + n for n in SHAPE_MODELS)}" \
+        if shapes else ""
+    raise ValueError(f"model {value!r} is not an offline model {sorted(OFFLINE_MODELS)}{shape_text}, "
+                     "a hub id like 'Qwen/Qwen2.5-7B', or an existing local directory")
 
 
 def shape_checkpoint(name: str, seed: int = 0) -> Path:

@@ -12,13 +12,13 @@ import nbformat
 KERNELSPEC = {"display_name": "Python 3", "language": "python", "name": "python3"}
 
 
-def setup_source(run_model: str, module: str, alias: str | None = None, extra: str = "") -> str:
+def setup_source(run_model: type, module: str, alias: str | None = None, extra: str = "") -> str:
     """The cell after the parameters: validate them into ``p`` (a wrong value fails here, naming the field and the
     allowed values) and open the run's context ``run``; ``extra`` lines run before ``p`` is shown."""
-    return (f"from efficientllm_utils.params import {run_model}\n"
+    return (f"from {run_model.__module__} import {run_model.__name__}\n"
             "from efficientllm_utils.records import RunContext, metrics_table\n"
             f"from efficientllm_utils.studies import {module}{f' as {alias}' if alias else ''}\n\n"
-            f"p = {run_model}.from_namespace(globals())  # a wrong value fails here, naming the field and the allowed values\n"
+            f"p = {run_model.__name__}.from_namespace(globals())  # a wrong value fails here, naming the field and the allowed values\n"
             "run = RunContext.from_namespace(globals(), p)\n"
             f"{extra}p")
 

@@ -232,9 +232,7 @@ def compute_seconds(flops: float, dtype: str, peaks: dict) -> float:
 # --- one planner per kind of study -----------------------------------------------------------
 
 def plan_quantization(spec: RunSpec, peaks: dict) -> RunPlan:
-    from .params import STUDIES
-
-    p = STUDIES[spec.study].model_validate(spec.params)
+    p = spec.run_params()
     config = hub_config(p.model)
     model = meta_model(config)
     weights, how = weight_bytes(model, p.precision)
@@ -313,9 +311,7 @@ def _method_on_meta(model_id: str, method: str, settings_json: str, length: int)
 
 
 def plan_finetune(spec: RunSpec, peaks: dict) -> RunPlan:
-    from .params import STUDIES
-
-    p = STUDIES[spec.study].model_validate(spec.params)
+    p = spec.run_params()
     config = hub_config(p.model)
     length = getattr(p, "max_length", None) or VLM_ASSUMED_TOKENS
     # the LoRA variants build LoRA's shapes (LoRA+ and rsLoRA change the lr and the scale, PiSSA the init, QLoRA the
@@ -353,9 +349,7 @@ def plan_pretrain(spec: RunSpec, peaks: dict) -> RunPlan:
     from .arch.analysis import kv_cache_bytes_per_token, param_counts
     from .arch.model import EfficientDecoderForCausalLM
     from .metrics.roofline import training_memory_parts
-    from .params import STUDIES
-
-    p = STUDIES[spec.study].model_validate(spec.params)
+    p = spec.run_params()
     dtype, dtype_bytes = getattr(torch, p.dtype), DTYPE_BYTES[p.dtype]
     if spec.study == "attention_free" and p.architecture != "transformer":
         config = p.hf_config()
@@ -410,9 +404,7 @@ def plan_dit(spec: RunSpec, peaks: dict) -> RunPlan:
     from .dit.analysis import dit_costs
     from .dit.model import DiT
     from .metrics.roofline import training_memory_parts
-    from .params import STUDIES
-
-    p = STUDIES[spec.study].model_validate(spec.params)
+    p = spec.run_params()
     config = p.dit_config()
     costs = dit_costs(config, p.batch_size)
     dtype, dtype_bytes = getattr(torch, p.dtype), DTYPE_BYTES[p.dtype]
@@ -530,9 +522,7 @@ def standin_check(spec: RunSpec, tokens: int = TRACE_TOKENS, batch: int = 2) -> 
     predictions for the stand-in (states from counts; activations traced on the meta device with one and two
     layers, scaled) against what the CPU holds (the states' bytes, the bytes saved for backward)."""
     from .finetune import methods as ft
-    from .params import STUDIES
-
-    p = STUDIES[spec.study].model_validate(spec.params)
+    p = spec.run_params()
     config = standin_config(hub_config(p.model))
     settings = p.method_settings().model_copy(update={"gradient_checkpointing": False})
     profile = trace_activations(lambda n, t: _causal_lm_forward(

@@ -22,8 +22,10 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .records import (NOTEBOOK_NAME, RECORD_NAME, REPO_ROOT, RunRecord, atomic_write_text, is_explored, load_records,
-                      read_record)
+from .params import is_explored
+from .paths import REPO_ROOT
+from .portable import portable_notebook, without_machine_paths
+from .records import NOTEBOOK_NAME, RECORD_NAME, RunRecord, atomic_write_text, load_records, read_record
 
 PUBLISHED_DIR = REPO_ROOT / "published"
 PUBLISHED_PROFILES = ("cpu", "gpu")  # the profiles whose results the repository carries (smoke's are meaningless)
@@ -42,8 +44,7 @@ def publish(study: str, profile: str, results_root: Path, published_root: Path =
     """Replace the published copy of one study's profile with the runs in ``results_root`` that belong to the
     params file's grid now (``run_ids``; default: the profile's current expansion), so a copy is never stale when
     made: each run's record and its executed notebook, made portable (paths relative to the results folder, no
-    library noise: ``book.portable_notebook``). Returns the copy's folder."""
-    from .book import portable_notebook, without_machine_paths
+    library noise: ``portable.portable_notebook``). Returns the copy's folder."""
     from .params import expand, params_path
 
     if run_ids is None:

@@ -13,43 +13,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import psutil
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from .metrics import machine_probe
 from .metrics.values import MetricValue, flatten
+from .params import MANUAL_PROFILE, Exploration, notebook_run
+from .paths import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(os.environ.get("EFFICIENTLLM_RESULTS", REPO_ROOT / "results"))
 RECORD_NAME = "record.json"
 NOTEBOOK_NAME = "notebook.ipynb"
 GRID_FILE = "samples.png"  # a generative run's grid of samples (DiT, lvm), which its chapter shows
-# Explored runs (made with ``--set``/``--grid`` values the profile does not have, or a notebook run by hand) never
-# share a folder with a profile's own runs: ``<profile>+explore/`` and ``manual/`` beside the profiles' folders.
-EXPLORE_TAG = "+explore"
-MANUAL_PROFILE = "manual"
 TRACKED_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "torchao", "optimum-quanto", "accelerate",
                     "papermill", "dask", "distributed", "pandas", "numpy", "nvidia-ml-py", "jupyter-book")
-
-
-def is_explored(profile: str) -> bool:
-    """A results folder of explored runs (``cpu+explore``, ``manual``), not a profile's own runs."""
-    return profile == MANUAL_PROFILE or profile.endswith(EXPLORE_TAG)
-
-
-class Exploration(BaseModel):
-    """How an explored run departs from a profile of its params file: what differs, and who made it."""
-
-    model_config = ConfigDict(frozen=True)
-    profile: str  # the profile it was made from (a notebook run by hand: the params file's default profile)
-    changed: dict[str, Any] = Field(default_factory=dict)  # field -> value, where not the profile's run's value
-    outside_grid: list[str] = Field(default_factory=list)  # fields of ``changed`` the grid varies: values it lacks
-    how: Literal["cli", "notebook"] = "cli"  # --set/--grid, or a notebook run by hand (JupyterLab, papermill -p)
-
-    def summary(self) -> str:
-        """e.g. "precision=int4-fp4 (outside the grid); from profile cpu"."""
-        parts = [f"{k}={v}" + (" (outside the grid)" if k in self.outside_grid else "")
-                 for k, v in self.changed.items()]
-        return f"{', '.join(parts) or 'no setting changed'}; from profile {self.profile}"
 
 
 class RunRecord(BaseModel):
@@ -295,8 +271,6 @@ class RunContext(BaseModel):
         dumped = params.model_dump(mode="json")
         study = namespace.get("study")
         if namespace.get("run_id") is None:  # by hand: JupyterLab, or papermill -p without the runner
-            from .params import notebook_run
-
             run_id, label, explored = notebook_run(study, dumped)
             profile = MANUAL_PROFILE
         else:

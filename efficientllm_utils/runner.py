@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .claims import claim, holder
-from .params import REPO_ROOT, RunSpec
+from .params import RunSpec
+from .paths import REPO_ROOT
 from .records import (NOTEBOOK_NAME, RunRecord, UnreadableRecord, error_headline, now, provenance, read_record,
                       run_dir, unreadable_as_failed, write_record)
 

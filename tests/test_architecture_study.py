@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from efficientllm_utils.arch.train import StepSample
-from efficientllm_utils.params import ParamsError, PretrainRun, expand, params_path
+from efficientllm_utils.params import ParamsError, expand, params_path
+from efficientllm_utils.studies.architecture_run import PretrainRun
 from efficientllm_utils.reports import architecture as ar
 from efficientllm_utils.reports.display import methods_legend, pareto_front
 from efficientllm_utils.reports.load import StudyResults, load_study
@@ -74,7 +75,6 @@ def test_architecture_rules_fail_before_any_work():
 def test_unknown_variant_names_the_profile_variants(params_file):
     path = params_file("""
 study: moe
-notebook: notebooks/llm/moe.ipynb
 default_profile: a
 profiles:
   a:
@@ -93,7 +93,6 @@ profiles:
 def test_variants_bundle_several_fields(params_file):
     path = params_file("""
 study: moe
-notebook: notebooks/llm/moe.ipynb
 default_profile: a
 profiles:
   a:

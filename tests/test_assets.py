@@ -11,7 +11,7 @@ import pytest
 
 from efficientllm_utils import assets
 from efficientllm_utils.cli import assets_needed
-from efficientllm_utils.params import STUDIES, expand, params_path
+from efficientllm_utils.params import expand, params_path
 
 PAYLOAD = {"data/a.txt": b"alpha\n", "data/b.txt": b"beta\n"}
 
@@ -147,7 +147,7 @@ def test_each_axis_fetches_only_what_its_runs_read():
     assert set(assets_needed("vlm")) == {"easy-vqa", "fashion-mnist", "smollm2"}
     # CIFAR-10 stays selectable: a profile naming it needs its asset
     dit_paper = expand(params_path("dit_attention"), "paper")[0]
-    assert STUDIES["dit_attention"].model_validate(dit_paper.params).required_assets() == ("cifar10-test",)
+    assert dit_paper.run_params().required_assets() == ("cifar10-test",)
     assert set(assets.TEST_ASSETS) <= set(assets.ASSETS) and "cifar10-test" not in assets.TEST_ASSETS
 
 

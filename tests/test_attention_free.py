@@ -7,7 +7,9 @@ import torch
 from efficientllm_utils.arch import EfficientDecoderForCausalLM
 from efficientllm_utils.arch import attention_free as af
 from efficientllm_utils.arch.analysis import kv_cache_bytes_per_token, param_counts
-from efficientllm_utils.params import AttentionFreeRun, ParamsError, PretrainRun, expand, params_path
+from efficientllm_utils.params import ParamsError, expand, params_path
+from efficientllm_utils.studies.attention_free_run import AttentionFreeRun
+from efficientllm_utils.studies.architecture_run import PretrainRun
 from efficientllm_utils.reports import architecture as ar
 from efficientllm_utils.reports import attention_free as afr
 from efficientllm_utils.reports.load import load_study

@@ -8,7 +8,8 @@ import torch
 
 from efficientllm_utils import cli
 from efficientllm_utils.dit import data as dit_data
-from efficientllm_utils.params import DiTRun, ParamsError, expand, params_path
+from efficientllm_utils.params import ParamsError, expand, params_path
+from efficientllm_utils.studies.dit_run import DiTRun
 from efficientllm_utils.records import load_records
 from efficientllm_utils.vision import images as image_sets
 

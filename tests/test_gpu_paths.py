@@ -66,7 +66,7 @@ def test_full_finetuning_upcast_samples_inside_a_bf16_pipeline():
     from types import SimpleNamespace
 
     from efficientllm_utils.lvm import sd3
-    from efficientllm_utils.params import LVMFinetuneRun
+    from efficientllm_utils.studies.lvm_run import LVMFinetuneRun
     from efficientllm_utils.studies import lvm_finetune
 
     pipe, _ = tiny_sd3_pipeline(torch.bfloat16)

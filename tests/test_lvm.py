@@ -31,7 +31,7 @@ def test_paper_profile_requests_the_right_repositories_and_classes(monkeypatch):
 
     for name in ("StableDiffusion3Pipeline", "WanPipeline", "SD3Transformer2DModel", "WanTransformer3DModel"):
         monkeypatch.setattr(getattr(diffusers, name), "from_pretrained", recorder(name))
-    models = {s.params["model"] for study in cli.AXES["lvm"] for s in expand(params_path(study), "paper")}
+    models = {s.params["model"] for study in cli.studies_of("lvm") for s in expand(params_path(study), "paper")}
     assert models == {"stabilityai/stable-diffusion-3.5-medium", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"}
     for model, pipe_cls, transformer_cls in (
             ("stabilityai/stable-diffusion-3.5-medium", "StableDiffusion3Pipeline", "SD3Transformer2DModel"),

@@ -66,7 +66,7 @@ def test_unknown_precision_is_refused():
 def test_a_paper_shape_is_built_once_with_its_exact_shape_and_no_quality(tmp_path, monkeypatch):
     """``shape:<name>``: random weights of a paper model's config, cached; studies measure no quality on them."""
     from efficientllm_utils import assets
-    from efficientllm_utils.params import QuantizationRun
+    from efficientllm_utils.studies.quantization_run import QuantizationRun
     from efficientllm_utils.studies import quantization as q
 
     tokenizer_dir = models.converted_checkpoint("smollm2-135m-instruct")

@@ -1,9 +1,8 @@
-"""The one notebook generator: it writes every run notebook a params file names, and regenerating leaves the
+"""The one notebook generator: it writes every run notebook the study registry names, and regenerating leaves the
 committed notebooks unchanged byte for byte (a changed params default or cell fails here until regenerated)."""
 import nbformat
-import yaml
 
-from efficientllm_utils import notebooks
+from efficientllm_utils import notebooks, study_registry
 from efficientllm_utils.paths import REPO_ROOT
 
 
@@ -11,9 +10,9 @@ def test_regenerating_leaves_every_committed_notebook_unchanged():
     assert notebooks.stale() == [], "run: python -m efficientllm_utils.notebooks"
 
 
-def test_every_params_file_names_a_generated_notebook_and_every_notebook_is_generated():
+def test_every_study_names_a_generated_notebook_and_every_notebook_is_generated():
     generated = set(notebooks.notebooks())
-    named = {yaml.safe_load(p.read_text())["notebook"] for p in (REPO_ROOT / "params").glob("*.yaml")}
+    named = {study.notebook for study in study_registry.STUDIES}
     committed = {str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "notebooks").rglob("*.ipynb")
                  if ".ipynb_checkpoints" not in p.parts}
     assert named <= generated

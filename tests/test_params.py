@@ -6,7 +6,6 @@ from efficientllm_utils.params import PARAMS_DIR, ParamsError, expand, params_pa
 
 GOOD = """
 study: quantization
-notebook: notebooks/llm/quantization.ipynb
 default_profile: a
 profiles:
   a:
@@ -174,7 +173,8 @@ def test_profile_names_of_explored_runs_are_reserved(params_file):
 
 def test_a_notebook_run_by_hand_is_labelled_from_its_parameters(monkeypatch, tmp_path):
     from efficientllm_utils import records
-    from efficientllm_utils.params import QuantizationRun, SelfTestRun
+    from efficientllm_utils.studies.quantization_run import QuantizationRun
+    from efficientllm_utils.studies.selftest_run import SelfTestRun
 
     monkeypatch.setattr(records, "RESULTS_DIR", tmp_path)
     p = SelfTestRun(value=7)

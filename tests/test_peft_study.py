@@ -8,7 +8,8 @@ import torch
 
 from efficientllm_utils import cli, cpu_4bit, models
 from efficientllm_utils import finetune as ft
-from efficientllm_utils.params import FinetuneRun, ParamsError, expand, params_path
+from efficientllm_utils.params import ParamsError, expand, params_path
+from efficientllm_utils.studies.finetune_run import FinetuneRun
 from efficientllm_utils.records import RunContext, load_records
 from efficientllm_utils.reports.load import load_study
 from efficientllm_utils.reports.verdicts import LATENCY_TOLERANCE, bootstrap_ratio, decide

@@ -3,7 +3,9 @@ import pytest
 import torch
 
 from efficientllm_utils import models, plan, precisions
-from efficientllm_utils.params import ParamsError, QuantizationRun, VLMQuantizationRun, expand, params_path
+from efficientllm_utils.params import ParamsError, expand, params_path
+from efficientllm_utils.studies.quantization_run import QuantizationRun
+from efficientllm_utils.studies.vlm_run import VLMQuantizationRun
 from efficientllm_utils.precisions.counting import count_model_bytes, linear_layer_kinds
 
 NEW_METHODS = ("int8-torchao", "int4-quanto")  # the CPU-capable methods of field libraries beside bitsandbytes

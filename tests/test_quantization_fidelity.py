@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from efficientllm_utils import models, quality
-from efficientllm_utils.params import QuantizationRun
+from efficientllm_utils.studies.quantization_run import QuantizationRun
 from efficientllm_utils.studies import quantization as q
 
 TEXT_TOKENS, SEQ_LEN = 96, 32  # three windows

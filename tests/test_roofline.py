@@ -142,7 +142,7 @@ def test_quantization_decode_mbu_and_prefill_mfu_from_counted_bytes(monkeypatch,
     """The study's own function on a real (tiny) model: decode MBU is (weights + batch x mean context x KV bytes
     per token) / TPOT / bandwidth, prefill MFU the analytical FLOPs of the prompt / TTFT / peak."""
     from efficientllm_utils.precisions.counting import count_model_bytes
-    from efficientllm_utils.params import QuantizationRun
+    from efficientllm_utils.studies.quantization_run import QuantizationRun
     from efficientllm_utils.studies import quantization as q
 
     model, tokenizer = tiny_llama
@@ -180,7 +180,8 @@ def test_mfu_is_missing_with_the_reason_where_the_probe_lacks_a_dtype_or_a_flops
 
 def test_architecture_roofline_counts_training_steps_and_decode_per_context(monkeypatch):
     from efficientllm_utils.arch.analysis import flops_per_token, kv_cache_bytes_per_token
-    from efficientllm_utils.params import PretrainRun, expand, params_path
+    from efficientllm_utils.params import expand, params_path
+    from efficientllm_utils.studies.architecture_run import PretrainRun
     from efficientllm_utils.studies import architecture as arch
 
     p = PretrainRun.model_validate(expand(params_path("attention"), "smoke")[0].params)
@@ -352,7 +353,7 @@ def test_report_of_records_without_any_probe_never_crashes(tmp_path):
 
 def test_lora_training_step_mfu_counts_the_adapters_and_their_weight_gradients_only(monkeypatch):
     from efficientllm_utils import finetune as ft
-    from efficientllm_utils.params import FinetuneRun
+    from efficientllm_utils.studies.finetune_run import FinetuneRun
     from efficientllm_utils.studies import finetune as fts
 
     model = small_llama()

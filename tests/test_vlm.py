@@ -10,8 +10,8 @@ import torch
 from efficientllm_utils import cli, models
 from efficientllm_utils.finetune.data import IGNORE_INDEX, Example
 from efficientllm_utils.finetune.train import collate
-from efficientllm_utils.params import (ParamsError, VLMFinetuneRun, VLMQuantizationRun, expand,
-                                       params_path)
+from efficientllm_utils.params import ParamsError, expand, params_path
+from efficientllm_utils.studies.vlm_run import VLMFinetuneRun, VLMQuantizationRun
 from efficientllm_utils.records import load_records
 from efficientllm_utils.vlm import data as vdata
 from efficientllm_utils.vlm import scoring
@@ -216,7 +216,7 @@ def test_vlm_params_fail_early_naming_the_field():
     for study in ("vlm_peft", "vlm_quantization"):
         cpu, smoke = (expand(params_path(study), p) for p in ("cpu", "smoke"))
         assert len(cpu) > len(smoke) >= 2
-    assert "vlm" in cli.AXES and cli.AXES["vlm"] == ["vlm_peft", "vlm_quantization"]
+    assert cli.studies_of("vlm") == ["vlm_peft", "vlm_quantization"]
     with pytest.raises(ParamsError):
         expand(params_path("vlm_peft"), "smoke", {"method": "lorax"})
 

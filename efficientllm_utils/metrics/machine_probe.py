@@ -35,9 +35,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
+from ..paths import REPO_ROOT
+
 # bump a device's when its procedure changes: older caches are then ignored (cuda 5: larger shapes, batched syncs)
 PROBE_VERSION = {"cpu": 4, "cuda": 5}
-REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 DTYPES = ("fp32", "bf16", "fp16", "int8")
 ROWS = 64  # the short side of the second shape probed: oneDNN's bf16/fp16 kernels are far faster on it on some CPUs
 FFN_RATIO = 4  # the third shape's input is this much wider than its output (an FFN's down projection)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import nbformat
 
 from ..notebook_builder import build, setup_source
-from ..params import AttentionFreeRun, PretrainRun, notebook_parameters_source
+from ..params import notebook_parameters_source
+from ..studies.architecture_run import PretrainRun
+from ..studies.attention_free_run import AttentionFreeRun
 
 INTRO = {
     "attention": ("Architecture pretraining: attention", "attention",
@@ -97,7 +99,7 @@ def notebook(study: str) -> nbformat.NotebookNode:
                f"point of `params/{study}.yaml` with papermill; you can also run it by hand with other values.\n\n"
                f"{METHOD}" + (OWN_METHOD if own else "")),
         ("parameters", notebook_parameters_source(study, run_model)),
-        ("code", setup_source(run_model.__name__, module, "arch",
+        ("code", setup_source(run_model, module, "arch",
                               "arch.set_threads(p)  # torch threads for the whole run (num_threads)\n" if own else "")),
         ("md", "## 1. Data, model and its analytical costs"),
         ("code", MODEL),

@@ -4,7 +4,8 @@ from __future__ import annotations
 import nbformat
 
 from ..notebook_builder import build, setup_source
-from ..params import FinetuneRun, notebook_parameters_source
+from ..params import notebook_parameters_source
+from ..studies.finetune_run import FinetuneRun
 
 INTRO = """# Fine-tuning: one method on one base model
 
@@ -69,7 +70,7 @@ def notebooks() -> dict[str, nbformat.NotebookNode]:
     return {"notebooks/llm/peft.ipynb": build([
         ("md", INTRO),
         ("parameters", notebook_parameters_source("peft", FinetuneRun)),
-        ("code", setup_source("FinetuneRun", "finetune", "fts")),
+        ("code", setup_source(FinetuneRun, "finetune", "fts")),
         ("md", "## 1. Data and base model"),
         ("code", DATA),
         ("md", BEFORE_INTRO),

@@ -4,7 +4,8 @@ from __future__ import annotations
 import nbformat
 
 from ..notebook_builder import build, setup_source
-from ..params import QuantizationRun, notebook_parameters_source
+from ..params import notebook_parameters_source
+from ..studies.quantization_run import QuantizationRun
 
 INTRO = """# Inference quantization: one model at one precision
 
@@ -66,7 +67,7 @@ def notebooks() -> dict[str, nbformat.NotebookNode]:
     return {"notebooks/llm/quantization.ipynb": build([
         ("md", INTRO),
         ("parameters", notebook_parameters_source("quantization", QuantizationRun)),
-        ("code", setup_source("QuantizationRun", "quantization", "q")),
+        ("code", setup_source(QuantizationRun, "quantization", "q")),
         ("md", "## 1. The reference precision's outputs, then load and count bytes"),
         ("code", LOAD),
         ("md", "## 2. Quality: multiple-choice accuracy, perplexity and fidelity to the reference"),

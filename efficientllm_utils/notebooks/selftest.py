@@ -5,7 +5,8 @@ from __future__ import annotations
 import nbformat
 
 from ..notebook_builder import build
-from ..params import SelfTestRun, notebook_parameters_source
+from ..params import notebook_parameters_source
+from ..studies.selftest_run import SelfTestRun
 
 INTRO = """# Self-test: does the runner work on this machine or cluster?
 
@@ -17,7 +18,7 @@ RUN = """import os, signal, time
 
 import numpy as np
 from efficientllm_utils.metrics.values import MetricValue
-from efficientllm_utils.params import SelfTestRun
+from efficientllm_utils.studies.selftest_run import SelfTestRun
 from efficientllm_utils.records import RunContext
 
 p = SelfTestRun.from_namespace(globals())

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..records import RESULTS_DIR, RunRecord, is_explored, load_records
+from ..params import is_explored
+from ..records import RESULTS_DIR, RunRecord, load_records
 
 
 @dataclass

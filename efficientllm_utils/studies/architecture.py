@@ -38,7 +38,7 @@ from ..metrics.inference import generation_benchmark, inference_metrics
 from ..metrics.tracker import ResourceTracker
 from ..metrics.training import step_latency_metrics
 from ..metrics.values import MetricValue
-from ..params import PretrainRun
+from .architecture_run import PretrainRun
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PEAK_DTYPE = {"float32": "fp32", "bfloat16": "bf16"}  # which probed matmul peak a run's MFU is held against

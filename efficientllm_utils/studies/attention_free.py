@@ -18,7 +18,7 @@ from transformers.utils.import_utils import is_mambapy_available
 from ..arch import attention_free as af
 from ..arch.analysis import kv_cache_bytes_per_token
 from ..metrics.values import MetricValue
-from ..params import AttentionFreeRun
+from .attention_free_run import AttentionFreeRun
 from . import architecture
 from .architecture import (Data, load_data, loss_curve, measure_decode, measure_quality, measure_roofline, train,
                            training_metrics)

@@ -34,8 +34,8 @@ from ..dit.train import train as train_loop
 from ..metrics.tracker import ResourceTracker
 from ..metrics.training import step_latency_metrics
 from ..metrics.values import MetricValue
-from ..params import DiTRun
 from ..records import GRID_FILE
+from .dit_run import DiTRun
 from ..vision import fd
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

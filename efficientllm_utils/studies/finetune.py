@@ -37,7 +37,7 @@ from ..finetune.methods import cleanup, is_4bit
 from ..metrics.tracker import ResourceTracker
 from ..metrics.training import step_latency_metrics
 from ..metrics.values import MetricValue
-from ..params import FinetuneRun
+from .finetune_run import FinetuneRun
 
 ADAPTER_DIR = "adapter"  # under the run's result directory
 BASE_EVAL_DIR = ".base_eval"  # beside the runs of a profile: base-model scores by base fingerprint

@@ -36,7 +36,7 @@ from ..lvm.train import FlowStep, LatentSet, train
 from ..metrics.tracker import ResourceTracker
 from ..metrics.training import step_latency_metrics
 from ..metrics.values import MetricValue
-from ..params import LVMFinetuneRun
+from .lvm_run import LVMFinetuneRun
 from ..vision import fd
 from .lvm_quantization import _SAMPLING_CODE, _SAMPLING_PACKAGES, CLIP_FILE, GRID_FILE, cycled_cond, pipeline_modules
 

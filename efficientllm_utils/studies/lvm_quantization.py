@@ -30,8 +30,8 @@ from ..metrics.stats import summarize
 from ..metrics.tracker import ResourceTracker
 from ..metrics.values import MetricValue
 from ..precisions.counting import count_model_bytes, linear_layer_kinds
-from ..params import LVMQuantizationRun
 from ..records import GRID_FILE
+from .lvm_run import LVMQuantizationRun
 from ..vision import fd
 
 CLIP_FILE = "sample.mp4"

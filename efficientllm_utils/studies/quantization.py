@@ -27,8 +27,8 @@ from ..metrics import machine_probe, model_costs, roofline
 from ..metrics.inference import generation_benchmark, inference_metrics, time_one_request
 from ..metrics.tracker import ResourceTracker
 from ..metrics.values import MetricValue
-from ..params import QuantizationRun
 from ..precisions.counting import count_model_bytes, linear_layer_kinds
+from .quantization_run import QuantizationRun
 
 
 def load(p: QuantizationRun):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .. import finetune as ft
 from .. import score_cache
-from ..params import VLMFinetuneRun
+from .vlm_run import VLMFinetuneRun
 from ..vlm import data as vdata
 from ..vlm import scoring
 from ..vlm.base import base_provenance, base_source, heldout_items, load_processor  # noqa: F401 (re-exported)

@@ -25,7 +25,7 @@ from ..finetune.train import collate, model_extras, threads
 from ..metrics.inference import generation_benchmark, inference_metrics, time_one_request
 from ..metrics.tracker import ResourceTracker
 from ..metrics.values import MetricValue
-from ..params import VLMQuantizationRun
+from .vlm_run import VLMQuantizationRun
 from ..vlm import data as vdata
 from ..vlm import scoring
 from ..vlm.base import base_provenance, base_source, heldout_items, load_processor  # noqa: F401 (re-exported)

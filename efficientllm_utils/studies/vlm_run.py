@@ -1,0 +1,102 @@
+"""The run models of the vision-language studies (``studies/vlm_finetune.py``, ``studies/vlm_quantization.py``)."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from ..cpu_4bit import KERNELS as CPU_4BIT_KERNELS
+from ..models import OFFLINE_MODELS, check_model_source
+from ..params import RunParams
+from ..vision.images import IMAGE_SETS as IMAGE_SET_SPECS
+from ..vlm.config import IMAGE_TASKS as VLM_IMAGE_TASKS
+from ..vlm.config import TASKS as VLM_TASKS
+from ..vlm.config import AlignSettings, VisionSettings
+from .finetune_run import FinetuneBase
+from .quantization_run import VLMPrecision
+
+class VLMData(BaseModel):
+    """The vision-language runs' shared settings: the questions, and the small model's vision tower and alignment
+    (used when ``model`` is an offline language model to transplant; a released Qwen2.5-VL brings its own)."""
+
+    tasks: list[Literal[VLM_TASKS]] = Field(default_factory=lambda: ["fashion_mnist", "easy_vqa"], min_length=1)  # type: ignore[valid-type]
+    n_heldout_per_task: int = Field(48, ge=2, description="held-out questions per task (fixed test splits)")
+    eval_batch_size: int = Field(16, ge=1, description="sequences per held-out scoring batch")
+    image_size: int = Field(32, ge=16)
+    patch_size: int = Field(8, ge=2)
+    merge_size: int = Field(2, ge=1)
+    vision_depth: int = Field(4, ge=1)
+    vision_hidden_size: int = Field(128, ge=8)
+    vision_intermediate_size: int = Field(256, ge=8)
+    vision_heads: int = Field(4, ge=1)
+    align_embed_captions_per_task: int = Field(2000, ge=1)
+    align_embed_steps: int = Field(300, ge=0)
+    align_embed_batch_size: int = Field(64, ge=1)
+    align_embed_lr: float = Field(3e-3, gt=0)
+    align_captions_per_task: int = Field(512, ge=1)
+    align_steps: int = Field(12, ge=1)
+    align_batch_size: int = Field(8, ge=1)
+    align_lr: float = Field(2e-4, gt=0)
+    align_warmup_steps: int = Field(2, ge=0)
+
+    def required_assets(self) -> tuple[str, ...]:
+        images = {IMAGE_SET_SPECS[t].asset for t in self.tasks if t in IMAGE_SET_SPECS}
+        images.add(IMAGE_SET_SPECS[self.align_settings().images].asset if self.small else "easy-vqa")
+        return tuple(sorted({"smollm2", *images} | ({"easy-vqa"} if "easy_vqa" in self.tasks else set())))
+
+    @property
+    def small(self) -> bool:
+        """A small Qwen2.5-VL built around an offline language model (else a released Qwen2.5-VL)."""
+        return self.model in OFFLINE_MODELS  # type: ignore[attr-defined]
+
+    def vision_settings(self) -> VisionSettings:
+        return VisionSettings(image_size=self.image_size, patch_size=self.patch_size, merge_size=self.merge_size,
+                              depth=self.vision_depth, hidden_size=self.vision_hidden_size,
+                              intermediate_size=self.vision_intermediate_size, num_heads=self.vision_heads,
+                              seed=self.seed).check()  # type: ignore[attr-defined]
+
+    def align_settings(self) -> AlignSettings:
+        """``AlignSettings`` from the ``align_<setting>`` fields; the images are the first image task's."""
+        stages = {name: getattr(self, "align_" + name) for name in AlignSettings.model_fields
+                  if "align_" + name in VLMData.model_fields}
+        return AlignSettings(**stages, images=next((t for t in self.tasks if t in VLM_IMAGE_TASKS), "fashion_mnist"),
+                             seed=self.seed, num_threads=getattr(self, "num_threads", None))  # type: ignore[attr-defined]
+
+    @model_validator(mode="after")
+    def _vision_fits(self):
+        if self.small:
+            try:
+                self.vision_settings()
+            except ValueError as err:
+                raise ValueError(f"vision settings: {err}") from None
+        return self
+
+
+class VLMFinetuneRun(FinetuneBase, VLMData):
+    """One fine-tuning method on a Qwen2.5-VL: held-out answer accuracy before and after, training costs."""
+
+    n_train_per_task: int = Field(64, ge=1, description="training questions per task (train splits)")
+    required_assets = VLMData.required_assets
+
+
+class VLMQuantizationRun(RunParams, VLMData):
+    """A Qwen2.5-VL whose language model is loaded at one precision: answers, fidelity, size, latency, energy."""
+
+    required_assets = VLMData.required_assets
+    model: str
+    precision: VLMPrecision
+    reference_precision: VLMPrecision = "fp32"
+    cpu_4bit_kernel: Literal[CPU_4BIT_KERNELS] = "auto"  # type: ignore[valid-type]
+    new_tokens: int = Field(8, ge=2, description="tokens decoded per timed request (after the image prompt)")
+    batch_size: int = Field(1, ge=1, le=1, description="prompts per timed request: one question with its image")
+    warmup: int = Field(1, ge=0)
+    min_iterations: int = Field(3, ge=1)
+    min_seconds: float = Field(0.0, ge=0)
+    tracked_requests: int = Field(2, ge=1)
+    sample_interval_s: float = Field(0.1, gt=0)
+    num_threads: int | None = Field(None, ge=1)
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        return check_model_source(value)
