@@ -14,7 +14,7 @@
   run whose worker is lost is retried ``max_retries`` times, then recorded as failed.
   A record that cannot be read counts as a failed run. Records are written
   atomically, so an interrupted profile resumes where it stopped, and a run is
-  claimed while it executes (``claims.py``), so two invocations never run it twice.
+  claimed while it executes (``run_lock.py``), so two invocations never run it twice.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .claims import claim, holder
+from .run_lock import claim, holder
 from .params import RunSpec
 from .paths import REPO_ROOT
 from .records import (NOTEBOOK_NAME, RunRecord, UnreadableRecord, error_headline, now, provenance, read_record,

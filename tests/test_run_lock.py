@@ -7,7 +7,7 @@ import time
 import pytest
 
 from efficientllm_utils import cli, runner
-from efficientllm_utils.claims import claim, holder
+from efficientllm_utils.run_lock import claim, holder
 from efficientllm_utils.clusters import load_slurm_profile
 from efficientllm_utils.params import PARAMS_DIR, ParamsError, expand
 from efficientllm_utils.records import RunRecord, aggregate, load_records, now, run_dir, write_record
@@ -26,7 +26,7 @@ def _write_ok(spec, root, **fields):
 def test_a_claim_excludes_other_processes_until_released(results_root):
     spec = _smoke()[0]
     directory = run_dir(spec.study, spec.profile, spec.run_id, results_root)
-    holder_script = ("import sys, time; from pathlib import Path; from efficientllm_utils.claims import claim\n"
+    holder_script = ("import sys, time; from pathlib import Path; from efficientllm_utils.run_lock import claim\n"
                      "with claim(Path(sys.argv[1])) as owned:\n    print(owned, flush=True); time.sleep(60)")
     other = subprocess.Popen([sys.executable, "-c", holder_script, str(directory)], stdout=subprocess.PIPE, text=True)
     try:
