@@ -105,18 +105,6 @@ def make_pipeline(transformer, vae, text: dict):
     return pipe
 
 
-def paper_pipeline(dtype=torch.bfloat16, quantization_config=None):
-    """The real SD3.5-medium from the hub (network): its transformer optionally quantized by diffusers'
-    bitsandbytes integration."""
-    import diffusers
-
-    kwargs = {}
-    if quantization_config is not None:
-        kwargs["transformer"] = getattr(diffusers, TRANSFORMER_CLASS).from_pretrained(
-            PAPER_REPO, subfolder="transformer", quantization_config=quantization_config, torch_dtype=dtype)
-    return getattr(diffusers, PIPELINE_CLASS).from_pretrained(PAPER_REPO, torch_dtype=dtype, **kwargs)
-
-
 @torch.no_grad()
 def encode_captions(pipe, captions: list[str]) -> dict[str, torch.Tensor]:
     """The denoiser's text conditioning for each caption, as the pipeline computes it (no guidance):

@@ -148,10 +148,3 @@ def load_processor(path: str | Path):
 
     vision = VisionSettings.model_validate(checkpoint_info(path)["vision"])
     return build_processor(AutoTokenizer.from_pretrained(str(path)), vision)
-
-
-def load_aligned(path: str | Path, dtype: torch.dtype = torch.float32):
-    """``(model, processor)`` of an aligned checkpoint, fp32, eval mode."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(str(path), dtype=dtype).eval(), load_processor(path)
