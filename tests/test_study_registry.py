@@ -60,3 +60,14 @@ def test_the_notebook_generator_writes_exactly_the_registry_s_notebooks():
     from efficientllm_utils.notebooks import notebooks
 
     assert sorted(notebooks()) == sorted({s.notebook for s in study_registry.STUDIES})
+
+
+def test_run_pages_are_titled_from_the_registry_for_every_study():
+    from efficientllm_utils import book
+
+    assert book.run_title("dit_moe", "variant=moe-8x2", {"variant": "moe-8x2"}) == "DiT MoE: moe-8x2"
+    assert book.run_title("dit_attention", "attention=nsa", {"attention": "nsa"}) == "DiT attention: nsa"
+    for study in study_registry.STUDIES:  # every template names fields of its run model
+        fields = set(run_model(study.name).model_fields)
+        named = {part.split("}")[0] for part in study.run_title.split("{")[1:]}
+        assert named <= fields, (study.name, named - fields)
