@@ -290,20 +290,20 @@ def notebook_run(study: str | None, params: dict[str, Any]) -> tuple[str, str, E
             Exploration(profile=base, changed=changed, outside_grid=outside, how="notebook"))
 
 
-def notebook_parameters_source(study: str, run_model: type[RunParams]) -> str:
-    """The ``parameters`` cell of a generated notebook: every ``run_model`` field at the first grid point of
+def notebook_parameters_source(study: str, model: type[RunParams]) -> str:
+    """The ``parameters`` cell of a generated notebook: every ``model`` field at the first grid point of
     ``params/<study>.yaml``'s default profile (so a notebook run by hand reproduces that run), then the fields the
     runner sets."""
     raw = yaml.safe_load(params_path(study).read_text())
     profile = raw["profiles"][raw["default_profile"]]
     point = {k: v[0] for k, v in profile.get("grid", {}).items()}
     values = {**profile.get("fixed", {}), **profile.get("variants", {}).get(point.get("variant"), {}), **point}
-    params = run_model.model_validate(values).model_dump(mode="json")
+    params = model.model_validate(values).model_dump(mode="json")
 
     def python(value) -> str:
         return "None" if value is None else repr(value) if isinstance(value, (str, float, int)) else json.dumps(value)
 
-    lines = [f"# Parameters (papermill replaces this cell's values; names match {run_model.__name__}'s fields).",
+    lines = [f"# Parameters (papermill replaces this cell's values; names match {model.__name__}'s fields).",
              f"# Defaults: the first run of params/{study}.yaml's {raw['default_profile']!r} profile."]
     lines += [f"{name} = {python(value)}" for name, value in params.items()]
     lines += [f"study = {study!r}  # the params file this notebook's runs belong to",

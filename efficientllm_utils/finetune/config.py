@@ -1,7 +1,7 @@
 """Settings of the fine-tuning axis: the method, the training loop and the data.
 
 These are the library's inputs. A run's values live in ``params/peft.yaml`` (profiles
-``cpu``, ``smoke``, ``paper``), validated by ``params.FinetuneRun``, which is the union of
+``cpu``, ``smoke``, ``paper``), validated by ``studies.finetune_run.FinetuneRun``, which is the union of
 these three models plus the run's model and method; ``FinetuneRun.method_settings()``,
 ``train_settings()`` and ``data_settings()`` build the objects below from it.
 """

@@ -1,4 +1,4 @@
-"""Settings of the vision-language axis (no heavy imports: ``params.py`` builds them from a run's fields)."""
+"""Settings of the vision-language axis (no heavy imports: ``studies/vlm_run.py`` builds them from a run's fields)."""
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
