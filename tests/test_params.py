@@ -156,7 +156,8 @@ def test_set_variant_selects_a_bundle_or_is_refused_naming_the_bundles(capsys):
 def test_cli_list_with_set_and_grid(capsys):
     assert cli.main(["list", "quantization", "--set", "precision=int8"]) == 0
     out, err = capsys.readouterr()
-    assert out.splitlines() == [f"quantization\tcpu\t{expand(params_path('quantization'))[3].run_id}\tprecision=int8"]
+    (int8,) = [s for s in expand(params_path("quantization")) if s.params["precision"] == "int8"]
+    assert out.splitlines() == [f"quantization\tcpu\t{int8.run_id}\tprecision=int8"]
     assert "outside" not in err
     assert cli.main(["list", "quantization", "--grid", "precision=int8,int4-fp4"]) == 0
     out, err = capsys.readouterr()

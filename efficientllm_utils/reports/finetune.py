@@ -13,7 +13,7 @@ from .findings import Finding, common_caveats, decide_claims, findings_markdown,
 from .leaderboard import Leaderboard, against_paper, rank_methods
 from .load import StudyResults
 from .paper import paper_ranks, size_group
-from .verdicts import CONFIDENCE, INCONCLUSIVE, Difference, bootstrap_ratio, decide, paired_accuracy, point_difference
+from .verdicts import AGREES, CONFIDENCE, DISAGREES, INCONCLUSIVE, Difference, bootstrap_ratio, decide, paired_accuracy
 
 AXIS, GROUP = "fine_tuning", "peft"
 
@@ -21,9 +21,12 @@ AXIS, GROUP = "fine_tuning", "peft"
 # QLoRA is not in the paper's leaderboard
 PAPER_METHOD_NAMES = {"lora": "LoRA", "loraplus": "LoRA-Plus", "rslora": "RSLoRA", "dora": "DoRA", "pissa": "PiSSA",
                       "freeze": "Freeze", "full": "Full"}
-# leaderboard metric -> results_table column; quality is the final training loss, lower is better
-LEADERBOARD_METRICS = {"Perf": "final_loss", "AMU": "AMU_GB", "PCU": "PCU", "AL": "AL_s", "ST": "ST", "AEC": "AEC_W"}
-METRIC_WORDS = {"AL_s": "the training step time (AL)", "final_loss": "the final training loss"}
+# leaderboard metric -> results_table column. The paper's quality is the final training loss; ours is held-out
+# accuracy after training (higher is better): a few training steps' loss is no measure of quality here (it swings with
+# the batch, and at one learning rate RSLoRA's larger scale lowers it mechanically)
+LEADERBOARD_METRICS = {"Perf": "acc_after", "AMU": "AMU_GB", "PCU": "PCU", "AL": "AL_s", "ST": "ST", "AEC": "AEC_W"}
+METRIC_WORDS = {"AL_s": "the training step time (AL)", "accuracy": "the held-out accuracy after training"}
+IMPROVES, WORSENS = "improves", "worsens"
 
 
 def results_table(res):
@@ -43,6 +46,7 @@ def results_table(res):
         "model": df["param_model"].map(model_label).to_numpy(),
         "method": df["param_method"].to_numpy(),
         "label": df["label"].to_numpy(),
+        "dataset": (df["param_dataset"] if "param_dataset" in df else pd.Series("", index=df.index)).to_numpy(),
         "lr": df["param_lr"].to_numpy(), "rank": df["param_rank"].to_numpy(), "alpha": df["param_alpha"].to_numpy(),
         "steps": df["param_steps"].to_numpy(), "batch_size": df["param_batch_size"].to_numpy(),
         "n_heldout": q("n_heldout"),
@@ -96,7 +100,7 @@ def leaderboard(table):
     """Our per-metric ranks (1 = best), per model, of the methods the paper's leaderboard has."""
     ours = table[table["method"].isin(PAPER_METHOD_NAMES)].copy()
     ours["method"] = ours["method"].map(PAPER_METHOD_NAMES)
-    return rank_methods(ours, LEADERBOARD_METRICS, {"Perf": False})
+    return rank_methods(ours, LEADERBOARD_METRICS, {"Perf": True})
 
 
 def parameter_counts(table) -> dict[str, float]:
@@ -140,15 +144,17 @@ def _timed_seconds(record) -> list[float]:
 
 
 def compare(record_a, record_b, metric: str, tolerance: float) -> Difference | None:
-    """Step times by a bootstrap interval over the timed steps; the final loss (a mean over the last steps, on the
-    same sequences for every method) by a relative tolerance."""
+    """Step times by a bootstrap interval over the timed steps; held-out accuracy after training by a paired
+    bootstrap over the same items (None where the runs were not scored on the same items). No rule reads the
+    training loss."""
     if metric == "AL_s":
         a, b = _timed_seconds(record_a), _timed_seconds(record_b)
         return bootstrap_ratio(a, b) if a and b else None
-    if metric == "final_loss":
-        return point_difference(record_a.quality["final_loss"], record_b.quality["final_loss"], tolerance,
-                                  f"tolerance over the mean of the last {record_a.quality.get('final_loss_steps')} "
-                                  "steps")
+    if metric == "accuracy":
+        qa, qb = record_a.quality, record_b.quality
+        if not qa.get("correct_after") or qa.get("heldout_rows_sha256") != qb.get("heldout_rows_sha256"):
+            return None
+        return paired_accuracy(qa["correct_after"], qb["correct_after"])
     raise ValueError(f"no comparison rule for {metric!r}")
 
 
@@ -168,9 +174,11 @@ def findings(res, table) -> list[Finding]:
         subject, baseline = PAPER_METHOD_NAMES[claim["subject"]], PAPER_METHOD_NAMES[claim["baseline"]]
         if subject not in perf or baseline not in perf or perf[subject] == perf[baseline]:
             return None, ""
-        direction = "lower" if perf[subject] < perf[baseline] else "higher"
+        better = perf[subject] < perf[baseline]  # the paper's Perf rank 1 = the lowest final loss = the best
+        direction = "higher" if better else "lower"
         return direction, (f"at {group} the paper ranks {subject} {int(perf[subject])} and {baseline} "
-                           f"{int(perf[baseline])} on loss, so {subject}'s loss should be {direction}; {why}")
+                           f"{int(perf[baseline])} on quality (its final loss), so {subject}'s held-out accuracy "
+                           f"should be {direction}; {why}")
 
     def run_compare(claim, model, subject, baseline):
         return compare(runs[model, subject], runs[model, baseline], claim["metric"], float(claim["tolerance"] or 0))
@@ -179,17 +187,42 @@ def findings(res, table) -> list[Finding]:
 
 
 def accuracy_changes(res) -> pd.DataFrame:
-    """Held-out accuracy after against before training, per run, paired over the same items."""
+    """Held-out accuracy after against before training, per run, paired over the same items: the change in
+    accuracy points with its paired bootstrap 95% interval (``paired_accuracy``'s draws, rescaled from relative to
+    points), and whether the method improves over its base (the interval above 0), worsens it (below 0) or is
+    inconclusive."""
     rows = []
     for (model, method), r in _records_by(res).items():
         before, after = r.quality.get("correct_before"), r.quality.get("correct_after")
         if not before or not after or len(before) != len(after):
             continue
         diff = paired_accuracy(after, before)
+        base = (sum(before) / len(before)) or 1.0  # paired_accuracy's differences are relative to this
+        verdict = {AGREES: IMPROVES, DISAGREES: WORSENS}.get(decide(diff, "higher"), INCONCLUSIVE)
         rows.append({"model": model, "method": method, "before": sum(before) / len(before),
-                     "after": sum(after) / len(after), "items": len(after), "low": diff.low, "high": diff.high,
-                     "changed": decide(diff, "higher") != INCONCLUSIVE})
+                     "after": sum(after) / len(after), "items": len(after), "change": diff.estimate * base,
+                     "low": diff.low * base, "high": diff.high * base, "verdict": verdict, "how": diff.how})
     return pd.DataFrame(rows)
+
+
+CHANGE_COLUMNS = {"model": "model", "method": "method", "before": "accuracy before", "after": "accuracy after",
+                  "change": "change (points)", "interval": "95% interval (points)", "verdict": "against the base",
+                  "items": "items"}
+
+
+def show_changes(res) -> None:
+    """Per method: held-out accuracy before and after, the paired change with its interval, the verdict."""
+    from IPython.display import display
+
+    changes = accuracy_changes(res)
+    if changes.empty:
+        return
+    changes = changes.assign(
+        interval=[f"{100 * lo:+.1f} to {100 * hi:+.1f}" for lo, hi in zip(changes["low"], changes["high"])],
+        change=[f"{100 * x:+.1f}" for x in changes["change"]])
+    columns = CHANGE_COLUMNS if changes["model"].nunique() > 1 else {k: v for k, v in CHANGE_COLUMNS.items()
+                                                                      if k != "model"}
+    display(show(changes, columns, {"before": "{:.3f}", "after": "{:.3f}"}))
 
 
 def observations(res, table) -> list[str]:
@@ -197,19 +230,24 @@ def observations(res, table) -> list[str]:
     changes = accuracy_changes(res)
     out = []
     for model, group in changes.groupby("model", sort=False) if len(changes) else []:
-        changed = group[group["changed"]]
         prefix = f"{model}: " if changes["model"].nunique() > 1 else ""
+        by = {v: list(group.loc[group["verdict"] == v, "method"]) for v in (IMPROVES, WORSENS, INCONCLUSIVE)}
         out.append(
             f"{prefix}held-out accuracy on {int(group['items'].iloc[0])} items never trained on: before "
-            f"{group['before'].median():.2f} (median), after {group['after'].min():.2f}-{group['after'].max():.2f}; "
-            f"{len(changed)} of {len(group)} methods changed it beyond the paired {100 * CONFIDENCE:.0f}% "
-            "interval" + (f" ({', '.join(changed['method'])})" if len(changed) else "") + ".")
+            f"{group['before'].median():.3f} (median), after {group['after'].min():.3f}-{group['after'].max():.3f}. "
+            f"By a paired {100 * CONFIDENCE:.0f}% interval over the items, "
+            + "; ".join(f"{len(ms)} of {len(group)} methods {word}" + (f" ({', '.join(ms)})" if ms else "")
+                        for word, ms in (("improve over the base", by[IMPROVES]), ("worsen it", by[WORSENS]),
+                                         ("are inconclusive", by[INCONCLUSIVE])))
+            + ".")
     for model, group in table.groupby("model", sort=False):
         prefix = f"{model}: " if table["model"].nunique() > 1 else ""
-        out.append(f"{prefix}the probability of answering exactly *yes* or *no* went from "
-                   f"{group['answer_mass_before'].median():.2f} to {group['answer_mass_after'].median():.2f} (median "
-                   f"over methods), the gold answer's log-probability from {group['gold_logprob_before'].median():.2f} "
-                   f"to {group['gold_logprob_after'].median():.2f}.")
+        mass = ("the probability of answering exactly *yes* or *no*" if (group["dataset"] == "boolq").all()
+                else "the probability of the exact gold answer")
+        out.append(f"{prefix}{mass} went from {group['answer_mass_before'].median():.3f} to "
+                   f"{group['answer_mass_after'].median():.3f} (median over methods), the gold answer's "
+                   f"log-probability from {group['gold_logprob_before'].median():.2f} to "
+                   f"{group['gold_logprob_after'].median():.2f}.")
     return out
 
 
@@ -229,11 +267,16 @@ def summary(res, table) -> str:
     if table.empty:
         return "*No results yet: run `make reproduce AXIS=peft`.*"
     found = findings(res, table)
+    changes = accuracy_changes(res)
     lines = [f"This run fine-tuned {table['model'].nunique()} base model(s) with {table['method'].nunique()} "
              f"method(s). The paper's claims: {verdict_counts(found)}."]
     for model, g in table.groupby("model", sort=False):
-        lines.append(f"- **{model}**: the lowest final loss is {g.loc[g['final_loss'].idxmin(), 'method']}'s "
-                     f"({g['final_loss'].min():.3f}), the fastest step {g.loc[g['AL_s'].idxmin(), 'method']}'s "
+        mine = changes[changes["model"] == model] if len(changes) else changes
+        improved = list(mine.loc[mine["verdict"] == IMPROVES, "method"]) if len(mine) else []
+        lines.append(f"- **{model}**: {len(improved)} of {len(g)} methods improve held-out accuracy over the base by "
+                     f"a paired {100 * CONFIDENCE:.0f}% interval" + (f" ({', '.join(improved)})" if improved else "")
+                     + f"; the highest accuracy after training is {g.loc[g['acc_after'].idxmax(), 'method']}'s "
+                     f"({g['acc_after'].max():.3f}), the fastest step {g.loc[g['AL_s'].idxmin(), 'method']}'s "
                      f"({g['AL_s'].min():.3g} s/step), the slowest {g.loc[g['AL_s'].idxmax(), 'method']}'s "
                      f"({g['AL_s'].max():.3g} s/step); the smallest saved adapter "
                      f"{g.loc[g['adapter_MB'].idxmin(), 'method']}'s ({g['adapter_MB'].min():.2f} MB).")

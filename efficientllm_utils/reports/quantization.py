@@ -10,7 +10,8 @@ from .findings import Finding, common_caveats, decide_claims, findings_markdown,
 from .leaderboard import Leaderboard, against_paper, rank_methods
 from .load import StudyResults
 from .paper import paper_figures
-from .verdicts import Difference, bootstrap_ratio, paired_accuracy, point_difference, tracked_difference
+from .verdicts import (MIN_SAMPLES, Difference, bootstrap_ratio, mean_interval, paired_accuracy, point_difference,
+                       tracked_difference)
 
 AXIS, GROUP = "inference", "quantization"
 # The paper's leaderboard methods (its Table 9) and the precision each is compared through: the first registered that
@@ -69,6 +70,68 @@ def quantization_table(res: StudyResults) -> pd.DataFrame:
         if column not in table:
             table[column] = np.nan
     return table.astype({col: float for col in ("kl", "top1", "flip_rate", "PCU") if col in table})
+
+
+def fidelity_intervals(record) -> dict | None:
+    """A run's fidelity to its reference with 95% bootstrap intervals: the mean next-token KL and top-1 agreement
+    over the text's positions (each window of ``ppl_seq_len`` tokens resampled as one block: its positions are not
+    independent), the answer flip rate over the scored items of every task. None for the reference itself and for a
+    record without per-token values (a paper shape's random weights)."""
+    raw, params = record.raw.get("fidelity") or {}, record.params  # the notebook's raw["fidelity"]
+    if params["precision"] == params["reference_precision"] or not raw.get("kl_per_token"):
+        return None
+    block = int(params.get("ppl_seq_len") or 256) - 1  # predicted positions per window
+    flipped = [f for task in params["tasks"] for f in raw.get("flipped", {}).get(task, [])]
+    out = {"model": model_label(params["model"]), "precision": params["precision"],
+           "reference": params["reference_precision"], "tokens": len(raw["kl_per_token"]),
+           "windows": -(-len(raw["kl_per_token"]) // block), "items": len(flipped)}
+    for name, values, cluster in (("kl", raw["kl_per_token"], block), ("top1", raw["top1_agree"], block),
+                                  ("flip_rate", flipped, 1)):
+        out[name], out[f"{name}_low"], out[f"{name}_high"] = mean_interval(values, cluster)
+    return out
+
+
+def fidelity_table(res: StudyResults) -> pd.DataFrame:
+    """The primary fidelity signals, one row per non-reference run (``fidelity_intervals``)."""
+    return pd.DataFrame([row for r in res.ok_records if (row := fidelity_intervals(r)) is not None])
+
+
+FIDELITY_COLUMNS = {"model": "model", "precision": "precision", "reference": "reference",
+                    "kl_interval": "KL to reference (nats/token)", "top1_interval": "top-1 agreement",
+                    "flip_interval": "answer flip rate", "tokens": "positions", "items": "items"}
+
+
+def show_fidelity(res: StudyResults):
+    """The fidelity table: each value with its interval in one column."""
+    table = fidelity_table(res)
+    if table.empty:
+        return show(table, {})
+
+    def cell(name: str, fmt: str) -> list[str]:
+        return [f"{fmt.format(v)} ({_interval(lo, hi, fmt)})"
+                for v, lo, hi in zip(table[name], table[f"{name}_low"], table[f"{name}_high"])]
+
+    table = table.assign(kl_interval=cell("kl", "{:.4f}"), top1_interval=cell("top1", "{:.3f}"),
+                         flip_interval=cell("flip_rate", "{:.3f}"))
+    return show(table, _without_single_model(table, FIDELITY_COLUMNS))
+
+
+def _interval(low: float, high: float, fmt: str) -> str:
+    if np.isnan(low) or np.isnan(high):
+        return f"no interval: fewer than {MIN_SAMPLES} windows"
+    return f"95% interval {fmt.format(low)} to {fmt.format(high)}"
+
+
+def fidelity_lines(res: StudyResults) -> list[str]:
+    """One sentence per non-reference run: its KL, top-1 agreement and flip rate with their intervals."""
+    table = fidelity_table(res)
+    several = table["model"].nunique() > 1 if len(table) else False
+    return [f"{r.model + ' ' if several else ''}{r.precision} against {r.reference}: next-token KL "
+            f"{r.kl:.4f} nats/token ({_interval(r.kl_low, r.kl_high, '{:.4f}')}), top-1 agreement "
+            f"{r.top1:.3f} ({_interval(r.top1_low, r.top1_high, '{:.3f}')}) over {r.tokens} positions in {r.windows} "
+            f"windows; answers flipped on {r.flip_rate:.3f} of {r.items} items "
+            f"({_interval(r.flip_rate_low, r.flip_rate_high, '{:.3f}')})."
+            for r in table.itertuples()]
 
 
 def parameter_counts(table: pd.DataFrame) -> dict[str, float | None]:
@@ -173,9 +236,16 @@ def caveats(res: StudyResults, table: pd.DataFrame) -> list[str]:
     out = common_caveats(res, counts, 1.5e9, MIN_ITEMS, items)
     gguf = sorted({m for m in res.ok.get("param_model", pd.Series(dtype=str)) if _ships_as_gguf(m)})
     if gguf:
-        out.append(f"{', '.join(gguf)} ships as 4-bit GGUF weights dequantised on load: its reference precision "
-                   "already carries 4-bit rounding, which flatters int4's quality drop.")
+        out.append(reference_note(gguf))
     return out
+
+
+def reference_note(models: list[str]) -> str:
+    """What the reference of an offline model is, and what that does to every claim measured against it."""
+    return (f"{', '.join(models)}: the reference is its Q4_1 GGUF (the only SmolLM2 weights that ship offline; no "
+            "full-precision small LLM is reachable here) dequantised to fp32. Every fidelity figure and accuracy "
+            "change is against those weights, which already carry 4-bit rounding: int4 re-quantises weights that "
+            "were 4-bit already, which flatters its drop against what it would lose from bf16 weights.")
 
 
 def _ships_as_gguf(model: str) -> bool:
@@ -187,7 +257,7 @@ def _ships_as_gguf(model: str) -> bool:
 def findings_text(res: StudyResults, table: pd.DataFrame) -> str:
     if table.empty:
         return "*No results yet.*"
-    return findings_markdown(findings(res), caveats=caveats(res, table))
+    return findings_markdown(findings(res), fidelity_lines(res), caveats=caveats(res, table))
 
 
 def summary(res: StudyResults, table: pd.DataFrame) -> str:
@@ -197,6 +267,9 @@ def summary(res: StudyResults, table: pd.DataFrame) -> str:
     found = findings(res)
     lines = [f"This run measured {table['model'].nunique()} model(s) at {table['precision'].nunique()} precision(s) "
              f"({', '.join(dict.fromkeys(table['precision']))}). The paper's claims: {verdict_counts(found)}."]
+    gguf = sorted({model_label(m) for m in res.ok.get("param_model", pd.Series(dtype=str)) if _ships_as_gguf(m)})
+    if gguf:
+        lines.append(f"- **The reference.** {reference_note(gguf)}")
     records = _records_by(res)
     for model, group in table.groupby("model", sort=False):
         g = group.dropna(subset=["compression"])
@@ -205,7 +278,8 @@ def summary(res: StudyResults, table: pd.DataFrame) -> str:
         small, fast = g.loc[g["model_MB"].idxmin()], g.loc[g["AL_s"].idxmin()]
         items = _correct(records[(model, small["precision"])]) if (model, small["precision"]) in records else None
         on_items = f" on {len(items)} scored items" if items else ""
-        kl = f", next-token KL to {small['reference']} {small['kl']:.3g} nats/token" if pd.notna(small.get("kl")) else ""
+        kl = (f", next-token KL to {small['reference']} {small['kl']:.3g} nats/token and top-1 agreement "
+              f"{small['top1']:.3f}" if pd.notna(small.get("kl")) else "")
         change = (f"its accuracy changed by {small['accuracy_change_pct']:+.1f}%{on_items}{kl}"
                   if pd.notna(small["accuracy_change_pct"]) else
                   "no quality was measured (random weights of the paper model's shape: efficiency figures only)")

@@ -123,6 +123,27 @@ def paired_ratio(subject: list[float], baseline: list[float], seed: int = 0) -> 
     return Difference(estimate, float(low - 1), float(high - 1), f"paired bootstrap over {n} items")
 
 
+def mean_interval(values: list[float], cluster_size: int = 1, seed: int = 0) -> tuple[float, float, float]:
+    """The mean of ``values`` with a percentile bootstrap interval (``CONFIDENCE``), resampling consecutive blocks
+    of ``cluster_size`` values as units (the positions of one text window are not independent draws; items are, at
+    ``cluster_size=1``). NaN bounds under ``MIN_SAMPLES`` blocks; shares (0/1 values) that are all 0 or all 1 get the
+    rule of three (at most 3/n away) instead of a degenerate bootstrap, as ``paired_accuracy``."""
+    x = np.asarray(values, float)
+    if not len(x):
+        return float("nan"), float("nan"), float("nan")
+    if np.isin(x, (0, 1)).all() and len(set(x.tolist())) == 1 and len(x) >= MIN_SAMPLES:
+        edge = float(x[0])
+        return edge, max(0.0, edge - 3 / len(x)), min(1.0, edge + 3 / len(x))
+    blocks = [x[i: i + cluster_size] for i in range(0, len(x), max(1, cluster_size))]
+    if len(blocks) < MIN_SAMPLES:
+        return float(x.mean()), float("nan"), float("nan")
+    sums, counts = np.array([b.sum() for b in blocks]), np.array([len(b) for b in blocks])
+    idx = np.random.default_rng(seed).integers(0, len(blocks), (BOOTSTRAP_DRAWS, len(blocks)))
+    tail = 100 * (1 - CONFIDENCE) / 2
+    low, high = np.percentile(sums[idx].sum(1) / counts[idx].sum(1), [tail, 100 - tail])
+    return float(x.mean()), float(low), float(high)
+
+
 def point_difference(subject: float, baseline: float, tolerance: float, what: str) -> Difference:
     """One value per run: the relative difference, its interval the noise ``tolerance`` on either side."""
     if (undefined := undefined_difference(subject, baseline)) is not None:

@@ -4,17 +4,18 @@ Every run of a profile starts from the same base weights and trains on the same 
 in the same order, for the same steps, with the same seed and schedule; only the method
 (and its peak lr, ``method_overrides`` in ``params/peft.yaml``) changes. Phases:
 
-1. data and base: the tokenizer, the instruction data (BoolQ as a chat task, or one of the
-   paper's SFT sets) and the base model (fp32, or 4-bit for QLoRA);
-2. held-out accuracy BEFORE training, on multiple-choice items never trained on (BoolQ's
-   held-out split), scored by log-likelihood like lm-evaluation-harness, on the base that run
+1. data and base: the tokenizer, the instruction data (ASDiv or BoolQ as a chat task, or one of
+   the paper's SFT sets) and the base model (fp32, or 4-bit for QLoRA);
+2. held-out accuracy BEFORE training, on items never trained on (the held-out split): ASDiv's by
+   greedy exact match of the number, BoolQ's multiple-choice items by log-likelihood like
+   lm-evaluation-harness, on the base that run
    trains (QLoRA's is the 4-bit base); a run whose base fingerprint (weights, items, scoring
    code and packages) matches an earlier run's reuses its scores and says so;
 3. training under the resource tracker (sampling every ``sample_interval_s``, the paper's
    1 s): raw per-step samples (loss, seconds, sequences, tokens, example rows) from which the
-   paper's metrics are computed: quality = final training loss (mean of the last
-   ``final_loss_steps`` steps), AL (s/iter), ST (samples / parameter / s), with AMU, PCU, AEC
-   and energy from the tracker;
+   paper's metrics are computed: its quality = final training loss (mean of the last
+   ``final_loss_steps`` steps; recorded, while the chapter decides quality on held-out accuracy),
+   AL (s/iter), ST (samples / parameter / s), with AMU, PCU, AEC and energy from the tracker;
 4. held-out accuracy AFTER training, then the adapter (or the trained weights of freeze and
    full) saved next to the record, its bytes on disk counted.
 """
@@ -113,6 +114,8 @@ def evaluate(model, data: Data, p: FinetuneRun) -> dict:
     with merged_adapter(model) as merged:
         result = ft.evaluate_heldout(model, data.tokenizer, data.eval_items, num_threads=p.num_threads,
                                      max_batch_tokens=p.eval_batch_tokens)
+    # the probability of answering within the answer set (BoolQ: exactly yes or no); of the exact answer for
+    # exact-answer items (one "choice": the gold answer)
     result["answer_mass"] = sum(sum(math.exp(s) for s in scores) for scores in result["scores"]) / result["n"]
     result["merged_adapter"] = merged
     result["seconds"] = time.perf_counter() - t0
