@@ -13,11 +13,13 @@ One grid point of the fine-tuning study. The runner (`make reproduce AXIS=peft`)
 with papermill, injecting the values of `params/peft.yaml` (each method's own lr already resolved from the profile's
 `method_overrides`); you can also run it by hand with other values.
 
-**Method.** Load the base model (fp32; QLoRA: 4-bit NF4) and the instruction data (BoolQ as a chat task: answer *yes* or
-*no*); score held-out multiple-choice items never trained on by log-likelihood; build the method through `peft`;
+**Method.** Load the base model (fp32; QLoRA: 4-bit NF4) and the instruction data (the `cpu` profile: ASDiv as a chat
+task answered by the number alone; others: BoolQ, answer *yes* or *no*); score held-out items never trained on (the
+number by greedy exact match, yes/no by log-likelihood); build the method through `peft`;
 train with the one loop every method shares (same rows in the same order, same steps, schedule and seed) under the
 resource tracker, sampling every second; score the held-out items again; save the adapter and count its bytes.
-The paper's quality metric is the final training loss; every metric records how it was obtained."""
+The paper's quality metric is the final training loss (recorded; the chapter decides on held-out accuracy); every
+metric records how it was obtained."""
 
 DATA = """data = fts.load_data(p)
 model, load_s = fts.load_base(p)
