@@ -338,7 +338,7 @@ def test_heldout_evaluation_uses_the_mc_interface(tiny_dir, boolq, tokenizer):
 
 def test_paper_datasets_are_named_by_hub_id():
     assert tuple(fdata.PAPER_DATASETS) == ft.PAPER_DATASET_IDS
-    assert ft.DATASETS == ("boolq", "O1-OPEN/OpenO1-SFT", "FreedomIntelligence/medical-o1-reasoning-SFT")
+    assert ft.DATASETS == ("boolq", "asdiv", "O1-OPEN/OpenO1-SFT", "FreedomIntelligence/medical-o1-reasoning-SFT")
     with pytest.raises(ValueError, match="boolq"):
         ft.DataSettings(dataset="openo1-sft")
 

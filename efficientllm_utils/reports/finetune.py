@@ -46,7 +46,6 @@ def results_table(res):
         "model": df["param_model"].map(model_label).to_numpy(),
         "method": df["param_method"].to_numpy(),
         "label": df["label"].to_numpy(),
-        "dataset": (df["param_dataset"] if "param_dataset" in df else pd.Series("", index=df.index)).to_numpy(),
         "lr": df["param_lr"].to_numpy(), "rank": df["param_rank"].to_numpy(), "alpha": df["param_alpha"].to_numpy(),
         "steps": df["param_steps"].to_numpy(), "batch_size": df["param_batch_size"].to_numpy(),
         "n_heldout": q("n_heldout"),
@@ -242,7 +241,8 @@ def observations(res, table) -> list[str]:
             + ".")
     for model, group in table.groupby("model", sort=False):
         prefix = f"{model}: " if table["model"].nunique() > 1 else ""
-        mass = ("the probability of answering exactly *yes* or *no*" if (group["dataset"] == "boolq").all()
+        datasets = {r.params.get("dataset") for r in res.ok_records if model_label(r.params["model"]) == model}
+        mass = ("the probability of answering exactly *yes* or *no*" if datasets == {"boolq"}
                 else "the probability of the exact gold answer")
         out.append(f"{prefix}{mass} went from {group['answer_mass_before'].median():.3f} to "
                    f"{group['answer_mass_after'].median():.3f} (median over methods), the gold answer's "
