@@ -11,16 +11,20 @@ Shapes default to one layer of the paper's 0.5B model (hidden 896, 14 heads,
 2 KV heads, head 64; MLA latent 112; 8 experts, top-2). Forward runs under
 ``no_grad``; "fwd+bwd" is forward plus backward of ``out.sum()``. The two
 sides alternate within each repetition so that machine noise hits both alike.
-Prints a markdown table of median and p90 milliseconds and the ratio ours/HF.
+Prints a markdown table of median and p90 milliseconds and the ratio ours/HF; ``--json PATH`` also writes the
+timings with the machine's provenance (``records.provenance``: hardware, packages, load), which the attention
+chapter shows (``RESULT``, committed).
 
-    python -m benchmarks.arch_vs_hf [--batch 2] [--seq 128] [--reps 10] [--device cpu]   # from the repo root
+    python -m benchmarks.arch_vs_hf [--batch 2] [--seq 128] [--reps 10] [--device cpu] [--json PATH]   # repo root
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
@@ -32,6 +36,7 @@ from efficientllm_utils.arch.ffn import SparseMoE
 from efficientllm_utils.arch.hf_reference import (deepseek_v3_attention, mla_state_dict, moe_block, moe_state_dict,
                                                   qwen2_config)
 from efficientllm_utils.arch.mla import MultiHeadLatentAttention
+from efficientllm_utils.reports.architecture import MODULE_TIMINGS as RESULT  # the run the attention chapter shows
 from efficientllm_utils.arch.position import RotaryEmbedding
 
 SIZE = "0.5B"  # one layer of the paper's smallest model
@@ -135,6 +140,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--json", type=Path, help=f"also write the timings and provenance here (the book's: {RESULT})")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.set_default_dtype(dtype)
@@ -164,6 +170,17 @@ def main() -> None:
         print(f"| {name} | {reference_name} | {mode} | {1e3 * ours_median:.1f} | {1e3 * p90(ours_times):.1f} | "
               f"{1e3 * reference_median:.1f} | {1e3 * p90(reference_times):.1f} | "
               f"{ours_median / reference_median:.2f} |")
+    if args.json:
+        from efficientllm_utils.records import atomic_write_text, now, provenance
+
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.json, json.dumps({
+            "finished": now(), "device": str(device), "threads": threads, "dtype": args.dtype,
+            "torch": torch.__version__, "input_shape": [args.batch, args.seq, hidden_size], "reps": args.reps,
+            "warmup": args.warmup, "provenance": provenance(),
+            "rows": [{"module": name, "reference": reference_name, "pass": mode, "ours_s": ours_times,
+                      "reference_s": reference_times}
+                     for name, reference_name, mode, ours_times, reference_times in rows]}, indent=1))
 
 
 if __name__ == "__main__":

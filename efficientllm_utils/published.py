@@ -22,6 +22,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .code_fingerprint import changed_code, study_fingerprint
 from .params import is_explored
 from .paths import REPO_ROOT
 from .portable import portable_notebook, without_machine_paths
@@ -191,6 +192,36 @@ def stale_runs(study: str, profile: str, records: list[RunRecord]) -> tuple[list
     return stale, missing
 
 
+def code_changes(study: str, records: list[RunRecord]) -> tuple[dict[str, list[str]], list[str]]:
+    """Runs made by code that has changed since (label -> the changed modules, from the record's code fingerprint
+    against the study's code now: ``code_fingerprint``), and the runs whose record has no fingerprint."""
+    current = study_fingerprint(study)
+    changed, unrecorded = {}, []
+    for record in records:
+        recorded = record.provenance.get("code")
+        if not recorded:
+            unrecorded.append(record.label)
+        elif current and (names := changed_code(recorded, current)):
+            changed[record.label] = names
+    return changed, unrecorded
+
+
+def _code_note(study: str, records: list[RunRecord]) -> list[str]:
+    changed, unrecorded = code_changes(study, records)
+    lines = []
+    if changed:
+        names = sorted({n.removeprefix("efficientllm_utils.") for v in changed.values() for n in v})
+        shown = ", ".join(f"`{n}`" for n in names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+        lines.append(f"**Older code:** {len(changed)} of {len(records)} run(s) were made by code that has changed "
+                     f"since (the modules their record fingerprinted against this checkout: {shown}). Their numbers "
+                     "may not be what this code measures now; `make reproduce` re-runs them.")
+    if unrecorded:
+        lines.append(f"Code fingerprint not recorded for {len(unrecorded)} of {len(records)} run(s) (made before "
+                     "records kept one): whether they ran the code of this checkout is not known; the commit above "
+                     "says what they ran.")
+    return lines
+
+
 def provenance_line(records: list[RunRecord]) -> str:
     """Commit(s), machine(s) and dates of the runs, and how busy the machine was, in one sentence."""
     if not records:
@@ -227,6 +258,7 @@ def results_note(study: str, profile: str, records: list[RunRecord], root: Path)
         lines.append(f"**Out of date:** {len(stale)} run(s) were made with parameters that no longer match "
                      f"`params/{study}.yaml`'s `{profile}` profile: {'; '.join(parts)}. "
                      f"`make reproduce` re-runs them.")
+    lines += _code_note(study, records)
     if missing:
         lines.append(f"**Not run yet:** {', '.join(missing)} (in the params file, without a record).")
     explored = [r for p in _profiles_with_records(root, study) if is_explored(p) for r in load_records(study, p, root)]

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import psutil
 from pydantic import BaseModel, Field
 
+from .code_fingerprint import study_fingerprint
 from .metrics import machine_probe
 from .metrics.values import MetricValue, flatten
 from .params import MANUAL_PROFILE, Exploration, notebook_run
@@ -290,7 +291,8 @@ class RunContext(BaseModel):
         record = RunRecord(run_id=self.run_id, study=self.study, profile=self.profile, label=self.label,
                            explored=self.explored, status="ok", params=self.params, metrics=metrics, quality=quality,
                            raw=raw,
-                           provenance={**provenance(), **(provenance_extra or {})}, started=self.started, finished=finished, duration_s=duration)
+                           provenance={**provenance(), "code": study_fingerprint(self.study), **(provenance_extra or {})},
+                           started=self.started, finished=finished, duration_s=duration)
         write_record(record, self.result_dir)
         return record
 

@@ -1,7 +1,9 @@
 """The architecture-pretraining studies: params, the measurement procedure on a tiny model, the book's helpers
 (the three smoke profiles end to end, on two backbones, are in test_two_models.py)."""
+import json
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -10,6 +12,7 @@ from efficientllm_utils.arch.train import StepSample
 from efficientllm_utils.params import ParamsError, expand, params_path
 from efficientllm_utils.studies.architecture_run import PretrainRun
 from efficientllm_utils.reports import architecture as ar
+from efficientllm_utils.reports import verdicts
 from efficientllm_utils.reports.display import methods_legend, pareto_front
 from efficientllm_utils.reports.load import StudyResults, load_study
 from efficientllm_utils.reports.paper import paper_ranks
@@ -19,7 +22,8 @@ from efficientllm_utils.studies import architecture as arch
 STUDIES = {"attention": "attention", "positional_encoding": "position", "moe": "variant"}
 # what may differ between the runs of one study's profile: the part under study
 SWAPPED = {"attention": {"attention"}, "positional_encoding": {"position"},
-           "moe": {"variant", "ffn", "intermediate_size", "n_experts", "moe_top_k", "moe_intermediate_size", "size"}}
+           "moe": {"variant", "ffn", "intermediate_size", "n_experts", "moe_top_k", "moe_intermediate_size", "size",
+                   "seed"}}  # the cpu profile's seed runs of the reference model (the perplexity noise)
 
 
 # --- params -----------------------------------------------------------------------------------
@@ -324,10 +328,82 @@ def test_repeated_runs_of_the_reference_model_set_the_noise(tmp_path):
     tolerances = ar.noise_tolerances("cpu", tmp_path)
     assert tolerances["AL_s"] == pytest.approx(0.5)  # within the first group: 0.30 / 0.20 - 1
     assert tolerances["AMU_GB"] == ar.TIE_TOLERANCE["AMU_GB"]  # no spread: the floor
-    assert ar.noise_tolerances("smoke", tmp_path) == ar.TIE_TOLERANCE
+    assert math.isnan(tolerances["perplexity"])  # no seed runs: the perplexity noise is unknown
+    empty = ar.noise_tolerances("smoke", tmp_path)
+    assert math.isnan(empty.pop("perplexity")) and empty == ar.TIE_TOLERANCE
+
+
+def _pretrain_record(tmp_path, i, study, label, params, perplexity, seconds):
+    from efficientllm_utils.metrics.values import MetricValue
+    from efficientllm_utils.records import RunRecord, write_record
+
+    metrics = {"al_s": MetricValue.measured(float(np.mean(seconds)), "s/iter", "perf-counter"),
+               "amu_gb": MetricValue.measured(0.5, "GB", "rss"), "aec_w": MetricValue.estimated(4.0, "W", "x"),
+               "params_total": MetricValue.measured(1e6, "params", "counted"),
+               "tt_tokens_per_param_s": MetricValue.measured(0.01, "tokens/param/s", "perf-counter")}
+    record = RunRecord(run_id=f"r{i}", study=study, profile="cpu", label=label, status="ok", params=params,
+                       metrics=metrics, quality={"perplexity": perplexity},
+                       raw={"steps": [{"seconds": s, "tokens": 1024} for s in seconds]})
+    write_record(record, tmp_path / study / "cpu" / f"r{i}")
+    return record
+
+
+def test_seed_runs_set_the_perplexity_noise_and_a_profile_without_them_decides_no_perplexity_claim(tmp_path):
+    base = PretrainRun(hidden_size=32, n_layers=1, n_heads=4, intermediate_size=64).model_dump(mode="json")
+    steps = [0.1] * 10
+    _pretrain_record(tmp_path, 0, "attention", "attention=gqa", base, 300.0, steps)
+    _pretrain_record(tmp_path, 1, "moe", "variant=dense-small-seed1", {**base, "variant": "dense-small-seed1",
+                                                                       "seed": 1}, 330.0, steps)
+    _pretrain_record(tmp_path, 2, "attention", "attention=mla", {**base, "attention": "mla"}, 200.0, steps)
+    seeds = ar.seed_runs("cpu", tmp_path)
+    assert sorted(seeds["run"]) == ["attention=gqa", "variant=dense-small-seed1"]  # MLA has one seed only
+    tolerances = ar.noise_tolerances("cpu", tmp_path)
+    assert tolerances["perplexity"] == pytest.approx(0.1)  # 330 / 300 - 1
+    res = load_study("attention", "cpu", root=tmp_path)
+    found = {f.claim_id: f for f in ar.findings(res, tolerances)}
+    assert found["a-mla-perplexity"].verdict == verdicts.AGREES  # 200 vs 300: -33%, beyond the 10% spread
+    close = ar.compare(*[r for r in res.ok_records], "perplexity", 0.6)  # gqa vs mla inside a 60% noise
+    assert verdicts.decide(close, "higher") == verdicts.INCONCLUSIVE
+    unknown = ar.findings(res, {**tolerances, "perplexity": float("nan")})
+    (mla,) = [f for f in unknown if f.claim_id == "a-mla-perplexity"]
+    assert mla.verdict == verdicts.INCONCLUSIVE and ar.NO_SEED_RUNS in mla.sentence
+
+
+def test_identical_runs_are_not_told_apart_once_the_run_to_run_spread_widens_the_interval(tmp_path):
+    base = PretrainRun(hidden_size=32, n_layers=1, n_heads=4, intermediate_size=64).model_dump(mode="json")
+    rng = np.random.default_rng(0)
+    # two runs of one model: each run's steps are tight, but the second ran 8% slower (a busier machine)
+    first = _pretrain_record(tmp_path, 0, "attention", "attention=gqa", base, 300.0, 0.100 + rng.normal(0, 1e-3, 40))
+    second = _pretrain_record(tmp_path, 1, "moe", "variant=dense-small", {**base, "variant": "dense-small"}, 300.0,
+                              0.108 + rng.normal(0, 1e-3, 40))
+    within_run = verdicts.bootstrap_ratio([s["seconds"] for s in second.raw["steps"]],
+                                        [s["seconds"] for s in first.raw["steps"]])
+    assert verdicts.decide(within_run, "higher", verdicts.LATENCY_TOLERANCE) == verdicts.AGREES  # the old rule: "slower"
+    spread = ar.noise_tolerances("cpu", tmp_path)["AL_s"]
+    assert spread == pytest.approx(0.08, abs=0.01)
+    for metric in ("AL_s", "TT"):
+        diff = ar.compare(second, first, metric, spread)
+        assert "widened by the run-to-run spread" in diff.how
+        assert verdicts.decide(diff, "higher", verdicts.diff_margin(diff)) == verdicts.INCONCLUSIVE
+        assert verdicts.decide(diff, "lower", verdicts.diff_margin(diff)) == verdicts.INCONCLUSIVE
 
 
 def test_noise_is_the_spread_within_groups_not_across_them():
     frame = pd.DataFrame({"group": [1, 1, 2, 2], "AL_s": [1.0, 1.02, 2.0, 2.06]})
     assert within_group_spread(frame, "group", "AL_s") == pytest.approx(0.03)  # not 2.06 / 1.0 - 1
     assert within_group_spread(frame.iloc[[0, 2]], "group", "AL_s") is None  # no group of two
+
+
+def test_module_timings_name_the_machine_their_own_record_names(tmp_path):
+    run = {"finished": "2026-12-06T04:00:00+00:00", "device": "cpu", "threads": 2, "dtype": "float32",
+           "torch": "2.x", "input_shape": [2, 128, 896], "reps": 3, "warmup": 1,
+           "provenance": {"hardware": {"summary": "AMD EPYC (2 logical cores)"}, "load_average": {"5m": 3.0}},
+           "rows": [{"module": "GQA", "reference": "Qwen2Attention", "pass": "fwd", "ours_s": [0.01, 0.02, 0.03],
+                     "reference_s": [0.02, 0.02, 0.02]}]}
+    path = tmp_path / "timings.json"
+    path.write_text(json.dumps(run))
+    text, table = ar.module_timings(path)
+    assert "AMD EPYC (2 logical cores)" in text.data and "2026-12-06" in text.data and "3.0" in text.data
+    assert "ours/HF" in table.to_html() and "1.00" in table.to_html()  # median 0.02 / 0.02
+    (missing,) = ar.module_timings(tmp_path / "none.json")
+    assert "No committed run" in missing.data

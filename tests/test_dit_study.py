@@ -181,4 +181,6 @@ def test_dit_claims_use_the_shared_rules_with_the_noise_floor():
     assert {"d-mqa-fd", "d-gqa-fd"} <= set(paper.claims("dit_attention")["claim_id"])
     assert {"d-moe-fd", "d-moe-memory"} <= set(paper.claims("dit_moe")["claim_id"])
     # a model name with a slash: the selector splits from the right
-    assert paper.paper_quote("DiT-XL/2/MHA/FID;DiT-XL/2/MQA/FID", "vision") == "DiT-XL/2 MHA FID 19.47, MQA FID 8.93"
+    assert paper.paper_quote("DiT-XL/2/MHA/FID;DiT-XL/2/MQA/FID", "vision") == (
+        "paper Table 10 as quoted by an AI-written summary of the paper, second-hand: "
+        "DiT-XL/2 MHA FID 19.47, MQA FID 8.93")

@@ -182,3 +182,48 @@ def test_records_call_the_code_dirty_for_changed_code_but_not_for_a_refreshed_pu
     assert records.provenance()["git_dirty"] is False
     (tmp_path / "code.py").write_text("x = 2\n")
     assert records.provenance()["git_dirty"] is True
+
+
+def test_results_note_flags_runs_made_by_older_code_and_says_when_no_fingerprint_was_recorded(tmp_path):
+    from efficientllm_utils.code_fingerprint import study_fingerprint
+
+    pub, view = tmp_path / "published", tmp_path / "view"
+    records = _write_runs(pub, "cpu", labels={"value=1", "value=2"})
+    published.book_view(tmp_path / "none", view, pub)
+    note = published.results_note("selftest", "cpu", records, view)  # records of before the fingerprint
+    assert "Code fingerprint not recorded for 2 of 2 run(s)" in note and "Older code" not in note
+
+    current = study_fingerprint("selftest")
+    assert "efficientllm_utils.records" in current and any(k.startswith("notebook:") for k in current)
+    fresh = [r.model_copy(update={"provenance": {**r.provenance, "code": dict(current)}}) for r in records]
+    note = published.results_note("selftest", "cpu", fresh, view)
+    assert "Older code" not in note and "not recorded" not in note
+
+    older = dict(current, **{"efficientllm_utils.records": "000000000000"})
+    fresh[0] = fresh[0].model_copy(update={"provenance": {**fresh[0].provenance, "code": older}})
+    note = published.results_note("selftest", "cpu", fresh, view)
+    assert "Older code:** 1 of 2 run(s)" in note and "`records`" in note
+
+
+def test_code_fingerprint_ignores_docstrings_and_comments_but_not_code(tmp_path, monkeypatch):
+    from efficientllm_utils import code_fingerprint as cf
+
+    package = tmp_path / "efficientllm_utils"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "reports").mkdir()
+    (package / "reports" / "__init__.py").write_text("")
+    (package / "helper.py").write_text('"""Doc."""\nX = 1  # a comment\n')
+    (package / "study.py").write_text("from . import helper\nfrom .reports import x\n\ndef f():\n    return helper.X\n")
+    monkeypatch.setattr(cf, "REPO_ROOT", tmp_path)
+    cf._module.cache_clear()
+    code = "from efficientllm_utils import study\n"
+    first = cf.modules_of(code)
+    assert set(first) == {"efficientllm_utils", "efficientllm_utils.study", "efficientllm_utils.helper"}  # no reports
+    (package / "helper.py").write_text('"""Another doc."""\n\nX = 1  # another comment\n')
+    cf._module.cache_clear()
+    assert cf.modules_of(code) == first
+    (package / "helper.py").write_text('"""Doc."""\nX = 2\n')
+    cf._module.cache_clear()
+    assert cf.changed_code(first, cf.modules_of(code)) == ["efficientllm_utils.helper"]
+    cf._module.cache_clear()

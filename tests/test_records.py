@@ -60,3 +60,14 @@ def test_two_aggregates_of_one_profile_at_once_both_succeed(results_root, monkey
     assert sorted(frame["run_id"]) == ["a", "b", "c"] and (frame["status"] == "ok").all()
     assert pd.read_csv(base / "runs.csv")["run_id"].tolist() == frame["run_id"].tolist()
     assert not [p.name for p in base.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_run_records_the_fingerprint_of_the_code_it_ran(results_root):
+    from efficientllm_utils.code_fingerprint import study_fingerprint
+
+    context = records.RunContext(run_id="a", study="selftest", profile="cpu", label="value=a",
+                                 result_dir=run_dir("selftest", "cpu", "a", results_root), params={"value": "a"})
+    context.write({}, {}, {})
+    code = read_record(context.result_dir).provenance["code"]
+    assert code == study_fingerprint("selftest") and "efficientllm_utils.studies" not in code  # selftest's own
+    assert "notebook:notebooks/selftest.ipynb" in code

@@ -6,6 +6,7 @@ import pytest
 from efficientllm_utils.metrics.values import MetricValue
 from efficientllm_utils.records import RunRecord
 from efficientllm_utils.reports.display import pareto_front
+from efficientllm_utils.reports import findings
 from efficientllm_utils.reports.findings import common_caveats, findings_markdown
 from efficientllm_utils.reports.leaderboard import kendall_taus, tau_table
 from efficientllm_utils.reports.load import StudyResults
@@ -278,7 +279,8 @@ def test_quantization_findings_follow_the_numbers():
     energy = found["tiny", "q-int4-energy"]
     assert energy.verdict == INCONCLUSIVE and "no evidence" in energy.sentence  # two estimates
     assert found["tiny", "q-bf16-speed"].verdict == AGREES  # twice the tokens/s, tight interval
-    assert "paper: DeepSeek-R1-Distill-Qwen-1.5B bfloat16 IT 39.68 tokens/s" in found["tiny", "q-bf16-speed"].sentence
+    assert ("paper Table 9 as quoted by an AI-written summary of the paper, second-hand: DeepSeek-R1-Distill-Qwen-1.5B "
+            "bfloat16 IT 39.68 tokens/s") in found["tiny", "q-bf16-speed"].sentence
 
     worse = [0] * 60 + base[60:]  # int4 loses 60 of 100 correct answers
     measured = "measured:rapl-counter"
@@ -370,3 +372,85 @@ def test_caveats_appear_only_when_the_records_show_them():
     small = common_caveats(StudyResults("s", "p", [], cpu), {"m": 135e6}, 1.5e9, 200, 32)
     assert len(small) == 4 and "CPU" in small[0] and "135M" in small[1] and "estimated" in small[2] and "32" in small[3]
     assert common_caveats(StudyResults("s", "p", [], gpu), {"m": 7e9}, 1.5e9, 200, 1000) == []
+
+
+# --- "no single method is best on every metric" ---------------------------------------------------------------------
+
+def _none_best_findings(monkeypatch, values: dict[str, dict[str, float]], noise: float = 0.05):
+    """The ``none_best`` rule on methods whose single values per metric are ``values`` (method -> metric -> value),
+    each held to ``noise``."""
+    claim = pd.DataFrame([{"claim_id": "x-none-best", "chapter": "x", "statement": "No single method is best",
+                           "metric": "AL_s+TT", "subject": "", "baseline": "", "among": "|".join(values),
+                           "direction": "none_best", "tolerance": "0", "paper_figures": "", "source": "a test"}])
+    monkeypatch.setattr(findings, "claims", lambda chapter: claim)
+
+    def compare(claim, model, subject, baseline):
+        metric = claim["metric"]
+        return point_difference(values[subject][metric], values[baseline][metric], noise, "noise")
+
+    (found,) = findings.decide_claims("x", "x", {"": list(values)}, compare, {})
+    return found
+
+
+def test_none_best_agrees_when_every_method_is_beaten_somewhere(monkeypatch):
+    # a is faster (AL lower), b has the higher throughput: each is beaten on one metric
+    found = _none_best_findings(monkeypatch, {"a": {"AL_s": 1.0, "TT": 1.0}, "b": {"AL_s": 2.0, "TT": 2.0}})
+    assert found.verdict == AGREES
+    assert "a by b on TT" in found.figure and "b by a on AL_s" in found.figure
+
+
+def test_none_best_disagrees_when_one_method_wins_every_metric_beyond_the_noise(monkeypatch):
+    found = _none_best_findings(monkeypatch, {"a": {"AL_s": 1.0, "TT": 2.0}, "b": {"AL_s": 2.0, "TT": 1.0}})
+    assert found.verdict == DISAGREES and "best on every metric: a" in found.figure
+
+
+def test_none_best_is_inconclusive_inside_the_noise(monkeypatch):
+    values = {"a": {"AL_s": 1.0, "TT": 1.0}, "b": {"AL_s": 1.02, "TT": 1.01}}
+    assert _none_best_findings(monkeypatch, values).verdict == INCONCLUSIVE
+
+
+def test_each_finding_carries_an_anchor_its_page_shows_and_the_figure_behind_it(monkeypatch):
+    found = _none_best_findings(monkeypatch, {"a": {"AL_s": 1.0, "TT": 1.0}, "b": {"AL_s": 2.0, "TT": 2.0}})
+    assert f'<span id="{found.anchor}"></span>' in found.markdown()
+    assert findings.anchor_id("a-mqa-latency", "hidden 128, 2 layers") == "a-mqa-latency--hidden-128-2-layers"
+    assert findings.anchor_id("a-mqa-latency", "") == "a-mqa-latency"
+
+
+def test_every_quoted_paper_figure_says_it_comes_from_a_summary_of_the_paper():
+    quote = paper_quote("Qwen2.5-32B/bfloat16/AMU;Qwen2.5-32B/int4/AMU", "inference")
+    assert quote.startswith("paper Table 9 as quoted by an AI-written summary of the paper, second-hand: ")
+    assert paper_quote("", "inference") == ""
+
+
+# --- the study at a glance -------------------------------------------------------------------------------------------
+
+def test_the_glance_table_keeps_the_projects_checks_apart_and_links_each_finding():
+    from efficientllm_utils.reports import glance
+
+    claims = glance.all_claims().set_index("claim_id")
+    assert claims.loc["lf-lora-adapts", "group"] == glance.PROJECT  # a sanity row of the vision chapter
+    assert claims.loc["lq-base-learned", "group"] == glance.PROJECT
+    assert claims.loc["a-mqa-latency", "group"] == glance.PAPER
+    found = [findings.Finding("lf-lora-adapts", "SD3.5: sd3-small", AGREES, "s", "heldout_loss of lora: -5%"),
+             findings.Finding("a-mqa-latency", "", DISAGREES, "s", "AL_s of mqa: +19%"),
+             findings.Finding("a-mla-perplexity", "", INCONCLUSIVE, "s", "perplexity of mla: -16%")]
+    chapters = [glance.Chapter("lvm", "Generation", lambda: found[:1]),
+                glance.Chapter("attention", "Attention", lambda: found[1:])]
+    table = glance.rows(chapters)
+    counts = glance.counts(table).set_index("group")
+    assert counts.loc[glance.PAPER, [AGREES, DISAGREES, INCONCLUSIVE]].tolist() == [0, 1, 1]
+    assert counts.loc[glance.PROJECT, AGREES] == 1 and counts.loc["all", "all"] == 3
+    cells = glance.linked(table)
+    assert 'href="lvm.html#lf-lora-adapts--sd3-5-sd3-small"' in cells["claim"].iloc[0]
+    assert 'href="attention.html#a-mqa-latency"' in cells["claim"].iloc[1]
+    assert cells["the figure behind it"].iloc[1] == "AL_s of mqa: +19%"
+
+
+def test_every_chapter_that_decides_claims_is_on_the_front_page():
+    from efficientllm_utils.reports import glance
+
+    deciding = set(glance.all_claims()["chapter"])  # the studies whose chapters decide claims
+    assert deciding <= set(glance.FINDINGS)
+    pages = [c.page for c in glance.chapters()]
+    assert pages[0] == "attention" and {"dit", "lvm", "vlm", "peft", "quantization"} <= set(pages)
+    assert glance.page_title("attention") == "Architecture pretraining: attention"

@@ -64,14 +64,14 @@ def test_int8_mfu_is_held_against_the_arithmetic_bitsandbytes_runs():
 
 def test_pythia_has_a_flops_model_and_mamba_none():
     from efficientllm_utils.arch.attention_free import build, hf_config
-    from efficientllm_utils.studies.architecture import _flops_per_token
+    from efficientllm_utils.studies.architecture import forward_flops_per_token
 
     sizes = dict(vocab_size=32, hidden_size=16, n_layers=2, max_context=64)
     pythia = build(hf_config("pythia", n_heads=4, intermediate_size=24, **sizes), seed=0)
     # per layer: query_key_value 16x48, dense 16x16, dense_h_to_4h and dense_4h_to_h 16x24 -> 1792 weights;
     # 2 layers + the head (16x32): 4096 weights -> 8192 FLOPs; attention over 10 keys: 4 x 2 x 4 x 4 x 10 = 1280
-    assert _flops_per_token(pythia, 10) == 8192 + 1280
-    assert _flops_per_token(build(hf_config("mamba", **sizes), seed=0), 10) is None
+    assert forward_flops_per_token(pythia, 10) == 8192 + 1280
+    assert forward_flops_per_token(build(hf_config("mamba", **sizes), seed=0), 10) is None
 
 
 def test_backward_share_is_the_part_above_the_lowest_trainable_weight():

@@ -126,6 +126,26 @@ def observations(table: pd.DataFrame, curves: pd.DataFrame) -> list[str]:
     return out
 
 
+def flops_coverage(res: StudyResults) -> str:
+    """Which models have a FLOPs count, as their records say: the forward FLOPs per token and the training-step MFU
+    of each model, or the reason the record gives for their absence."""
+    def shown(metric, how) -> str:
+        if metric is None:
+            return "not in the record"
+        if metric.value is None:
+            return "missing (" + metric.method.split(":", 1)[1] + ")"
+        return how(metric.value)
+
+    parts = []
+    for record in sorted(res.ok_records, key=lambda r: r.started or ""):
+        name = record.params.get("architecture") or record.label
+        m = record.metrics
+        parts.append(f"{name}: forward FLOPs {shown(m.get('flops_per_token'), lambda v: f'{v / 1e6:.2f} MFLOP/token')}"
+                     f", training-step MFU {shown(m.get('train_mfu'), lambda v: f'{v:.3f}')}")
+    return ("FLOPs counts, per model, as the records hold them (analytical where the project has a FLOPs model of the "
+            "model's layers): " + "; ".join(parts) + ".") if parts else ""
+
+
 def summary(res: StudyResults, table: pd.DataFrame, curves: pd.DataFrame) -> str:
     """The chapter's opening lines, from the records."""
     if table.empty:

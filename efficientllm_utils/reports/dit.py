@@ -12,7 +12,7 @@ from . import display
 from .findings import Finding, decide_claims, findings_markdown
 from .load import StudyResults, load_study
 from .paper import published_figures
-from .verdicts import Difference, bootstrap_ratio, point_difference, tracked_difference
+from .verdicts import Difference, bootstrap_ratio, point_difference, tracked_difference, widened
 
 AXIS = "vision"  # the axis of the paper's DiT tables in published_figures.csv
 METRIC_WORDS = {"FD": "FD (EfficientNet-Lite0)", "AL_s": "the training step time (AL)", "AMU_GB": "AMU"}
@@ -214,9 +214,7 @@ def compare(record_a, record_b, metric: str, tolerance: float) -> Difference | N
         if not (a and b):
             return None
         # the steps of one run vary less than two runs do on a shared machine: widen by the measured spread
-        diff = bootstrap_ratio(a, b)
-        return Difference(diff.estimate, diff.low - tolerance, diff.high + tolerance,
-                            f"{diff.how}, widened by the run-to-run spread +-{100 * tolerance:.1f}%")
+        return widened(bootstrap_ratio(a, b), tolerance, "the run-to-run spread")
     key = {"AMU_GB": "amu_gb"}[metric]
     if key not in record_a.metrics or key not in record_b.metrics:
         return None

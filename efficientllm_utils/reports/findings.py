@@ -2,12 +2,13 @@
 model, with its sentence and verdict, and the caveats the records show."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from .display import format_params
 from .load import StudyResults
 from .paper import claims, paper_quote
-from .verdicts import AGREES, DISAGREES, INCONCLUSIVE, combine, decide, diff_margin, either, is_estimate
+from .verdicts import AGREES, DISAGREES, INCONCLUSIVE, Difference, combine, decide, diff_margin, either, is_estimate
 
 
 @dataclass
@@ -19,9 +20,21 @@ class Finding:
     model: str
     verdict: str
     sentence: str
+    figure: str = ""  # the numbers the verdict rests on, in short (the study-at-a-glance table shows it)
+
+    @property
+    def anchor(self) -> str:
+        """The finding's id on its chapter page (the claim, then the model where a chapter tests several)."""
+        return anchor_id(self.claim_id, self.model)
 
     def markdown(self) -> str:
-        return f"- **{self.verdict}**: {self.sentence}"
+        return f'- <span id="{self.anchor}"></span>**{self.verdict}**: {self.sentence}'
+
+
+def anchor_id(claim_id: str, model: str = "") -> str:
+    """``("a-mqa-latency", "hidden 128, 2 layers")`` -> ``a-mqa-latency--hidden-128-2-layers``."""
+    slug = re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-")
+    return f"{claim_id}--{slug}" if slug else claim_id
 
 
 def findings_markdown(findings: list[Finding], observations: list[str] | None = None,
@@ -44,9 +57,10 @@ def findings_markdown(findings: list[Finding], observations: list[str] | None = 
     return "\n".join(lines)
 
 
-def verdict_counts(findings: list[Finding]) -> str:
-    """``2 agree, 1 disagrees, 3 inconclusive`` over the findings."""
-    counts = {v: sum(f.verdict == v for f in findings) for v in (AGREES, DISAGREES, INCONCLUSIVE)}
+def verdict_counts(findings) -> str:
+    """``2 agree, 1 disagrees, 3 inconclusive`` over the findings (or their verdicts)."""
+    verdicts = [getattr(f, "verdict", f) for f in findings]
+    counts = {v: verdicts.count(v) for v in (AGREES, DISAGREES, INCONCLUSIVE)}
     words = {AGREES: ("agrees", "agree"), DISAGREES: ("disagrees", "disagree"), INCONCLUSIVE: ("inconclusive",) * 2}
     return ", ".join(f"{n} {words[v][0] if n == 1 else words[v][1]}" for v, n in counts.items())
 
@@ -92,7 +106,7 @@ def decide_claims(chapter: str, axis: str, variants: dict[str, list[str]], compa
     the rule that suits the metric) or None when the records lack what the rule needs; ``words`` names each metric
     in a sentence; ``expected(claim, model)`` gives the direction of a claim whose direction is ``ranks`` (read from
     the paper's leaderboard of the model's size group) and a phrase saying so; ``resolve(model, name)`` maps a
-    name such as ``reference`` to a run's name; ``margin(claim)`` is a ``not_lower`` claim's allowed drop. A claim
+    name of a claim's subject, baseline or ``among`` such as ``reference`` to a run's name (or ``|``-joined names); ``margin(claim)`` is a ``not_lower`` claim's allowed drop. A claim
     whose direction is ``front`` (a best quality-cost trade-off) is decided by ``_front_finding``.
     """
     out = []
@@ -101,10 +115,11 @@ def decide_claims(chapter: str, axis: str, variants: dict[str, list[str]], compa
         for _, claim in claims(chapter).iterrows():
             if resolve is not None:
                 claim = claim.copy()
-                for key in ("subject", "baseline"):
+                for key in ("subject", "baseline", "among"):
                     claim[key] = "|".join(resolve(model, n) for n in claim[key].split("|")) if claim[key] else ""
-            if claim["direction"] == "front":
-                finding = _front_finding(claim, model, present, compare, words, axis)
+            if claim["direction"] in ("front", "none_best"):
+                rule = _front_finding if claim["direction"] == "front" else _none_best_finding
+                finding = rule(claim, model, present, compare, words, axis)
                 out += [finding] if finding is not None else []
                 continue
             subject = _first_present(claim["subject"], present)
@@ -125,9 +140,7 @@ def decide_claims(chapter: str, axis: str, variants: dict[str, list[str]], compa
                 parts = [(baseline, direction)]
             if not parts:
                 continue
-            paper = paper_quote(claim["paper_figures"], axis)
-            head = f"*{claim['statement']}* (paper: {paper}{'; ' + source if source else ''})." if paper or source \
-                else f"*{claim['statement']}* ({claim['source']})."
+            head = claim_head(claim, axis, source)
             pieces, verdicts, estimated, missing = [], [], False, []
             for other, expect in parts:
                 diff = compare(claim, model, subject, other)
@@ -148,8 +161,19 @@ def decide_claims(chapter: str, axis: str, variants: dict[str, list[str]], compa
             if estimated:
                 sentence += (" At least one of these values is estimated (no energy counter), not measured: a "
                              "difference involving an estimate is no evidence either way.")
-            out.append(Finding(claim["claim_id"], model, combine(verdicts), sentence))
+            figure = f"{claim['metric']} of {subject}: " + ("; ".join(pieces) or "no comparison possible")
+            out.append(Finding(claim["claim_id"], model, combine(verdicts), sentence, figure))
     return out
+
+
+def claim_head(claim, axis: str, source: str = "") -> str:
+    """A finding's opening: the claim in italics, then the paper's figures it quotes, each labelled with where
+    they were taken from (``published_figures.csv``'s source and confidence: a summary of the paper, second-hand),
+    else the claim's source."""
+    paper = paper_quote(claim["paper_figures"], axis)
+    if paper or source:
+        return f"*{claim['statement']}* ({paper}{'; ' if paper and source else ''}{source})."
+    return f"*{claim['statement']}* ({claim['source']})."
 
 
 def _front_finding(claim, model: str, present: set[str], compare, words: dict[str, str], axis: str
@@ -191,6 +215,53 @@ def _front_finding(claim, model: str, present: set[str], compare, words: dict[st
                  + ("; " if beaten and undecided else "")
                  + (f"not told apart on any of them from {', '.join(undecided)}" if undecided else ""))
         texts.append(f"{subject} against {baseline}: " + "; ".join(cost_parts) + f"; on the front: {front}")
-    paper = paper_quote(claim["paper_figures"], axis)
-    head = f"*{claim['statement']}* ({f'paper: {paper}' if paper else claim['source']})."
-    return Finding(claim["claim_id"], model, combine(verdicts), f"{head} Here " + ". ".join(texts) + ".")
+    return Finding(claim["claim_id"], model, combine(verdicts),
+                   f"{claim_head(claim, axis)} Here " + ". ".join(texts) + ".", "; ".join(texts))
+
+
+# metrics where higher is better (every other metric of ``claims.csv`` is lower-is-better)
+HIGHER_IS_BETTER_METRICS = {"TT", "accuracy", "it_tokens_per_s", "psnr_db", "ssim"}
+
+
+def _none_best_finding(claim, model: str, present: set[str], compare, words: dict[str, str], axis: str
+                       ) -> Finding | None:
+    """A ``none_best`` claim: no method of ``among`` is best on every metric of ``metric`` (``a+b+...``; better is
+    lower except ``HIGHER_IS_BETTER_METRICS``). A method is beaten when some other method is better than it on some
+    metric beyond the noise (that comparison, by the metric's rule, agrees); it is best on everything when it is
+    better than every other method on every metric. Agrees when every method is beaten, disagrees when one method is
+    best on everything, else inconclusive. None with fewer than two methods."""
+    methods = [n for n in claim["among"].split("|") if n in present]
+    metrics = claim["metric"].split("+")
+    if len(methods) < 2:
+        return None
+
+    def better(metric, subject, other) -> tuple[str, Difference | None]:
+        diff = compare({**claim, "metric": metric}, model, subject, other)
+        expect = "higher" if metric in HIGHER_IS_BETTER_METRICS else "lower"
+        return (INCONCLUSIVE if diff is None else decide(diff, expect, diff_margin(diff))), diff
+
+    beaten, best, undecided = {}, [], []
+    for subject in methods:
+        for other in methods:
+            if other == subject or subject in beaten:
+                continue
+            for metric in metrics:
+                verdict, diff = better(metric, other, subject)
+                if verdict == AGREES:
+                    beaten[subject] = f"{subject} by {other} on {metric} ({other} {diff})"
+                    break
+        if subject in beaten:
+            continue
+        if all(better(metric, subject, other)[0] == AGREES for other in methods if other != subject
+               for metric in metrics):
+            best.append(subject)
+        else:
+            undecided.append(subject)
+    verdict = DISAGREES if best else AGREES if len(beaten) == len(methods) else INCONCLUSIVE
+    parts = [f"beaten: {'; '.join(beaten.values())}" if beaten else "",
+             f"best on every metric: {', '.join(best)}" if best else "",
+             f"neither beaten nor best beyond the noise: {', '.join(undecided)}" if undecided else ""]
+    figure = ". ".join(p for p in parts if p)
+    sentence = (f"{claim_head(claim, axis)} Here, on {', '.join(words.get(m, m) for m in metrics)} "
+                f"among {', '.join(methods)}: {figure}.")
+    return Finding(claim["claim_id"], model, verdict, sentence, figure)

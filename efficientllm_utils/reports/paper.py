@@ -37,14 +37,21 @@ def paper_figures(selectors: str, axis: str) -> list[dict]:
 
 
 def paper_quote(selectors: str, axis: str) -> str:
-    """The published figures, as a phrase: ``Qwen2.5-32B bfloat16 AMU 71.33 GB, int4 48.30 GB``."""
+    """The published figures, as a phrase labelled with where they were taken from: ``paper Table 9 as quoted by an
+    AI-written summary of the paper, second-hand: Qwen2.5-32B bfloat16 AMU 71.33 GB, int4 48.3 GB``."""
+    figures = paper_figures(selectors, axis)
     parts, last_model = [], None
-    for f in paper_figures(selectors, axis):
+    for f in figures:
         unit = f" {f['unit']}" if isinstance(f.get("unit"), str) and f["unit"] else ""
         who = f"{f['method']}" if f["model"] == last_model else f"{f['model']} {f['method']}"
         parts.append(f"{who} {f['metric']} {f['value']:g}{unit}")
         last_model = f["model"]
-    return ", ".join(parts)
+    if not parts:
+        return ""
+    tables = ", ".join(dict.fromkeys(f"{int(f['table'])}" for f in figures))
+    sources = "; ".join(dict.fromkeys(f"{'an' if f['source'][:1].lower() in 'aeiou' else 'a'} {f['source']}, "
+                                      f"{f['confidence']}" for f in figures))
+    return f"paper Table {tables} as quoted by {sources}: " + ", ".join(parts)
 
 
 def paper_ranks(axis: str, group: str, size_group: str | None = None) -> pd.DataFrame:

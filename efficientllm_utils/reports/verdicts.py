@@ -77,6 +77,15 @@ def bootstrap_ratio(subject: list[float], baseline: list[float], seed: int = 0) 
                       f"bootstrap over {len(a)} and {len(b)} timed samples")
 
 
+def widened(diff: Difference, spread: float, what: str) -> Difference:
+    """``diff``'s interval widened by ``spread`` (relative) on either side: a bootstrap over the samples of one run
+    sees only that run's noise, not how much two identical runs differ (``what`` names that spread)."""
+    if not spread or not np.isfinite([diff.low, diff.high]).all():
+        return diff
+    return Difference(diff.estimate, diff.low - spread, diff.high + spread,
+                      f"{diff.how}, widened by {what} +-{100 * spread:.1f}%", diff.estimated)
+
+
 def paired_accuracy(subject: list[int], baseline: list[int], seed: int = 0) -> Difference:
     """Relative accuracy difference of two runs scored on the same items (1 = correct), with a paired bootstrap
     interval over items (relative to the baseline's accuracy); no interval under ``MIN_ITEMS`` items, and with no

@@ -275,7 +275,7 @@ def loss_curve(samples: list[StepSample]) -> list[dict]:
 COUNTED_HF_DECODERS = ("gpt_neox", "llama", "qwen2")
 
 
-def _flops_per_token(model, context: float) -> float | None:
+def forward_flops_per_token(model, context: float) -> float | None:
     """Analytical forward FLOPs per token: our decoder's (``arch.analysis``), a standard-attention ``transformers``
     decoder's (Pythia: ``model_costs``); None for a model without a FLOPs model here (Mamba, RWKV)."""
     if isinstance(model.config, DecoderConfig):
@@ -312,7 +312,7 @@ def measure_roofline(model, p: PretrainRun, metrics: dict[str, MetricValue]) -> 
     if dtype_bytes < 4:  # arch.train.MasterWeights: fp32 masters and their gradients, AdamW's moments of them
         training_parts |= {"fp32-masters+gradients": 8 * params, "adamw-moments": 8 * params}
     tokens = p.batch_size * p.seq_len
-    forward = _flops_per_token(model, (p.seq_len + 1) / 2)
+    forward = forward_flops_per_token(model, (p.seq_len + 1) / 2)
     flops_method = "analytical" if forward is not None else f"{type(model).__name__} has none in this project"
     train_step = roofline.Phase("train-step", flops=None if forward is None else roofline.TRAIN_FLOPS_PER_FORWARD
                                 * tokens * forward, bytes=sum(training_parts.values()),
@@ -322,13 +322,14 @@ def measure_roofline(model, p: PretrainRun, metrics: dict[str, MetricValue]) -> 
     out = roofline.phase_metrics(train_step, probe, "train")
     phases = [train_step]
     for context in p.decode_contexts:
-        prefill_flops = _flops_per_token(model, (context + 1) / 2)
+        prefill_flops = forward_flops_per_token(model, (context + 1) / 2)
         prefill = roofline.Phase(f"prefill-ctx{context}", flops=None if prefill_flops is None else
                                  model_costs.prefill_flops(model, prefill_flops, context, 1),
                                  bytes=weights + _cache_bytes(metrics, context, 0),
                                  seconds=metrics[f"decode_ctx{context}_ttft_s"].value, dtype=dtype,
                                  flops_method=flops_method, seconds_method="ttft-p50")
-        decode = roofline.Phase(f"decode-ctx{context}", flops=_flops_per_token(model, context + p.new_tokens / 2),
+        decode = roofline.Phase(f"decode-ctx{context}",
+                                flops=forward_flops_per_token(model, context + p.new_tokens / 2),
                                 bytes=weights + _cache_bytes(metrics, context, p.new_tokens / 2),
                                 seconds=metrics[f"decode_ctx{context}_tpot_s"].value, dtype=dtype,
                                 flops_method=flops_method, bytes_method="counted-weights+analytical-cache",

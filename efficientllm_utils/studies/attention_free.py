@@ -50,6 +50,17 @@ def _analytical_state_bytes(model: PreTrainedModel, p: AttentionFreeRun, context
     return af.state_bytes(model.config, context, dtype_bytes)
 
 
+def _forward_flops(model: PreTrainedModel, p: AttentionFreeRun) -> MetricValue:
+    """Analytical forward FLOPs per token at a training block's average context, by the model the roofline uses
+    (``architecture.forward_flops_per_token``: Pythia's standard attention is counted), or missing with the reason."""
+    context = (p.seq_len + 1) / 2
+    flops = architecture.forward_flops_per_token(model, context)
+    if flops is None:
+        return MetricValue.unavailable("FLOP/token", f"no analytical FLOPs model for {type(model).__name__} in this "
+                                                     "project")
+    return MetricValue.estimated(flops, "FLOP/token", f"analytical-forward-flops(context={context:g})")
+
+
 def measure_model(model: PreTrainedModel, p: AttentionFreeRun, data: Data) -> tuple[dict[str, MetricValue], dict]:
     """Parameters (counted); the bytes of cache or state one sequence holds after each ``decode_contexts`` prefill,
     by formula and from the real cache; per-token cache growth. The transformer also gets the architecture
@@ -65,8 +76,7 @@ def measure_model(model: PreTrainedModel, p: AttentionFreeRun, data: Data) -> tu
             "params_total": MetricValue.measured(total, "params", counted),
             "params_active": MetricValue.measured(total, "params", f"{counted}(dense: all active)"),
             "params_embedding": MetricValue.measured(model.get_input_embeddings().weight.numel(), "params", counted),
-            "flops_per_token": MetricValue.unavailable("FLOP/token", "no analytical FLOPs model for "
-                                                                     f"{type(model).__name__} in this project"),
+            "flops_per_token": _forward_flops(model, p),
             "kv_cache_bytes_per_token": MetricValue.estimated(per_token, "bytes/token",
                                                               f"analytical-formula({p.dtype}; growth per token)"),
         }
