@@ -290,8 +290,8 @@ class RunContext(BaseModel):
         duration = (dt.datetime.fromisoformat(finished) - dt.datetime.fromisoformat(self.started)).total_seconds()
         record = RunRecord(run_id=self.run_id, study=self.study, profile=self.profile, label=self.label,
                            explored=self.explored, status="ok", params=self.params, metrics=metrics, quality=quality,
-                           raw=raw,
-                           provenance={**provenance(), "code": study_fingerprint(self.study), **(provenance_extra or {})},
+                           raw=raw, provenance={**provenance(), "code": study_fingerprint(self.study),
+                                                **(provenance_extra or {})},
                            started=self.started, finished=finished, duration_s=duration)
         write_record(record, self.result_dir)
         return record

@@ -404,6 +404,7 @@ def test_module_timings_name_the_machine_their_own_record_names(tmp_path):
     path.write_text(json.dumps(run))
     text, table = ar.module_timings(path)
     assert "AMD EPYC (2 logical cores)" in text.data and "2026-12-06" in text.data and "3.0" in text.data
+    assert "busier" not in text.data  # no logical core count recorded: no judgement of the load
     assert "ours/HF" in table.to_html() and "1.00" in table.to_html()  # median 0.02 / 0.02
     (missing,) = ar.module_timings(tmp_path / "none.json")
     assert "No committed run" in missing.data

@@ -520,13 +520,17 @@ def module_timings(path: Path = MODULE_TIMINGS) -> list:
     for r in run["rows"]:
         ours, ref = pd.Series(r["ours_s"]) * 1e3, pd.Series(r["reference_s"]) * 1e3
         rows.append({"module": r["module"], "HF reference": r["reference"], "pass": r["pass"],
-                     "ours median (ms)": ours.median(), "ours p90 (ms)": ours.quantile(0.9),
-                     "HF median (ms)": ref.median(), "HF p90 (ms)": ref.quantile(0.9),
+                     "ours median (ms)": ours.median(), "ours p90 (ms)": ours.quantile(0.9, interpolation="nearest"),
+                     "HF median (ms)": ref.median(), "HF p90 (ms)": ref.quantile(0.9, interpolation="nearest"),
                      "ours/HF": ours.median() / ref.median()})
     table = pd.DataFrame(rows)
     shape = "x".join(str(n) for n in run["input_shape"])
+    cores = run["provenance"].get("hardware", {}).get("logical_cores")
+    busy = load is not None and cores and load > cores + 1
     text = (f"Measured {run['finished'][:10]} on {hardware} ({run['device']}, {run['threads']} threads, "
             f"{run['dtype']}, torch {run['torch']}), input {shape}, {run['reps']} repetitions after {run['warmup']} "
-            "warm-up" + (f"; 5-minute load average {load:.1f} when it ended (other work inflates absolute "
-                         "times, not the ratio)" if load is not None else "") + ".")
+            "warm-up" + (f"; 5-minute load average {load:.1f} when it ended" if load is not None else "") + "."
+            + (f" The machine was far busier than its {cores} cores: absolute times are inflated several-fold, and "
+               "even the ratios move from run to run (a p90 far above its median marks a stall); read them as "
+               "rough." if busy else ""))
     return [Markdown(text), show(table, {k: k for k in table.columns}, {"ours/HF": "{:.2f}"})]
