@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ..metrics.schema import PAPER_METRICS
 from .display import format_params
 from .load import StudyResults
 from .paper import claims, paper_quote
@@ -219,8 +220,10 @@ def _front_finding(claim, model: str, present: set[str], compare, words: dict[st
                    f"{claim_head(claim, axis)} Here " + ". ".join(texts) + ".", "; ".join(texts))
 
 
-# metrics where higher is better (every other metric of ``claims.csv`` is lower-is-better)
-HIGHER_IS_BETTER_METRICS = {"TT", "accuracy", "it_tokens_per_s", "psnr_db", "ssim"}
+# the metrics of ``claims.csv`` where higher is better (every other one is lower-is-better): the paper's efficiency
+# metrics so declared, by name (``TT``) or record column (``it_tokens_per_s``), and the quality scores
+HIGHER_IS_BETTER_METRICS = ({"accuracy", "psnr_db", "ssim"}
+                            | {key for m in PAPER_METRICS.values() if not m.lower_is_better for key in (m.name, m.column)})
 
 
 def _none_best_finding(claim, model: str, present: set[str], compare, words: dict[str, str], axis: str
