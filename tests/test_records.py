@@ -69,5 +69,6 @@ def test_a_run_records_the_fingerprint_of_the_code_it_ran(results_root):
                                  result_dir=run_dir("selftest", "cpu", "a", results_root), params={"value": "a"})
     context.write({}, {}, {})
     code = read_record(context.result_dir).provenance["code"]
-    assert code == study_fingerprint("selftest") and "efficientllm_utils.studies" not in code  # selftest's own
+    assert code == study_fingerprint("selftest") and "efficientllm_utils.records" in code
+    assert not any(name.startswith("efficientllm_utils.reports") for name in code)  # the book's code, not the run's
     assert "notebook:notebooks/selftest.ipynb" in code

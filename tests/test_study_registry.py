@@ -50,7 +50,8 @@ def test_params_core_and_registry_load_no_domain_code():
     probe = ("import sys, efficientllm_utils.params, efficientllm_utils.records; "
              "print(sorted(m for m in sys.modules if m.startswith('efficientllm_utils.') or m == 'torch'))")
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO_ROOT)
-    assert eval(loaded.stdout) == ["efficientllm_utils.metrics", "efficientllm_utils.metrics.machine_probe",
+    assert eval(loaded.stdout) == ["efficientllm_utils.code_fingerprint", "efficientllm_utils.metrics",
+                                   "efficientllm_utils.metrics.machine_probe",
                                    "efficientllm_utils.metrics.values", "efficientllm_utils.params",
                                    "efficientllm_utils.paths", "efficientllm_utils.records",
                                    "efficientllm_utils.study_registry"]
