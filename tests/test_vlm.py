@@ -297,6 +297,32 @@ def test_above_majority_is_a_verdict_on_a_paired_interval(correct, verdict):
     assert report.above_majority(table, None).iloc[0]["verdict"] == "inconclusive"  # no per-item record
 
 
+# --- the report: what the profile costs -----------------------------------------------------------------------
+
+def _cost_records(threads: int | None, cpu_s: list[float], wall_s: list[float]):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(ok_records=[
+        SimpleNamespace(label=f"run{n}", params={"num_threads": threads}, raw={"process_cpu_s": c}, duration_s=w,
+                        provenance={}) for n, (c, w) in enumerate(zip(cpu_s, wall_s))])
+
+
+@pytest.mark.parametrize("peft_threads, quant_threads", [(2, 1), (1, 4)])
+def test_the_budget_text_follows_the_records_threads_and_wall_time(peft_threads, quant_threads):
+    from efficientllm_utils.reports import vlm as report
+
+    peft = _cost_records(peft_threads, [240.0, 240.0], [150.0, 150.0])  # 8 CPU-min, 5 min of wall time
+    quant = _cost_records(quant_threads, [120.0], [60.0])
+    text = report.cpu_budget_text(peft, quant)
+    plural = {1: "1 torch thread:", 2: "2 torch threads:", 4: "4 torch threads:"}
+    assert f"2 fine-tuning runs at {plural[peft_threads]} 5.0 min of wall time, 8.0 min of CPU" in text
+    assert f"1 quantization runs at {plural[quant_threads]} 1.0 min of wall time, 2.0 min of CPU" in text
+    assert "In all 6.0 min of wall time" in text
+    least = (480 / peft_threads + 120 / quant_threads) / 60  # CPU time over each run's threads
+    assert f"10.0 min, over each run's threads is {least:.1f} min" in text
+    assert "torch's default threads" in report.cpu_budget_text(_cost_records(None, [60.0], [60.0]), quant)
+
+
 # --- end to end -------------------------------------------------------------------------------------------
 
 @pytest.mark.slow

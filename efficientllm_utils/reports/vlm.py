@@ -231,28 +231,52 @@ def quantization_columns(table: pd.DataFrame):
 
 # --- what the profile costs ------------------------------------------------------------------------------
 
+def _threads_text(threads: set) -> str:
+    """"2 torch threads", "1 torch thread", "1 or 2 torch threads", "torch's default threads" from the runs' params."""
+    if None in threads:
+        return "torch's default threads" if threads == {None} else "differing threads"
+    ordered = sorted(threads)
+    return (" or ".join(str(t) for t in ordered) + " torch thread" + ("s" if ordered[-1] > 1 else "")
+            + (" per run" if len(ordered) > 1 else ""))
+
+
 def cpu_budget_text(peft_res, quant_res) -> str:
-    """The profile's cost from the records: the CPU seconds of every run's kernel (the alignment stage runs inside
-    the first run that needs it, so it is part of that run's), summed. Runs execute one after the other on one
-    single-threaded Dask worker at 1 torch thread, so the sum estimates the wall time on an idle machine whatever the
-    load was when the records were made (process start-up, Dask and the book build come on top)."""
-    parts, total, missing = [], 0.0, []
+    """The profile's cost from the records, per study: the torch threads each run used (its params'
+    ``num_threads``), the CPU seconds of each run's kernel (``process_cpu_s``; the alignment stage runs inside the
+    first run that needs it, so it is part of that run's) and the wall time each run took (``duration_s``). CPU
+    seconds over a run's threads are the least wall time it can take (every thread busy all the time); the recorded
+    wall time is what it took on the machine and at the load the records were made at (the chapter's source note)."""
+    parts, missing = [], []
+    cpu_total = least_wall = wall = 0.0
     for name, res in (("fine-tuning", peft_res), ("quantization", quant_res)):
-        cpu = {r.label: r.raw.get("process_cpu_s") for r in res.ok_records}
-        known = [v for v in cpu.values() if v is not None]
+        runs = res.ok_records
+        if not runs:
+            continue
+        cpu = {r.label: r.raw.get("process_cpu_s") for r in runs}
         missing += [f"{name} {label}" for label, v in cpu.items() if v is None]
+        threads = {r.params.get("num_threads") for r in runs}
+        known = [(r.raw["process_cpu_s"], r.params.get("num_threads") or 1) for r in runs
+                 if r.raw.get("process_cpu_s") is not None]
+        seconds = sum(r.duration_s or 0 for r in runs)
+        wall += seconds
+        text = f"{len(runs)} {name} runs at {_threads_text(threads)}: {seconds / 60:.1f} min of wall time"
         if known:
-            parts.append(f"{len(known)} {name} runs {sum(known) / 60:.1f} min (the longest {max(known):.0f} s)")
-            total += sum(known)
+            cpu_total += sum(c for c, _ in known)
+            least_wall += sum(c / t for c, t in known)
+            text += (f", {sum(c for c, _ in known) / 60:.1f} min of CPU (the longest run {max(c for c, _ in known):.0f} "
+                     f"CPU-s)")
+        parts.append(text)
     if not parts:
         return ""
     align = [r.provenance.get("vlm_alignment", {}).get("cpu_seconds") for r in peft_res.ok_records]
     align = [a for a in align if a]
-    wall = sum(r.duration_s or 0 for r in [*peft_res.ok_records, *quant_res.ok_records])
-    text = (f"**Cost of this profile** (CPU seconds of each run's process, from the records): " + "; ".join(parts)
-            + (f", the alignment stage's {align[0] / 60:.1f} min included (it ran inside the first run)" if align else "")
-            + f". In all {'at least ' if missing else ''}{total / 60:.1f} min of CPU: at one torch thread per run and one run at a time, about the "
-              f"wall time on an idle machine (these runs took {wall / 60:.1f} min of wall time on a shared, loaded one).")
+    text = ("**Cost of this profile** (from the records: each run's threads, its wall time and its process's CPU "
+            "seconds): " + "; ".join(parts)
+            + (f"; the alignment stage's {align[0] / 60:.1f} min of CPU is part of the first run's" if align else "")
+            + f". In all {wall / 60:.1f} min of wall time for the runs as recorded (process start-up, Dask and the "
+              f"book build come on top). The CPU time, {'at least ' if missing else ''}{cpu_total / 60:.1f} min, "
+              f"over each run's threads is {'at least ' if missing else ''}{least_wall / 60:.1f} min: the least "
+              "wall time on an idle machine, reached only when every thread is busy all the time.")
     if missing:
         text += f" Runs without a CPU figure (recorded before it was kept): {', '.join(missing)}."
     return text
