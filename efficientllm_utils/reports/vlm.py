@@ -229,6 +229,101 @@ def quantization_columns(table: pd.DataFrame):
     return show(table, cols, qr.FORMATS)
 
 
+def _reference_record(res):
+    records = {r.params["precision"]: r for r in res.ok_records}
+    return next((r for r in records.values() if r.params["precision"] == r.params["reference_precision"]), None), records
+
+
+def quantized_model_line(res) -> str:
+    """Which model the quantization study quantizes, from the reference run's provenance: a fine-tuning run with its
+    adapter merged (``vlm_finetune``), else the untuned base."""
+    reference, _ = _reference_record(res)
+    if reference is None:
+        return ""
+    tuned = reference.provenance.get("vlm_finetune")
+    if not tuned:
+        return (f"**The quantized model is the untuned base** ({reference.provenance.get('vlm_base', 'as released')}):"
+                " its flips and KL are measured on a model whose answers may carry no skill (see the reference's "
+                "check against the majority class below).")
+    s, loss = tuned["settings"], tuned["loss_summary"]
+    how = "its adapter merged into the weights" if tuned["merged"] else "its trained weights"
+    return (f"**The quantized model is the fine-tuning study's {tuned['method']} run**, {how}: {s['steps']} steps of "
+            f"{s['batch_size']} questions ({', '.join(TASK_NAMES.get(t, t) for t in s['tasks'])}), lr {s['lr']:g}, "
+            f"the settings of `params/vlm_peft.yaml`'s profile `{reference.params.get('finetune_profile')}`; trained "
+            f"once ({tuned['cpu_seconds'] / 60:.1f} min of CPU, training loss {loss['first']:.2f} -> "
+            f"{loss.get('last_3_mean', loss['last']):.2f}) and cached by those settings, so the quantization study "
+            "does not read the fine-tuning study's results.")
+
+
+def reference_above_majority(res) -> pd.DataFrame:
+    """Per task: the reference precision's held-out accuracy against always answering the task's most frequent
+    answer on the same items, decided on the paired bootstrap interval (``common.paired_accuracy``, as
+    ``above_majority``); empty where the records lack the per-item answers."""
+    reference, _ = _reference_record(res)
+    q = reference.quality if reference is not None else {}
+    if not all(k in q for k in ("correct", "answers", "majority_answer")):
+        return pd.DataFrame()
+    rows = []
+    for task, correct in q["correct"].items():
+        majority = [int(a == q["majority_answer"][task]) for a in q["answers"][task]]
+        diff = c.paired_accuracy([int(x) for x in correct], majority)
+        rows.append({"task": TASK_NAMES.get(task, task), "precision": reference.params["precision"],
+                     "accuracy": sum(correct) / len(correct), "majority": sum(majority) / len(majority),
+                     "n": len(correct), "difference": str(diff), "verdict": c.decide(diff, "higher")})
+    return pd.DataFrame(rows)
+
+
+def reference_majority_text(frame: pd.DataFrame) -> str:
+    if frame.empty:
+        return ("*The quantization records hold no per-item answers to check the reference against the majority "
+                "class (recorded before they were kept).*")
+    met = bool((frame["verdict"] == c.AGREES).all())
+    return (f"**The reference is above the majority class on every task** (required, so that flips and KL are "
+            f"measured on a model with skill): **{'met' if met else 'not met'}**. "
+            + "; ".join(f"{r['task']}: {r['precision']} {r['accuracy']:.2f} against {r['majority']:.2f} on the same "
+                        f"{r['n']} items, above it: **{r['verdict']}** ({r['difference']})" for _, r in frame.iterrows())
+            + ".")
+
+
+def flip_interval(flips: int, n: int) -> tuple[float, float]:
+    """The 95% Wilson interval of a flip rate (``flips`` of ``n`` answers differ from the reference's)."""
+    from scipy.stats import binomtest
+
+    ci = binomtest(flips, n).proportion_ci(confidence_level=c.CONFIDENCE, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def against_reference(res) -> pd.DataFrame:
+    """Per precision: the accuracy change against the reference on the same items (paired bootstrap interval,
+    relative to the reference's accuracy) and the flip rate with its 95% Wilson interval."""
+    reference, records = _reference_record(res)
+    if reference is None:
+        return pd.DataFrame()
+    tasks = reference.params["tasks"]
+    ref_correct = [int(x) for t in tasks for x in reference.quality.get("correct", {}).get(t, [])]
+    rows = []
+    for precision, r in records.items():
+        if r is reference:
+            continue
+        correct = [int(x) for t in tasks for x in r.quality.get("correct", {}).get(t, [])]
+        flipped = [f for t in tasks for f in r.raw.get("flipped", {}).get(t, [])]
+        n, k = len(flipped), int(sum(bool(f) for f in flipped))
+        low, high = flip_interval(k, n) if n else (float("nan"), float("nan"))
+        change = (str(c.paired_accuracy(correct, ref_correct)) if correct and len(correct) == len(ref_correct)
+                  else "no per-item record")
+        rows.append({"precision": precision, "accuracy": r.quality.get("accuracy"),
+                     "change": change, "flips": f"{k} of {n}",
+                     "flip_rate": k / n if n else float("nan"),
+                     "flip_interval": f"{low:.3f} to {high:.3f}" if n else "no per-item record"})
+    return pd.DataFrame(rows)
+
+
+def against_reference_columns(frame: pd.DataFrame):
+    return c.show(frame, {"precision": "language model", "accuracy": "accuracy", "change":
+                          "accuracy change against the reference (95% paired interval)", "flips": "answers flipped",
+                          "flip_rate": "flip rate", "flip_interval": "flip rate, 95% interval (Wilson)"})
+
+
 # --- what the profile costs ------------------------------------------------------------------------------
 
 def _threads_text(threads: set) -> str:
