@@ -1,11 +1,13 @@
 """The vision-generation fine-tuning study: one method adapts a pretrained SD3.5 or Wan 2.1 denoiser to new data.
 
 Every run of a profile starts from the same pretrained base (:mod:`..lvm.base`) and trains on the same new
-examples (SD: CIFAR-10 classes the base never saw; Wan: a video it never saw) with the same loop, data order,
+examples (SD: image-set classes the base never saw; Wan: a video it never saw) with the same loop, data order,
 times, noise, steps, schedule and seed (:mod:`..lvm.train`); only the method changes (LoRA, RSLoRA, DoRA, LoHa,
 LoKr, GLoRA through ``peft``, or full fine-tuning). Phases:
 
-1. data: the base pipeline; the new training and held-out examples as latents with their captions;
+1. data: the base pipeline; the new training and held-out examples as latents with their captions; FD's noise
+   floor (``fd.noise_floor``: real training images or frames of the new data, as many as the samples', against
+   the held-out ones);
 2. the base on the new data: held-out flow-matching loss (per item), samples for the new captions and their FD
    (EfficientNet-Lite0) against the held-out real images -- what every method must improve on; the same for
    every method, so computed by the first run of a profile and reused by the others (``score_cache``, keyed by

@@ -5,7 +5,8 @@ Phases of one run (one model, one precision):
 1. set-up: the pipeline with the fp32 (``reference_precision``) denoiser, the prompts (the base's own
    captions, cycled over ``n_samples``), the reference's samples for those prompts and one seed (computed by
    the first run of a profile and reused by the others: ``score_cache``, keyed by the reference's weights, the
-   prompts, the settings, the code and the packages), and the features of held-out real images (frames) for FD;
+   prompts, the settings, the code and the packages), and the features of held-out real images (frames) for FD,
+   with its noise floor (``fd.noise_floor``: as many real training images or frames as the samples', against them);
 2. the denoiser at ``precision`` (diffusers' bitsandbytes integration, :mod:`..lvm.quantize`): counted bytes
    and its linear layer classes;
 3. generation under the resource tracker: a warm-up, then one timed generation of every sample with each
