@@ -304,6 +304,7 @@ def test_lvm_smoke_profile_end_to_end(results_root):
     for record in load_records("lvm_finetune", "smoke", results_root):
         assert record.status == "ok"
         assert "not-inception-FID" in record.quality["fd_metric"]
+        assert record.quality["fd_noise_floor"] > 0 and record.quality["fd_noise_floor_images"] > 0
         assert record.metrics["adapter_bytes"].value > 0
         assert record.quality["heldout_loss_base"] > 0
         held = record.raw["heldout_item_losses"]  # per item, paired with the base's for the verdicts
@@ -314,5 +315,6 @@ def test_lvm_smoke_profile_end_to_end(results_root):
     quant_reused = [r.quality["reference_reused"] for r in quant.values()]
     assert quant_reused.count(False) == 2  # the fp32 reference's samples: once per family
     for record in quant.values():
+        assert record.quality["fd_noise_floor"] > 0  # real frames of the base's data against the held-out ones
         assert len(record.raw["ssim_per_frame"]) == len(record.raw["psnr_db_per_frame"]) > 0
         assert len(record.raw["base_heldout_item_losses"]) == len(record.raw["base_heldout_item_losses_init"])
