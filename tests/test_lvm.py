@@ -213,6 +213,18 @@ def test_fine_tuning_fd_is_decided_against_the_noise_floor(fd_lora, verdict):
     assert {f.claim_id: f.verdict for f in lvm.finetune_findings(res)}["lf-lora-fd"] == "inconclusive"
 
 
+def test_a_noise_floor_as_large_as_fd_is_said_to_decide_nothing():
+    import pandas as pd
+
+    from efficientllm_utils.reports import lvm
+
+    ft = pd.DataFrame({"family": ["wan", "wan"], "method": ["lora", "full"], "FD_base": [61.0, 61.0],
+                       "FD": [65.9, 63.4], "FD_noise_floor": [55.6, 55.6]})
+    assert "FD decides nothing here" in lvm.observations(pd.DataFrame(), ft)[0]
+    assert "decides nothing" not in lvm.observations(pd.DataFrame(), ft.assign(FD_noise_floor=3.3))[0]
+    assert "predate the noise floor" in lvm.observations(pd.DataFrame(), ft.drop(columns="FD_noise_floor"))[0]
+
+
 @pytest.mark.parametrize("fd_int4, verdict", [(49.0, "agrees"), (53.0, "inconclusive"), (61.0, "disagrees")])
 def test_quantization_fd_keeps_the_reference_within_the_noise_floor(fd_int4, verdict):
     """int4 keeps the reference's FD (50, floor 5): no higher agrees; higher by more than twice the floor (the

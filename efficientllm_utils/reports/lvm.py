@@ -236,10 +236,16 @@ def finetune_findings(res: StudyResults) -> list[Finding]:
     return decide_claims("lvm_finetune", "vision", variants, compare, METRIC_WORDS)
 
 
-def _floor_phrase(part: pd.DataFrame) -> str:
-    floor = part["FD_noise_floor"].dropna()
-    return (f" (noise floor {floor.iloc[0]:.2f}: real images against the same reference; the verdicts are under the "
-            "claims)" if len(floor) else " -- these records predate the noise floor, so no verdict")
+def _floor_phrase(part: pd.DataFrame, reference: float) -> str:
+    """The noise floor beside a family's FDs, and plainly when it is too large for FD to decide anything."""
+    floor = part["FD_noise_floor"].dropna() if "FD_noise_floor" in part else pd.Series(dtype=float)
+    if not len(floor):
+        return " -- these records predate the noise floor, so no verdict"
+    text = f" (noise floor {floor.iloc[0]:.2f}: real images against the same reference; the verdicts are under the claims)"
+    if floor.iloc[0] >= 0.5 * reference:
+        text += (f" -- the floor is {100 * floor.iloc[0] / reference:.0f}% of the {reference:.2f} it is measured "
+                 "against: too few real images (frames) to tell a change of FD from noise, so FD decides nothing here")
+    return text
 
 
 def observations(qt: pd.DataFrame, ft: pd.DataFrame) -> list[str]:
@@ -247,11 +253,12 @@ def observations(qt: pd.DataFrame, ft: pd.DataFrame) -> list[str]:
     out = []
     for fam, part in qt.groupby("family") if len(qt) else ():
         out.append(f"{FAMILY.get(fam, fam)}, quantization: FD (EfficientNet-Lite0) "
-                   + ", ".join(f"{r.precision} {r.FD:.2f}" for r in part.itertuples()) + _floor_phrase(part) + ".")
+                   + ", ".join(f"{r.precision} {r.FD:.2f}" for r in part.itertuples())
+                   + _floor_phrase(part, part["FD"].iloc[0]) + ".")
     for fam, part in ft.groupby("family") if len(ft) else ():
         out.append(f"{FAMILY.get(fam, fam)}, fine-tuning: FD of samples for the new captions, base "
                    f"{part['FD_base'].iloc[0]:.2f}, after " + ", ".join(f"{r.method} {r.FD:.2f}" for r in part.itertuples())
-                   + _floor_phrase(part) + ".")
+                   + _floor_phrase(part, part["FD_base"].iloc[0]) + ".")
     return out
 
 
