@@ -16,7 +16,7 @@ from .display import show
 from .findings import findings_markdown, verdict_counts
 from .load import load_study
 from .paper import published_figures
-from .verdicts import AGREES, DISAGREES, INCONCLUSIVE, decide, paired_accuracy
+from .verdicts import AGREES, CONFIDENCE, DISAGREES, INCONCLUSIVE, decide, paired_accuracy
 from . import finetune as fr
 from . import quantization as qr
 
@@ -266,10 +266,10 @@ def reference_above_majority(res) -> pd.DataFrame:
     rows = []
     for task, correct in q["correct"].items():
         majority = [int(a == q["majority_answer"][task]) for a in q["answers"][task]]
-        diff = c.paired_accuracy([int(x) for x in correct], majority)
+        diff = paired_accuracy([int(x) for x in correct], majority)
         rows.append({"task": TASK_NAMES.get(task, task), "precision": reference.params["precision"],
                      "accuracy": sum(correct) / len(correct), "majority": sum(majority) / len(majority),
-                     "n": len(correct), "difference": str(diff), "verdict": c.decide(diff, "higher")})
+                     "n": len(correct), "difference": str(diff), "verdict": decide(diff, "higher")})
     return pd.DataFrame(rows)
 
 
@@ -277,7 +277,7 @@ def reference_majority_text(frame: pd.DataFrame) -> str:
     if frame.empty:
         return ("*The quantization records hold no per-item answers to check the reference against the majority "
                 "class (recorded before they were kept).*")
-    met = bool((frame["verdict"] == c.AGREES).all())
+    met = bool((frame["verdict"] == AGREES).all())
     return (f"**The reference is above the majority class on every task** (required, so that flips and KL are "
             f"measured on a model with skill): **{'met' if met else 'not met'}**. "
             + "; ".join(f"{r['task']}: {r['precision']} {r['accuracy']:.2f} against {r['majority']:.2f} on the same "
@@ -289,7 +289,7 @@ def flip_interval(flips: int, n: int) -> tuple[float, float]:
     """The 95% Wilson interval of a flip rate (``flips`` of ``n`` answers differ from the reference's)."""
     from scipy.stats import binomtest
 
-    ci = binomtest(flips, n).proportion_ci(confidence_level=c.CONFIDENCE, method="wilson")
+    ci = binomtest(flips, n).proportion_ci(confidence_level=CONFIDENCE, method="wilson")
     return float(ci.low), float(ci.high)
 
 
@@ -309,7 +309,7 @@ def against_reference(res) -> pd.DataFrame:
         flipped = [f for t in tasks for f in r.raw.get("flipped", {}).get(t, [])]
         n, k = len(flipped), int(sum(bool(f) for f in flipped))
         low, high = flip_interval(k, n) if n else (float("nan"), float("nan"))
-        change = (str(c.paired_accuracy(correct, ref_correct)) if correct and len(correct) == len(ref_correct)
+        change = (str(paired_accuracy(correct, ref_correct)) if correct and len(correct) == len(ref_correct)
                   else "no per-item record")
         rows.append({"precision": precision, "accuracy": r.quality.get("accuracy"),
                      "change": change, "flips": f"{k} of {n}",
@@ -319,7 +319,7 @@ def against_reference(res) -> pd.DataFrame:
 
 
 def against_reference_columns(frame: pd.DataFrame):
-    return c.show(frame, {"precision": "language model", "accuracy": "accuracy", "change":
+    return show(frame, {"precision": "language model", "accuracy": "accuracy", "change":
                           "accuracy change against the reference (95% paired interval)", "flips": "answers flipped",
                           "flip_rate": "flip rate", "flip_interval": "flip rate, 95% interval (Wilson)"})
 
