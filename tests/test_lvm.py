@@ -233,7 +233,7 @@ def test_quantization_fd_keeps_the_reference_within_the_noise_floor(fd_int4, ver
 
     from efficientllm_utils.records import RunRecord
     from efficientllm_utils.reports import lvm
-    from efficientllm_utils.reports.common import StudyResults
+    from efficientllm_utils.reports.load import StudyResults
 
     records = [RunRecord(run_id=p, study="lvm_quantization", profile="cpu", label=p, status="ok",
                          params={"model": "sd3-small", "precision": p, "reference_precision": "fp32"},

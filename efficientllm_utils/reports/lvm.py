@@ -200,7 +200,7 @@ def _margin(claim, by: dict) -> float:
     baseline's FD, from the baseline's record (no record of it: no margin)."""
     if claim["tolerance"] != "floor":
         return float(claim["tolerance"])
-    baseline = by.get(claim["baseline"])
+    baseline = next((by[n] for n in claim["baseline"].split("|") if n in by), None)  # the first present
     q = baseline.quality if baseline is not None else {}
     return q["fd_noise_floor"] / q["fd"] if q.get("fd_noise_floor") is not None and q.get("fd") else 0.0
 
