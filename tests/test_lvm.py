@@ -195,6 +195,72 @@ def test_finetune_verdicts_pair_held_out_items():
     assert verdicts["lf-lora-adapts"] == "disagrees"
 
 
+@pytest.mark.parametrize("fd_lora, verdict", [(40.0, "agrees"), (47.0, "inconclusive"), (60.0, "disagrees")])
+def test_fine_tuning_fd_is_decided_against_the_noise_floor(fd_lora, verdict):
+    """FD, one sample set per run: lower than the base's by more than the noise floor (5 here) agrees, within it is
+    inconclusive, higher by more than it disagrees; a record without the floor gets no verdict."""
+    from efficientllm_utils.reports import lvm
+
+    res = _finetune_results(0.01)
+    for record in res.records:
+        record.quality.update({"fd_base": 50.0, "fd": fd_lora if record.params["method"] == "lora" else 50.0,
+                               "fd_noise_floor": 5.0})
+    found = {f.claim_id: f for f in lvm.finetune_findings(res)}
+    assert found["lf-lora-fd"].verdict == verdict and "the noise floor, FD 5.0" in str(found["lf-lora-fd"])
+    assert found["lf-full-fd"].verdict == "inconclusive"  # FD unchanged
+    for record in res.records:
+        del record.quality["fd_noise_floor"]
+    assert {f.claim_id: f.verdict for f in lvm.finetune_findings(res)}["lf-lora-fd"] == "inconclusive"
+
+
+def test_a_noise_floor_as_large_as_fd_is_said_to_decide_nothing():
+    import pandas as pd
+
+    from efficientllm_utils.reports import lvm
+
+    ft = pd.DataFrame({"family": ["wan", "wan"], "method": ["lora", "full"], "FD_base": [61.0, 61.0],
+                       "FD": [65.9, 63.4], "FD_noise_floor": [55.6, 55.6]})
+    assert "FD decides nothing here" in lvm.observations(pd.DataFrame(), ft)[0]
+    assert "decides nothing" not in lvm.observations(pd.DataFrame(), ft.assign(FD_noise_floor=3.3))[0]
+    assert "predate the noise floor" in lvm.observations(pd.DataFrame(), ft.drop(columns="FD_noise_floor"))[0]
+
+
+@pytest.mark.parametrize("fd_int4, verdict", [(49.0, "agrees"), (53.0, "inconclusive"), (61.0, "disagrees")])
+def test_quantization_fd_keeps_the_reference_within_the_noise_floor(fd_int4, verdict):
+    """int4 keeps the reference's FD (50, floor 5): no higher agrees; higher by more than twice the floor (the
+    floor as margin and as noise) disagrees; in between is inconclusive."""
+    import pandas as pd
+
+    from efficientllm_utils.records import RunRecord
+    from efficientllm_utils.reports import lvm
+    from efficientllm_utils.reports.load import StudyResults
+
+    records = [RunRecord(run_id=p, study="lvm_quantization", profile="cpu", label=p, status="ok",
+                         params={"model": "sd3-small", "precision": p, "reference_precision": "fp32"},
+                         quality={"fd": fd, "fd_noise_floor": 5.0})
+               for p, fd in (("fp32", 50.0), ("int4-nf4", fd_int4))]
+    res = StudyResults("lvm_quantization", "cpu", records, pd.DataFrame([r.flat() for r in records]))
+    assert {f.claim_id: f.verdict for f in lvm.quant_findings(res)}["lq-int4-fd"] == verdict
+
+
+def test_the_noise_floor_is_real_images_against_the_reference_at_the_samples_count(tmp_path):
+    """Real images of the reference's distribution score far below unrelated ones; a pool smaller than the samples
+    gives all it has."""
+    import numpy as np
+
+    from efficientllm_utils.vision import fd
+
+    gen = torch.Generator().manual_seed(0)
+    pool, reference = (torch.rand(n, 3, 32, 32, generator=gen) * 2 - 1 for n in (80, 60))
+    features = fd.cached_features(reference, 32, tmp_path)
+    floor, used = fd.noise_floor(pool, features, 40, 32, cache_dir=tmp_path)
+    assert used == 40 and np.isfinite(floor)
+    other = fd.cached_frechet_distance(fd.cached_features(torch.zeros(40, 3, 32, 32) - 0.9, 32, tmp_path), features,
+                                       tmp_path)
+    assert floor < other
+    assert fd.noise_floor(pool, features, 500, 32, cache_dir=tmp_path)[1] == 80
+
+
 def _tradeoff_results(methods: dict[str, tuple[float, float, float]], n_items: int = 40):
     """Records of several methods on the same held-out items: per method (relative loss drop per item, seconds per
     training step, AMU in GB)."""
@@ -250,6 +316,7 @@ def test_lvm_smoke_profile_end_to_end(results_root):
     for record in load_records("lvm_finetune", "smoke", results_root):
         assert record.status == "ok"
         assert "not-inception-FID" in record.quality["fd_metric"]
+        assert record.quality["fd_noise_floor"] > 0 and record.quality["fd_noise_floor_images"] > 0
         assert record.metrics["adapter_bytes"].value > 0
         assert record.quality["heldout_loss_base"] > 0
         held = record.raw["heldout_item_losses"]  # per item, paired with the base's for the verdicts
@@ -260,5 +327,6 @@ def test_lvm_smoke_profile_end_to_end(results_root):
     quant_reused = [r.quality["reference_reused"] for r in quant.values()]
     assert quant_reused.count(False) == 2  # the fp32 reference's samples: once per family
     for record in quant.values():
+        assert record.quality["fd_noise_floor"] > 0  # real frames of the base's data against the held-out ones
         assert len(record.raw["ssim_per_frame"]) == len(record.raw["psnr_db_per_frame"]) > 0
         assert len(record.raw["base_heldout_item_losses"]) == len(record.raw["base_heldout_item_losses_init"])

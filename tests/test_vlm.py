@@ -229,6 +229,30 @@ def test_both_studies_share_one_aligned_checkpoint():
             quant.vision_settings(), quant.align_settings().model_dump(exclude={"num_threads"}))
 
 
+def test_the_quantized_model_is_a_fine_tuning_run_named_by_profile_and_method(tmp_path, monkeypatch):
+    from efficientllm_utils.studies import vlm_finetune as vft
+
+    quant = VLMQuantizationRun.model_validate(expand(params_path("vlm_quantization"), "cpu")[0].params)
+    tuned = quant.finetune_run()
+    peft_lora = next(s for s in expand(params_path("vlm_peft"), "cpu") if s.params["method"] == "lora")
+    assert tuned == VLMFinetuneRun.model_validate(peft_lora.params)  # vlm_peft's cpu LoRA run, as its file has it
+    base = dict(model="smollm2-135m-instruct", precision="fp32", finetune_profile="cpu")
+    assert VLMQuantizationRun(model="smollm2-135m-instruct", precision="fp32").finetune_run() is None
+    with pytest.raises(ValueError, match="given together"):
+        VLMQuantizationRun(**base)
+    with pytest.raises(ValueError, match="allowed: lora, full"):  # QLoRA's 4-bit base cannot be merged
+        VLMQuantizationRun(**base, finetune_method="qlora")
+    with pytest.raises(ValueError, match="vision_depth"):  # another base than this run's
+        VLMQuantizationRun(**base, finetune_method="lora", vision_depth=1)
+    with pytest.raises(ValueError, match="profile .gpu. is not one of"):
+        VLMQuantizationRun(**base | {"finetune_profile": "gpu"}, finetune_method="lora")
+    # the cached model is keyed by what its weights depend on: not the scoring settings, but every training one
+    monkeypatch.setenv("EFFICIENTLLM_CACHE", str(tmp_path / "assets"))
+    assert vft.tuned_dir(tuned) == vft.tuned_dir(tuned.model_copy(update={"n_heldout_per_task": 7, "num_threads": 1}))
+    assert vft.tuned_dir(tuned) != vft.tuned_dir(tuned.model_copy(update={"steps": tuned.steps + 1}))
+    assert vft.tuned_dir(tuned).parent == tmp_path / "models"
+
+
 def test_the_first_alignment_stage_trains_the_vision_tower_only():
     from efficientllm_utils.vlm import align
     from efficientllm_utils.vlm.config import AlignSettings
@@ -297,6 +321,58 @@ def test_above_majority_is_a_verdict_on_a_paired_interval(correct, verdict):
     assert report.above_majority(table, None).iloc[0]["verdict"] == "inconclusive"  # no per-item record
 
 
+def test_the_quantization_reference_is_checked_against_the_majority_class_on_each_task():
+    from types import SimpleNamespace
+
+    from efficientllm_utils.reports import vlm as report
+
+    answers = {"fashion_mnist": ["bag"] * 20 + ["coat"] * 80, "easy_vqa": ["yes"] * 60 + ["no"] * 40}
+    correct = {"fashion_mnist": [1] * 20 + [1] * 50 + [0] * 30,  # 0.70 against 0.20
+               "easy_vqa": [1] * 60 + [0] * 40}  # exactly the majority class's answers
+    quality = {"correct": correct, "answers": answers, "majority_answer": {"fashion_mnist": "bag", "easy_vqa": "yes"},
+               "accuracy": 0.65}
+    flipped = {"fashion_mnist": [False] * 100, "easy_vqa": [True] * 10 + [False] * 90}
+    params = {"tasks": ["fashion_mnist", "easy_vqa"], "reference_precision": "fp32"}
+    res = SimpleNamespace(ok_records=[
+        SimpleNamespace(params=params | {"precision": "fp32"}, quality=quality, raw={}, provenance={}),
+        SimpleNamespace(params=params | {"precision": "int4-nf4"}, quality=quality, raw={"flipped": flipped},
+                        provenance={})])
+    frame = report.reference_above_majority(res)
+    assert dict(zip(frame["task"], frame["verdict"])) == {"Fashion-MNIST": "agrees", "easy-VQA": "inconclusive"}
+    assert "**not met**" in report.reference_majority_text(frame)
+    row = report.against_reference(res).iloc[0]
+    assert (row["flips"], row["flip_rate"]) == ("10 of 200", 0.05)
+    low, high = (float(x) for x in row["flip_interval"].split(" to "))
+    assert low < 0.05 < high and high - low < 0.1
+    assert "untuned base" in report.quantized_model_line(res)
+
+
+# --- the report: what the profile costs -----------------------------------------------------------------------
+
+def _cost_records(threads: int | None, cpu_s: list[float], wall_s: list[float]):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(ok_records=[
+        SimpleNamespace(label=f"run{n}", params={"num_threads": threads}, raw={"process_cpu_s": c}, duration_s=w,
+                        provenance={}) for n, (c, w) in enumerate(zip(cpu_s, wall_s))])
+
+
+@pytest.mark.parametrize("peft_threads, quant_threads", [(2, 1), (1, 4)])
+def test_the_budget_text_follows_the_records_threads_and_wall_time(peft_threads, quant_threads):
+    from efficientllm_utils.reports import vlm as report
+
+    peft = _cost_records(peft_threads, [240.0, 240.0], [150.0, 150.0])  # 8 CPU-min, 5 min of wall time
+    quant = _cost_records(quant_threads, [120.0], [60.0])
+    text = report.cpu_budget_text(peft, quant)
+    plural = {1: "1 torch thread:", 2: "2 torch threads:", 4: "4 torch threads:"}
+    assert f"2 fine-tuning runs at {plural[peft_threads]} 5.0 min of wall time, 8.0 min of CPU" in text
+    assert f"1 quantization runs at {plural[quant_threads]} 1.0 min of wall time, 2.0 min of CPU" in text
+    assert "In all 6.0 min of wall time" in text
+    least = (480 / peft_threads + 120 / quant_threads) / 60  # CPU time over each run's threads
+    assert f"10.0 min, over each run's threads is {least:.1f} min" in text
+    assert "torch's default threads" in report.cpu_budget_text(_cost_records(None, [60.0], [60.0]), quant)
+
+
 # --- end to end -------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -319,3 +395,6 @@ def test_vlm_smoke_profiles_end_to_end(results_root):
     for r in quant.values():
         assert r.metrics["ttft_p50_s"].value > 0 and r.raw["image_tokens"] > 0
         assert r.raw["process_cpu_s"] > 0
+        # the model quantized is the smoke fine-tuning study's freeze run, trained once and cached
+        assert r.provenance["vlm_finetune"]["method"] == "freeze"
+        assert r.provenance["vlm_base"].startswith("vlm-tuned-")

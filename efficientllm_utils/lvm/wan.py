@@ -147,4 +147,6 @@ def examples(part: str, heldout: bool, heldout_size: int, shape: WanShape | None
 
     shape = shape or WanShape()
     videos = data.BASE_VIDEOS if part == "base" else data.NEW_VIDEOS
-    return data.clips(videos, shape.frames, shape.image_size, shape.frame_stride, "heldout" if heldout else "train")
+    fraction = data.BASE_HELDOUT_FRACTION if part == "base" else data.NEW_HELDOUT_FRACTION
+    return data.clips(videos, shape.frames, shape.image_size, shape.frame_stride, "heldout" if heldout else "train",
+                      fraction)

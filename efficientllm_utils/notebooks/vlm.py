@@ -62,15 +62,16 @@ ax.set(ylabel="training loss (answer tokens, before the step's update)",
 
 QUANT_INTRO = """# Vision-language quantization: one precision of a Qwen2.5-VL's language model
 
-One grid point of the `vlm_quantization` study (`make reproduce AXIS=vlm`). The model is the one the fine-tuning
-study starts from (on the CPU profiles: the small Qwen2.5-VL around SmolLM2-135M-Instruct with its aligned vision
-tower; on `paper`: Qwen2.5-VL-7B-Instruct). Its language model is loaded at the run's precision (float, or
+One grid point of the `vlm_quantization` study (`make reproduce AXIS=vlm`). The model is, on the CPU profiles, one
+run of the fine-tuning study (`finetune_profile`, `finetune_method`: trained once and cached, its adapter merged
+into the weights) of the small Qwen2.5-VL around SmolLM2-135M-Instruct with its aligned vision
+tower; on `paper`: Qwen2.5-VL-7B-Instruct as released. Its language model is loaded at the run's precision (float, or
 bitsandbytes int8/int4 with the vision tower kept in floating point); its bytes are counted; the held-out questions
 are answered by log-likelihood over each task's answer set and compared with the reference precision's answers (flip
 rate) and answer distributions (KL divergence); then time to first token with an image in the prompt, decode latency,
 and memory and energy under the tracker."""
 
-QUANT_LOAD = """source = vq.base_source(p)
+QUANT_LOAD = """source = vq.model_source(p)  # the fine-tuned model (trained once, cached) or the base
 reference = vq.reference_outputs(source, p, run.result_dir.parent / vq.REFERENCE_DIR, run.label)
 model, processor, load_s = vq.load(source, p)
 size_metrics, size_raw = vq.measure_size(model)

@@ -198,17 +198,23 @@ def _timed_seconds(record) -> list[float]:
     return [s["seconds"] for s in record.raw.get("steps", [])[record.params.get("timing_warmup_steps", 0):]]
 
 
+def fd_difference(fd_a: float | None, fd_b: float | None, floor: float | None) -> Difference | None:
+    """Two FDs (one sample set each) as a single value whose noise is the noise floor: the FD of real images
+    against the same reference, made relative to the baseline's FD (the vision chapters' rule); None without all
+    three."""
+    if None in (fd_a, fd_b, floor) or not fd_b:
+        return None
+    return point_difference(fd_a, fd_b, floor / fd_b, f"the noise floor, FD {floor:.1f}")
+
+
 def compare(record_a, record_b, metric: str, tolerance: float) -> Difference | None:
     """The difference of two runs on one metric by ``reports.verdicts``' rules: FD as a single value whose noise is
     the noise floor (an absolute FD, made relative to the baseline's); AL by a bootstrap interval over the timed
     steps, widened by ``tolerance``; AMU by the tracker's values within ``tolerance``. ``tolerance`` is the metric's
     run-to-run spread, from the MHA DiT that both studies train with identical settings (``cost_tolerances``)."""
     if metric == "FD":
-        fd_a, fd_b, floor = (record_a.quality.get("fd"), record_b.quality.get("fd"),
+        return fd_difference(record_a.quality.get("fd"), record_b.quality.get("fd"),
                              record_b.quality.get("fd_noise_floor"))
-        if None in (fd_a, fd_b, floor) or not fd_b:
-            return None
-        return point_difference(fd_a, fd_b, floor / fd_b, f"the noise floor, FD {floor:.1f}")
     if metric == "AL_s":
         a, b = _timed_seconds(record_a), _timed_seconds(record_b)
         if not (a and b):

@@ -12,6 +12,7 @@ from ..records import RESULTS_DIR, run_dir
 from .findings import Finding, common_caveats, decide_claims, findings_markdown
 from .load import StudyResults
 from .verdicts import Difference, bootstrap_ratio, paired_ratio, point_difference, tracked_difference
+from .dit import fd_difference
 
 FAMILY = {"sd3": "SD3.5 (text-to-image)", "wan": "Wan 2.1 (text-to-video)"}
 PRECISION_ORDER = precisions.names("lvm")
@@ -46,6 +47,7 @@ def quant_table(res: StudyResults) -> pd.DataFrame:
     t = _table(res, "precision", PRECISION_ORDER, {
         "model_MB": "model_bytes", "MCR": "mcr", "PSNR_dB": "quality_psnr_db", "SSIM": "quality_ssim",
         "SSIM_min": "quality_ssim_min", "FD": "quality_fd", "FD_reference": "quality_fd_reference",
+        "FD_noise_floor": "quality_fd_noise_floor",
         "step_s": "step_latency_s", "frames_per_s": "frames_per_s", "AMU_GB": "amu_gb", "AEC_W": "aec_w",
         "energy_J": "energy_j", "s_per_image": "latency_s_per_image", "s_per_clip": "latency_s_per_clip"})
     if t.empty:
@@ -59,7 +61,8 @@ def finetune_table(res: StudyResults) -> pd.DataFrame:
     t = _table(res, "method", METHOD_ORDER, {
         "trainable_params": "trainable_params", "adapter_MB": "adapter_bytes",
         "heldout_loss_base": "quality_heldout_loss_base", "heldout_loss": "quality_heldout_loss",
-        "final_loss": "quality_final_loss", "FD_base": "quality_fd_base", "FD": "quality_fd", "AL_s": "al_s",
+        "final_loss": "quality_final_loss", "FD_base": "quality_fd_base", "FD": "quality_fd",
+        "FD_noise_floor": "quality_fd_noise_floor", "AL_s": "al_s",
         "ST": "st_samples_per_s", "AMU_GB": "amu_gb", "AEC_W": "aec_w"})
     if t.empty:
         return t
@@ -127,7 +130,8 @@ PRETRAINED, UNTRAINED = "pretrained", "untrained"  # the quantization claims' na
 METRIC_WORDS = {"heldout_loss": "the held-out flow-matching loss", "model_bytes": "the denoiser's counted bytes",
                 "ssim": "the mean SSIM to the reference's samples", "psnr_db": "the mean PSNR to the reference's samples",
                 "step_latency_s": "the time per denoising step", "trainable_params": "the trainable parameters",
-                "AL_s": "the training step time (AL)", "AMU_GB": "the memory in use while training (AMU)"}
+                "AL_s": "the training step time (AL)", "AMU_GB": "the memory in use while training (AMU)",
+                "fd": "FD (EfficientNet-Lite0) of the samples against held-out real images"}
 PER_FRAME = {"ssim": "ssim_per_frame", "psnr_db": "psnr_db_per_frame"}
 # AMU is one tracked value per run; in the published cpu records LoRA and RSLoRA, the same computation, differ by
 # up to 14% (SD3 0.737 vs 0.647 GB: the process's resident memory moves with the allocator), so 15% is its noise.
@@ -177,13 +181,28 @@ def quant_findings(res: StudyResults) -> list[Finding]:
             return _paired(a.raw.get(PER_FRAME[metric]), b.raw.get(PER_FRAME[metric]))
         if metric == "step_latency_s":
             return bootstrap_ratio(a.raw.get("step_seconds", []), b.raw.get("step_seconds", []))
+        if metric == "fd":
+            return fd_difference(a.quality.get("fd"), b.quality.get("fd"), b.quality.get("fd_noise_floor"))
         return None
 
     def resolve(label, name):
         return references[models[label]] if name == "reference" else precisions.resolve_claim_name(name)
 
-    return decide_claims("lvm_quantization", "inference", variants, compare, METRIC_WORDS, resolve=resolve,
-                         margin=lambda claim: float(claim["tolerance"]))
+    found = []
+    for label in variants:  # one model at a time: a margin of "floor" is that model's noise floor
+        found += decide_claims("lvm_quantization", "inference", {label: variants[label]}, compare, METRIC_WORDS,
+                               resolve=resolve, margin=lambda claim, label=label: _margin(claim, runs[models[label]]))
+    return found
+
+
+def _margin(claim, by: dict) -> float:
+    """A ``not_lower`` claim's allowed drop: its tolerance, or (``floor``) the noise floor relative to the
+    baseline's FD, from the baseline's record (no record of it: no margin)."""
+    if claim["tolerance"] != "floor":
+        return float(claim["tolerance"])
+    baseline = next((by[n] for n in claim["baseline"].split("|") if n in by), None)  # the first present
+    q = baseline.quality if baseline is not None else {}
+    return q["fd_noise_floor"] / q["fd"] if q.get("fd_noise_floor") is not None and q.get("fd") else 0.0
 
 
 def finetune_findings(res: StudyResults) -> list[Finding]:
@@ -199,6 +218,9 @@ def finetune_findings(res: StudyResults) -> list[Finding]:
         if metric == "heldout_loss":
             b = a.raw.get("heldout_item_losses_base") if baseline == BASE else by[baseline].raw.get("heldout_item_losses")
             return _paired(a.raw.get("heldout_item_losses"), b)
+        if metric == "fd":  # every run's record holds the base's FD and the floor (same prompts and seed)
+            fd_b = a.quality.get("fd_base") if baseline == BASE else by[baseline].quality.get("fd")
+            return fd_difference(a.quality.get("fd"), fd_b, a.quality.get("fd_noise_floor"))
         b = by[baseline]
         if metric == "trainable_params":
             return _exact(a.metrics.get("trainable_params"), b.metrics.get("trainable_params"), "counted, exact")
@@ -214,17 +236,29 @@ def finetune_findings(res: StudyResults) -> list[Finding]:
     return decide_claims("lvm_finetune", "vision", variants, compare, METRIC_WORDS)
 
 
+def _floor_phrase(part: pd.DataFrame, reference: float) -> str:
+    """The noise floor beside a family's FDs, and plainly when it is too large for FD to decide anything."""
+    floor = part["FD_noise_floor"].dropna() if "FD_noise_floor" in part else pd.Series(dtype=float)
+    if not len(floor):
+        return " -- these records predate the noise floor, so no verdict"
+    text = f" (noise floor {floor.iloc[0]:.2f}: real images against the same reference; the verdicts are under the claims)"
+    if floor.iloc[0] >= 0.5 * reference:
+        text += (f" -- the floor is {100 * floor.iloc[0] / reference:.0f}% of the {reference:.2f} it is measured "
+                 "against: too few real images (frames) to tell a change of FD from noise, so FD decides nothing here")
+    return text
+
+
 def observations(qt: pd.DataFrame, ft: pd.DataFrame) -> list[str]:
-    """What the records show without a claim or an interval: FD (one sample set per run)."""
+    """Every run's FD beside its noise floor (one sample set per run: the floor is its noise)."""
     out = []
     for fam, part in qt.groupby("family") if len(qt) else ():
         out.append(f"{FAMILY.get(fam, fam)}, quantization: FD (EfficientNet-Lite0) "
                    + ", ".join(f"{r.precision} {r.FD:.2f}" for r in part.itertuples())
-                   + " -- one sample set per run, no interval, so no verdict.")
+                   + _floor_phrase(part, part["FD"].iloc[0]) + ".")
     for fam, part in ft.groupby("family") if len(ft) else ():
         out.append(f"{FAMILY.get(fam, fam)}, fine-tuning: FD of samples for the new captions, base "
                    f"{part['FD_base'].iloc[0]:.2f}, after " + ", ".join(f"{r.method} {r.FD:.2f}" for r in part.itertuples())
-                   + " -- one sample set per run, no interval, so no verdict.")
+                   + _floor_phrase(part, part["FD_base"].iloc[0]) + ".")
     return out
 
 

@@ -16,7 +16,7 @@ from .display import show
 from .findings import findings_markdown, verdict_counts
 from .load import load_study
 from .paper import published_figures
-from .verdicts import AGREES, DISAGREES, INCONCLUSIVE, decide, paired_accuracy
+from .verdicts import AGREES, CONFIDENCE, DISAGREES, INCONCLUSIVE, decide, paired_accuracy
 from . import finetune as fr
 from . import quantization as qr
 
@@ -229,30 +229,149 @@ def quantization_columns(table: pd.DataFrame):
     return show(table, cols, qr.FORMATS)
 
 
+def _reference_record(res):
+    records = {r.params["precision"]: r for r in res.ok_records}
+    return next((r for r in records.values() if r.params["precision"] == r.params["reference_precision"]), None), records
+
+
+def quantized_model_line(res) -> str:
+    """Which model the quantization study quantizes, from the reference run's provenance: a fine-tuning run with its
+    adapter merged (``vlm_finetune``), else the untuned base."""
+    reference, _ = _reference_record(res)
+    if reference is None:
+        return ""
+    tuned = reference.provenance.get("vlm_finetune")
+    if not tuned:
+        return (f"**The quantized model is the untuned base** ({reference.provenance.get('vlm_base', 'as released')}):"
+                " its flips and KL are measured on a model whose answers may carry no skill (see the reference's "
+                "check against the majority class below).")
+    s, loss = tuned["settings"], tuned["loss_summary"]
+    how = "its adapter merged into the weights" if tuned["merged"] else "its trained weights"
+    return (f"**The quantized model is the fine-tuning study's {tuned['method']} run**, {how}: {s['steps']} steps of "
+            f"{s['batch_size']} questions ({', '.join(TASK_NAMES.get(t, t) for t in s['tasks'])}), lr {s['lr']:g}, "
+            f"the settings of `params/vlm_peft.yaml`'s profile `{reference.params.get('finetune_profile')}`; trained "
+            f"once ({tuned['cpu_seconds'] / 60:.1f} min of CPU, training loss {loss['first']:.2f} -> "
+            f"{loss.get('last_3_mean', loss['last']):.2f}) and cached by those settings, so the quantization study "
+            "does not read the fine-tuning study's results.")
+
+
+def reference_above_majority(res) -> pd.DataFrame:
+    """Per task: the reference precision's held-out accuracy against always answering the task's most frequent
+    answer on the same items, decided on the paired bootstrap interval (``common.paired_accuracy``, as
+    ``above_majority``); empty where the records lack the per-item answers."""
+    reference, _ = _reference_record(res)
+    q = reference.quality if reference is not None else {}
+    if not all(k in q for k in ("correct", "answers", "majority_answer")):
+        return pd.DataFrame()
+    rows = []
+    for task, correct in q["correct"].items():
+        majority = [int(a == q["majority_answer"][task]) for a in q["answers"][task]]
+        diff = paired_accuracy([int(x) for x in correct], majority)
+        rows.append({"task": TASK_NAMES.get(task, task), "precision": reference.params["precision"],
+                     "accuracy": sum(correct) / len(correct), "majority": sum(majority) / len(majority),
+                     "n": len(correct), "difference": str(diff), "verdict": decide(diff, "higher")})
+    return pd.DataFrame(rows)
+
+
+def reference_majority_text(frame: pd.DataFrame) -> str:
+    if frame.empty:
+        return ("*The quantization records hold no per-item answers to check the reference against the majority "
+                "class (recorded before they were kept).*")
+    met = bool((frame["verdict"] == AGREES).all())
+    return (f"**The reference is above the majority class on every task** (required, so that flips and KL are "
+            f"measured on a model with skill): **{'met' if met else 'not met'}**. "
+            + "; ".join(f"{r['task']}: {r['precision']} {r['accuracy']:.2f} against {r['majority']:.2f} on the same "
+                        f"{r['n']} items, above it: **{r['verdict']}** ({r['difference']})" for _, r in frame.iterrows())
+            + ".")
+
+
+def flip_interval(flips: int, n: int) -> tuple[float, float]:
+    """The 95% Wilson interval of a flip rate (``flips`` of ``n`` answers differ from the reference's)."""
+    from scipy.stats import binomtest
+
+    ci = binomtest(flips, n).proportion_ci(confidence_level=CONFIDENCE, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def against_reference(res) -> pd.DataFrame:
+    """Per precision: the accuracy change against the reference on the same items (paired bootstrap interval,
+    relative to the reference's accuracy) and the flip rate with its 95% Wilson interval."""
+    reference, records = _reference_record(res)
+    if reference is None:
+        return pd.DataFrame()
+    tasks = reference.params["tasks"]
+    ref_correct = [int(x) for t in tasks for x in reference.quality.get("correct", {}).get(t, [])]
+    rows = []
+    for precision, r in records.items():
+        if r is reference:
+            continue
+        correct = [int(x) for t in tasks for x in r.quality.get("correct", {}).get(t, [])]
+        flipped = [f for t in tasks for f in r.raw.get("flipped", {}).get(t, [])]
+        n, k = len(flipped), int(sum(bool(f) for f in flipped))
+        low, high = flip_interval(k, n) if n else (float("nan"), float("nan"))
+        change = (str(paired_accuracy(correct, ref_correct)) if correct and len(correct) == len(ref_correct)
+                  else "no per-item record")
+        rows.append({"precision": precision, "accuracy": r.quality.get("accuracy"),
+                     "change": change, "flips": f"{k} of {n}",
+                     "flip_rate": k / n if n else float("nan"),
+                     "flip_interval": f"{low:.3f} to {high:.3f}" if n else "no per-item record"})
+    return pd.DataFrame(rows)
+
+
+def against_reference_columns(frame: pd.DataFrame):
+    return show(frame, {"precision": "language model", "accuracy": "accuracy", "change":
+                          "accuracy change against the reference (95% paired interval)", "flips": "answers flipped",
+                          "flip_rate": "flip rate", "flip_interval": "flip rate, 95% interval (Wilson)"})
+
+
 # --- what the profile costs ------------------------------------------------------------------------------
 
+def _threads_text(threads: set) -> str:
+    """"2 torch threads", "1 torch thread", "1 or 2 torch threads", "torch's default threads" from the runs' params."""
+    if None in threads:
+        return "torch's default threads" if threads == {None} else "differing threads"
+    ordered = sorted(threads)
+    return (" or ".join(str(t) for t in ordered) + " torch thread" + ("s" if ordered[-1] > 1 else "")
+            + (" per run" if len(ordered) > 1 else ""))
+
+
 def cpu_budget_text(peft_res, quant_res) -> str:
-    """The profile's cost from the records: the CPU seconds of every run's kernel (the alignment stage runs inside
-    the first run that needs it, so it is part of that run's), summed. Runs execute one after the other on one
-    single-threaded Dask worker at 1 torch thread, so the sum estimates the wall time on an idle machine whatever the
-    load was when the records were made (process start-up, Dask and the book build come on top)."""
-    parts, total, missing = [], 0.0, []
+    """The profile's cost from the records, per study: the torch threads each run used (its params'
+    ``num_threads``), the CPU seconds of each run's kernel (``process_cpu_s``; the alignment stage runs inside the
+    first run that needs it, so it is part of that run's) and the wall time each run took (``duration_s``). CPU
+    seconds over a run's threads are the least wall time it can take (every thread busy all the time); the recorded
+    wall time is what it took on the machine and at the load the records were made at (the chapter's source note)."""
+    parts, missing = [], []
+    cpu_total = least_wall = wall = 0.0
     for name, res in (("fine-tuning", peft_res), ("quantization", quant_res)):
-        cpu = {r.label: r.raw.get("process_cpu_s") for r in res.ok_records}
-        known = [v for v in cpu.values() if v is not None]
+        runs = res.ok_records
+        if not runs:
+            continue
+        cpu = {r.label: r.raw.get("process_cpu_s") for r in runs}
         missing += [f"{name} {label}" for label, v in cpu.items() if v is None]
+        threads = {r.params.get("num_threads") for r in runs}
+        known = [(r.raw["process_cpu_s"], r.params.get("num_threads") or 1) for r in runs
+                 if r.raw.get("process_cpu_s") is not None]
+        seconds = sum(r.duration_s or 0 for r in runs)
+        wall += seconds
+        text = f"{len(runs)} {name} runs at {_threads_text(threads)}: {seconds / 60:.1f} min of wall time"
         if known:
-            parts.append(f"{len(known)} {name} runs {sum(known) / 60:.1f} min (the longest {max(known):.0f} s)")
-            total += sum(known)
+            cpu_total += sum(c for c, _ in known)
+            least_wall += sum(c / t for c, t in known)
+            text += (f", {sum(c for c, _ in known) / 60:.1f} min of CPU (the longest run {max(c for c, _ in known):.0f} "
+                     f"CPU-s)")
+        parts.append(text)
     if not parts:
         return ""
     align = [r.provenance.get("vlm_alignment", {}).get("cpu_seconds") for r in peft_res.ok_records]
     align = [a for a in align if a]
-    wall = sum(r.duration_s or 0 for r in [*peft_res.ok_records, *quant_res.ok_records])
-    text = (f"**Cost of this profile** (CPU seconds of each run's process, from the records): " + "; ".join(parts)
-            + (f", the alignment stage's {align[0] / 60:.1f} min included (it ran inside the first run)" if align else "")
-            + f". In all {'at least ' if missing else ''}{total / 60:.1f} min of CPU: at one torch thread per run and one run at a time, about the "
-              f"wall time on an idle machine (these runs took {wall / 60:.1f} min of wall time on a shared, loaded one).")
+    text = ("**Cost of this profile** (from the records: each run's threads, its wall time and its process's CPU "
+            "seconds): " + "; ".join(parts)
+            + (f"; the alignment stage's {align[0] / 60:.1f} min of CPU is part of the first run's" if align else "")
+            + f". In all {wall / 60:.1f} min of wall time for the runs as recorded (process start-up, Dask and the "
+              f"book build come on top). The CPU time, {'at least ' if missing else ''}{cpu_total / 60:.1f} min, "
+              f"over each run's threads is {'at least ' if missing else ''}{least_wall / 60:.1f} min: the least "
+              "wall time on an idle machine, reached only when every thread is busy all the time.")
     if missing:
         text += f" Runs without a CPU figure (recorded before it was kept): {', '.join(missing)}."
     return text

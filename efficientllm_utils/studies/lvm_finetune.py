@@ -1,11 +1,13 @@
 """The vision-generation fine-tuning study: one method adapts a pretrained SD3.5 or Wan 2.1 denoiser to new data.
 
 Every run of a profile starts from the same pretrained base (:mod:`..lvm.base`) and trains on the same new
-examples (SD: CIFAR-10 classes the base never saw; Wan: a video it never saw) with the same loop, data order,
+examples (SD: image-set classes the base never saw; Wan: a video it never saw) with the same loop, data order,
 times, noise, steps, schedule and seed (:mod:`..lvm.train`); only the method changes (LoRA, RSLoRA, DoRA, LoHa,
 LoKr, GLoRA through ``peft``, or full fine-tuning). Phases:
 
-1. data: the base pipeline; the new training and held-out examples as latents with their captions;
+1. data: the base pipeline; the new training and held-out examples as latents with their captions; FD's noise
+   floor (``fd.noise_floor``: real training images or frames of the new data, as many as the samples', against
+   the held-out ones);
 2. the base on the new data: held-out flow-matching loss (per item), samples for the new captions and their FD
    (EfficientNet-Lite0) against the held-out real images -- what every method must improve on; the same for
    every method, so computed by the first run of a profile and reused by the others (``score_cache``, keyed by
@@ -55,6 +57,8 @@ class Data:
     real_features: np.ndarray  # held-out real images (frames) of the new data
     train_source: str
     heldout_source: str
+    noise_floor: float  # FD of real training images (frames) of the new data, as many as the samples' frames
+    noise_floor_images: int
 
 
 def load_data(p: LVMFinetuneRun) -> Data:
@@ -69,7 +73,11 @@ def load_data(p: LVMFinetuneRun) -> Data:
         train_set, held_set = latent_set(pipe, fam, new_train), latent_set(pipe, fam, new_held)
     cond, prompts = cycled_cond(fam, pipe, new_held.captions, p.n_samples)
     real = fd.cached_features(pipelines.frames(new_held.pixels), p.fd_image_size)
-    return Data(fam, pipe, train_set, held_set, cond, prompts, real, new_train.source, new_held.source)
+    frames_per_sample = new_held.pixels.shape[2] if new_held.pixels.dim() == 5 else 1
+    floor, floor_images = fd.noise_floor(pipelines.frames(new_train.pixels), real, p.n_samples * frames_per_sample,
+                                         p.fd_image_size, p.seed)
+    return Data(fam, pipe, train_set, held_set, cond, prompts, real, new_train.source, new_held.source, floor,
+                floor_images)
 
 
 def heldout(model, data: Data, p: LVMFinetuneRun) -> torch.Tensor:
@@ -183,6 +191,7 @@ def measure_after(built: BuiltMethod, data: Data, p: LVMFinetuneRun, steps: list
     return {
         "heldout_loss": loss, **base, "heldout_loss_change": loss - base["heldout_loss_base"],
         "fd": after_fd, "fd_change": after_fd - base["fd_base"],
+        "fd_noise_floor": data.noise_floor, "fd_noise_floor_images": data.noise_floor_images,
         "initial_loss": steps[0].loss, "final_loss": sum(s.loss for s in tail) / len(tail),
         "fd_metric": (f"frechet-distance(efficientnet-lite0-pooled-1280,{p.fd_image_size}px,"
                       f"{len(pipelines.frames(samples))}-generated-vs-{len(data.real_features)}-real;not-inception-FID)"),

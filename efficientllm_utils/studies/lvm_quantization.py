@@ -5,7 +5,8 @@ Phases of one run (one model, one precision):
 1. set-up: the pipeline with the fp32 (``reference_precision``) denoiser, the prompts (the base's own
    captions, cycled over ``n_samples``), the reference's samples for those prompts and one seed (computed by
    the first run of a profile and reused by the others: ``score_cache``, keyed by the reference's weights, the
-   prompts, the settings, the code and the packages), and the features of held-out real images (frames) for FD;
+   prompts, the settings, the code and the packages), and the features of held-out real images (frames) for FD,
+   with its noise floor (``fd.noise_floor``: as many real training images or frames as the samples', against them);
 2. the denoiser at ``precision`` (diffusers' bitsandbytes integration, :mod:`..lvm.quantize`): counted bytes
    and its linear layer classes;
 3. generation under the resource tracker: a warm-up, then one timed generation of every sample with each
@@ -52,6 +53,8 @@ class Setup:
     real_features: np.ndarray
     real_source: str
     base: dict  # the pretrained base's summary (CPU presets)
+    noise_floor: float  # FD of real training images (frames) of the base's data, as many as the samples' frames
+    noise_floor_images: int
     reference_reused: bool = False  # the reference's samples came from an earlier run's cache
 
 
@@ -91,9 +94,11 @@ def prepare(p: LVMQuantizationRun, cache_dir: Path | None = None, run_label: str
         lambda: {"samples": fam.generate(pipe, cond, p.sampling_steps, p.seed, p.guidance_scale,
                                          **sampling(p.model)).cpu()},
         cache_dir, run_label)
-    real = pipelines.frames(held.pixels)
+    real = fd.cached_features(pipelines.frames(held.pixels), p.fd_image_size)
+    floor, floor_images = fd.noise_floor(pipelines.frames(examples(p.model, "base", heldout=False).pixels), real,
+                                         len(pipelines.frames(stored["samples"])), p.fd_image_size, p.seed)
     return Setup(fam, pipe, cond, prompts, stored["samples"], count_model_bytes(reference_transformer)["total_bytes"],
-                 fd.cached_features(real, p.fd_image_size), held.source, base, stored["reused"])
+                 real, held.source, base, floor, floor_images, stored["reused"])
 
 
 def quantized(p: LVMQuantizationRun, setup: Setup) -> tuple[dict[str, MetricValue], dict]:
@@ -146,6 +151,7 @@ def quality(p: LVMQuantizationRun, setup: Setup, timed: pipelines.Timed, result_
         "identical_to_reference": bool(torch.equal(ours, ref)),
         "fd": fd.cached_frechet_distance(features, setup.real_features),
         "fd_reference": fd.cached_frechet_distance(fd.cached_features(ref, p.fd_image_size), setup.real_features),
+        "fd_noise_floor": setup.noise_floor, "fd_noise_floor_images": setup.noise_floor_images,
         "reference_reused": setup.reference_reused,
         "fd_metric": (f"frechet-distance(efficientnet-lite0-pooled-1280,{p.fd_image_size}px,{len(ours)}-generated-vs-"
                       f"{len(setup.real_features)}-real;not-inception-FID)"),

@@ -15,15 +15,18 @@ what differs is the base and the data:
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from pathlib import Path
 
+from .. import assets, models, score_cache
 from .. import finetune as ft
-from .. import score_cache
 from .vlm_run import VLMFinetuneRun
+from ..vlm import align
 from ..vlm import data as vdata
 from ..vlm import scoring
 from ..vlm.base import base_provenance, base_source, heldout_items, load_processor  # noqa: F401 (re-exported)
+from ..finetune.methods import cleanup
 from .finetune import ADAPTER_DIR, BASE_EVAL_DIR, Data, merged_adapter, sha256_of  # noqa: F401 (re-exported)
 from .finetune import build, parameter_metrics, raw, save, train, training_metrics  # noqa: F401 (re-exported)
 
@@ -131,3 +134,48 @@ def example_images(items: list[vdata.VQAItem], per_task: int = 4) -> list[dict]:
         out.append({"item": n, "task": item.task, "question": item.question, "answer": item.answer,
                     "choices": list(item.choices), "png_base64": base64.b64encode(buffer.getvalue()).decode()})
     return out
+
+
+# --- the fine-tuned model, for the quantization study ------------------------------------------------------------
+
+TUNED_VERSION = 1  # bump when the procedure changes: a new key, a new checkpoint
+# settings that change no trained weight: scoring, timing and the threads (as the alignment stage's key)
+_NOT_TRAINING = ("n_heldout_per_task", "eval_batch_size", "num_threads", "timing_warmup_steps", "final_loss_steps",
+                 "sample_interval_s")
+
+
+def tuned_dir(p: VLMFinetuneRun) -> Path:
+    """Where ``tuned_checkpoint`` keeps ``p``'s fine-tuned model: ``.cache/models/vlm-tuned-<key>``, ``key`` a hash of
+    every setting its weights depend on."""
+    spec = {"run": p.model_dump(exclude=set(_NOT_TRAINING)), "version": TUNED_VERSION}
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return assets.cache_dir().parent / "models" / f"vlm-tuned-{key}"
+
+
+def tuned_checkpoint(p: VLMFinetuneRun) -> Path:
+    """The base fine-tuned as the fine-tuning study's run ``p`` (its method, data, order, steps and seed), the
+    adapter merged into the weights (peft's ``merge_and_unload``; freeze and full: the trained weights themselves),
+    saved once as a plain Qwen2.5-VL checkpoint beside the aligned one (``models.build_once``: concurrent first runs
+    wait for one build) and reused by every later run. Its ``align.SETTINGS_FILE`` is the aligned base's, plus
+    ``finetune``: the run's settings, losses and seconds."""
+    def make(staging: Path) -> None:
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        source = base_source(p)
+        processor = load_processor(source, p)
+        data = load_data(p, processor)
+        model, _ = load_base(source, p)
+        built, counts = build(model, p)
+        result, _ = train(built, data, p)
+        trained = built.model.merge_and_unload() if hasattr(built.model, "merge_and_unload") else built.model
+        cleanup(built)
+        trained.requires_grad_(False)
+        trained.save_pretrained(staging)
+        processor.tokenizer.save_pretrained(staging)
+        info = align.checkpoint_info(source) | {"finetune": {
+            "study": "vlm_peft", "method": p.method, "merged": hasattr(built.model, "merge_and_unload"),
+            "settings": p.model_dump(exclude=set(_NOT_TRAINING)), "trainable_params": counts["trainable"],
+            "loss_summary": result.loss_summary(), "seconds": time.perf_counter() - t0,
+            "cpu_seconds": time.process_time() - cpu0, "version": TUNED_VERSION}}
+        (staging / align.SETTINGS_FILE).write_text(json.dumps(info, indent=1))
+
+    return models.build_once(tuned_dir(p), make)

@@ -30,11 +30,18 @@ from ..vlm import data as vdata
 from ..vlm import scoring
 from ..vlm.base import base_provenance, base_source, heldout_items, load_processor  # noqa: F401 (re-exported)
 from .quantization import measure_size  # noqa: F401 (re-exported)
-from .vlm_finetune import items_fingerprint
+from .vlm_finetune import items_fingerprint, tuned_checkpoint
 
 REFERENCE_DIR = ".reference"
 _SCORING_CODE = ("vlm/scoring.py", "vlm/data.py", "vlm/processor.py", "models.py", "studies/vlm_quantization.py")
 _SCORING_PACKAGES = ("torch", "transformers", "bitsandbytes", "accelerate", "pillow")
+
+
+def model_source(p: VLMQuantizationRun) -> str:
+    """What this run quantizes: the fine-tuning study's model of ``p.finetune_run()`` (trained once and cached, its
+    adapter merged), else the base (``base_source``)."""
+    run = p.finetune_run()
+    return str(tuned_checkpoint(run)) if run is not None else base_source(p)
 
 
 def process_cpu_seconds() -> float:
@@ -117,6 +124,9 @@ def measure_quality(model, processor, p: VLMQuantizationRun, reference: dict | N
         "per_task": scored["per_task"], **{f"acc_{t}": a for t, a in scored["per_task"].items()},
         "n_per_task": scored["n_per_task"],
         "majority": {t: vdata.majority_share([i for i in items if i.task == t])[1] for t in p.tasks},
+        # the most frequent gold answer per task and each item's gold answer: "above the majority class" per item
+        "majority_answer": {t: vdata.majority_share([i for i in items if i.task == t])[0] for t in p.tasks},
+        "answers": _by_task(items, [i.answer for i in items]),
         "perplexity": None,  # not measured: the study scores answers to image questions, not text perplexity
         "flip_rate": flipped["flip_rate"], "flip_items": flipped["flip_items"],
         "kl_to_reference": sum(kl_items) / len(kl_items),  # nats per item, over the answer set

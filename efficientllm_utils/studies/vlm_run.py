@@ -7,7 +7,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from ..cpu_4bit import KERNELS as CPU_4BIT_KERNELS
 from ..models import OFFLINE_MODELS, check_model_source
-from ..params import RunParams
+from ..params import RunParams, expand, params_path
 from ..vision.images import IMAGE_SETS as IMAGE_SET_SPECS
 from ..vlm.config import IMAGE_TASKS as VLM_IMAGE_TASKS
 from ..vlm.config import TASKS as VLM_TASKS
@@ -95,8 +95,45 @@ class VLMQuantizationRun(RunParams, VLMData):
     tracked_requests: int = Field(2, ge=1)
     sample_interval_s: float = Field(0.1, gt=0)
     num_threads: int | None = Field(None, ge=1)
+    # the model quantized: the base fine-tuned as one run of params/vlm_peft.yaml (that profile's run of that
+    # method: its settings, trained once and cached by them, ``studies.vlm_finetune.tuned_checkpoint``), or the
+    # untuned base (both None)
+    finetune_profile: str | None = Field(None, description="a profile of params/vlm_peft.yaml")
+    finetune_method: str | None = Field(None, description="a method of that profile's grid, merged into the weights")
 
     @field_validator("model")
     @classmethod
     def _known_model(cls, value: str) -> str:
         return check_model_source(value)
+
+    @model_validator(mode="after")
+    def _finetune_run_matches(self):
+        self.finetune_run()
+        return self
+
+    def finetune_run(self) -> VLMFinetuneRun | None:
+        """The vlm_peft run whose fine-tuned model this run quantizes (None: the untuned base). Its questions, vision
+        tower and alignment must be this run's (the same aligned base, processor and tasks); QLoRA is refused (its
+        adapter cannot be merged into float weights without re-quantising them)."""
+        if (self.finetune_profile is None) != (self.finetune_method is None):
+            raise ValueError("finetune_profile and finetune_method are given together (or neither: the untuned base)")
+        if self.finetune_profile is None:
+            return None
+        if not self.small:
+            raise ValueError(f"finetune_profile: only the small model built here ({', '.join(OFFLINE_MODELS)}) is "
+                             f"fine-tuned for quantization; {self.model!r} is quantized as released")
+        specs = expand(params_path("vlm_peft"), self.finetune_profile)
+        methods = {s.params["method"]: s for s in specs if s.params["method"] != "qlora"}
+        if self.finetune_method not in methods:
+            raise ValueError(f"finetune_method {self.finetune_method!r} is not a method of params/vlm_peft.yaml's "
+                             f"profile {self.finetune_profile!r} that merges into float weights; allowed: "
+                             f"{', '.join(methods)}")
+        run = VLMFinetuneRun.model_validate(methods[self.finetune_method].params)
+        shared = [f for f in (*VLMData.model_fields, "model", "device", "seed")
+                  if f not in ("n_heldout_per_task", "eval_batch_size")]
+        differ = [f for f in shared if getattr(run, f) != getattr(self, f)]
+        if differ:
+            raise ValueError(f"finetune_profile {self.finetune_profile!r}: its runs differ from this one in "
+                             f"{', '.join(f'{f} ({getattr(run, f)!r} there, {getattr(self, f)!r} here)' for f in differ)}"
+                             "; the fine-tuned model must start from this run's base and questions")
+        return run

@@ -126,3 +126,15 @@ def cached_frechet_distance(features_a: np.ndarray, features_b: np.ndarray, cach
     samples' FD are the same for every run of a profile."""
     key = f"fd|{features_a.shape}|{features_b.shape}|".encode() + np.ascontiguousarray(features_a).tobytes() + b"|" + np.ascontiguousarray(features_b).tobytes()
     return float(_disk_cached(_cache_file(key, cache_dir), lambda: frechet_distance(features_a, features_b)))
+
+
+def noise_floor(pool: torch.Tensor, reference_features: np.ndarray, n: int, size: int = INPUT_SIZE, seed: int = 0,
+                cache_dir=None) -> tuple[float, int]:
+    """The FD a perfect generator would score: ``n`` real images drawn (seeded) from ``pool`` -- the reference's
+    distribution, none of its images -- against the reference's features. FD's bias at that sample size and the
+    draw's noise, as the DiT chapter's floor (two real halves), with the sample count matched to the samples'. A
+    pool smaller than ``n`` gives all its images (fewer images: a larger, more cautious floor). Returns (the floor,
+    the images it used)."""
+    k = min(n, len(pool))
+    index = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:k]
+    return cached_frechet_distance(cached_features(pool[index], size, cache_dir), reference_features, cache_dir), k

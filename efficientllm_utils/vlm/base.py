@@ -36,9 +36,13 @@ def heldout_items(p) -> list[vdata.VQAItem]:
 
 
 def base_provenance(source: str, p) -> dict:
-    """How the base was made: the transplant and the alignment stage (losses, seconds) for the small model."""
+    """How the base was made: the transplant and the alignment stage (losses, seconds) for the small model, and the
+    fine-tuning run merged into it where there was one."""
     if not p.small:
         return {"vlm_base": source}
     info = align.checkpoint_info(source)
-    return {"vlm_base": Path(source).name, "vlm_transplant": info["transplant"],
-            "vlm_alignment": {k: info.get(k) for k in ("align", "vision", "loss_summary", "seconds", "cpu_seconds")}}
+    out = {"vlm_base": Path(source).name, "vlm_transplant": info["transplant"],
+           "vlm_alignment": {k: info.get(k) for k in ("align", "vision", "loss_summary", "seconds", "cpu_seconds")}}
+    if "finetune" in info:  # a fine-tuned checkpoint (the quantization study's ``finetune_method``)
+        out["vlm_finetune"] = info["finetune"]
+    return out
