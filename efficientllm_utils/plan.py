@@ -327,22 +327,45 @@ def plan_finetune(spec: RunSpec, peaks: dict) -> RunPlan:
         weights = frozen + counts["trainable"] * 4
     else:
         weights, how = counts["total"] * 4, f"{counts['total'] / 1e9:.2f}B params x 4 bytes (float32 base)"
-    tokens = p.batch_size * length  # one micro-batch, every sequence at max_length: an upper bound
+    nproc = getattr(p, "nproc", 1)
+    tokens = p.batch_size * length // nproc  # one rank's micro-batch, every sequence at max_length: an upper bound
     layers, hidden, _, _, vocab = _dims(config)
     checkpoint = hidden * DTYPE_BYTES[compute] if p.gradient_checkpointing else None
     parts = {"weights": weights, "gradients": counts["trainable"] * 4, "adamw-moments": 2 * counts["trainable"] * 4,
              "activations": profile.bytes(tokens, layers, checkpoint),
              "logits-gradient": logits_gradient_bytes(vocab, tokens), "cuda-context": CUDA_CONTEXT_BYTES}
+    parts, spread = per_gpu(parts, p, counts["total"] * 4 / layers)
     per_token = (1 + share) * forward_flops + 2 * counts["trainable"]
-    flops = per_token * tokens * p.grad_accum * p.steps
+    flops = per_token * tokens * nproc * p.grad_accum * p.steps
     return RunPlan(spec.study, spec.label, gpus_of(spec), p.model, counts["total"], parts, flops,
-                   compute_seconds(flops, compute, peaks),
-                   [how, f"{p.method}: {counts['trainable'] / 1e6:.1f}M trainable (float32 grads and moments)",
+                   compute_seconds(flops, compute, peaks) / nproc,
+                   [*spread, how, f"{p.method}: {counts['trainable'] / 1e6:.1f}M trainable (float32 grads and moments)",
                     f"micro-batch {p.batch_size} x {length} tokens"
+                    + (f" ({p.batch_size // nproc} per GPU)" if nproc > 1 else "")
                     + (" (assumed: text and image tokens alike)" if not getattr(p, "max_length", None) else "")
                     + (", gradient checkpointing" if p.gradient_checkpointing else ""),
                     f"activations traced on the meta device ({profile.per_layer / 1e3:.0f} kB/token/layer)",
                     f"{p.steps} steps x {p.grad_accum} micro-batches; evaluation not timed"], counts["trainable"])
+
+
+def per_gpu(parts: dict[str, float], p, block_bytes: float) -> tuple[dict[str, float], list[str]]:
+    """One GPU's parts of a run spanning ``p.nproc`` GPUs (``distributed``; activations are already one rank's rows):
+    DDP keeps the whole model and optimizer per GPU plus its gradient buckets (a copy of the gradients); FSDP
+    shards weights, gradients and AdamW's moments over the GPUs and gathers the whole weights of two blocks at a
+    time (the one computing and the one prefetched). Returns the parts and the assumption to print."""
+    nproc, parallel = getattr(p, "nproc", 1), getattr(p, "parallel", "ddp")
+    if nproc == 1:
+        return parts, []
+    out = dict(parts)
+    if parallel == "fsdp":
+        for name in ("weights", "gradients", "adamw-moments"):
+            out[name] = parts[name] / nproc
+        out["fsdp-gathered-blocks"] = 2 * block_bytes
+        how = f"FSDP over {nproc} GPUs: weights, gradients and moments / {nproc}, two blocks gathered whole"
+    else:
+        out["ddp-gradient-buckets"] = parts["gradients"]
+        how = f"DDP over {nproc} GPUs: the whole model and optimizer per GPU, plus gradient buckets"
+    return out, [how + f"; time: compute / {nproc} (perfect scaling, communication not counted)"]
 
 
 def plan_pretrain(spec: RunSpec, peaks: dict) -> RunPlan:
@@ -374,7 +397,7 @@ def plan_pretrain(spec: RunSpec, peaks: dict) -> RunPlan:
             return model if device == "meta" else on_cpu_uninitialised(model)
     # MoE routes by data (bincount, .tolist()), which the meta device cannot: traced on the CPU
     device = "cpu" if getattr(config, "ffn", None) == "moe" else "meta"
-    tokens = p.batch_size * p.seq_len
+    tokens = p.batch_size * p.seq_len // p.nproc  # one rank's rows of the batch
     # a recurrence runs token by token and MoE on the CPU computes: a shorter trace (the fit is linear in tokens)
     trace_tokens = TRACE_TOKENS if device == "meta" and kv else TRACE_TOKENS // 4
     traced_in = p.dtype
@@ -388,14 +411,19 @@ def plan_pretrain(spec: RunSpec, peaks: dict) -> RunPlan:
         dtype = torch.float32
         profile = trace_activations(lambda n, t: _causal_lm_forward(build(n), t, device), trace_tokens)
         traced_in = "float32 (transformers' torch scan fails in bf16)"
-    parts = {**training_memory_parts(params, dtype_bytes), "activations": profile.bytes(tokens, layers),
+    fsdp_fp32 = p.nproc > 1 and p.parallel == "fsdp"  # FSDP keeps fp32 shards and gathers blocks in the dtype
+    parts = {**training_memory_parts(params, 4 if fsdp_fp32 else dtype_bytes),
+             "activations": profile.bytes(tokens, layers),
              "logits-gradient": logits_gradient_bytes(p.vocab_size, tokens), "kv-cache": kv,
              "cuda-context": CUDA_CONTEXT_BYTES}
+    parts, spread = per_gpu(parts, p, params * dtype_bytes / layers)
     flops = training_flops(spec)
     return RunPlan(spec.study, spec.label, gpus_of(spec), name, params, parts, flops,
-                   None if flops is None else compute_seconds(flops, p.dtype, peaks),
-                   [f"{params / 1e9:.2f}B params, weights/grads/moments in {p.dtype}",
-                    f"micro-batch {p.batch_size} x {p.seq_len} tokens",
+                   None if flops is None else compute_seconds(flops, p.dtype, peaks) / p.nproc,
+                   [*spread, f"{params / 1e9:.2f}B params, weights/grads/moments in "
+                             f"{'float32 shards' if fsdp_fp32 else p.dtype}",
+                    f"batch {p.batch_size} x {p.seq_len} tokens" + (f", {p.batch_size // p.nproc} rows per rank"
+                                                                     if p.nproc > 1 else ""),
                     f"activations traced on the {device} device in {traced_in} "
                     f"({profile.per_layer / 1e3:.0f} kB/token/layer)", "decoding and held-out perplexity not timed"])
 
@@ -489,7 +517,8 @@ def format_plan(plans: list[RunPlan], target: str) -> str:
         time = "n/a" if plan.seconds is None else f"{plan.seconds / 60:.1f} min"
         flops = "n/a" if plan.flops is None else f"{plan.flops:.3g}"
         fits = "fits" if plan.memory_gb <= USABLE_SHARE * memory else "DOES NOT FIT"
-        out.append(f"{plan.study}\t{plan.label}\t{plan.memory_gb:.2f} GB/GPU x {plan.gpus}\t{time} on {name}\t"
+        on = f"{plan.gpus} x {name}" if plan.gpus > 1 else name
+        out.append(f"{plan.study}\t{plan.label}\t{plan.memory_gb:.2f} GB/GPU x {plan.gpus}\t{time} on {on}\t"
                    f"{flops} FLOPs\t{fits}")
         out.append("    memory: " + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in plan.memory_parts.items() if v))
         out.append("    assumes: " + "; ".join(plan.assumptions))

@@ -59,6 +59,52 @@ class Summary:
         return [o for o in self.outcomes if o.status == "failed"]
 
 
+@dataclass
+class StudyProgress:
+    """Progress across every run of several axes (``make reproduce AXIS=all``), printed after each run: axis k of
+    n, run i of m, the elapsed time and the estimated remaining time. The estimate is the published records'
+    durations of the runs still to go (a run with no published record: the mean of those known), scaled by how
+    long this machine took for the runs it executed against their published durations."""
+
+    total: int  # runs of every axis
+    expected_s: dict[str, float]  # run id -> seconds its published record took
+    n_axes: int
+    axis: str = ""
+    axis_index: int = 0
+    done: int = 0
+    executed_s: float = 0.0  # wall time of the runs executed here (skipped ones took none)
+    executed_expected_s: float = 0.0  # their published durations
+    remaining_ids: set[str] = field(default_factory=set)
+    t0: float = field(default_factory=time.perf_counter)
+
+    def start_axis(self, axis: str, index: int) -> None:
+        self.axis, self.axis_index = axis, index
+
+    def _expected(self, run_id: str) -> float:
+        known = list(self.expected_s.values())
+        return self.expected_s.get(run_id, sum(known) / len(known) if known else 0.0)
+
+    def finished(self, outcome: RunOutcome, executed: bool) -> None:
+        self.done += 1
+        self.remaining_ids.discard(outcome.run_id)
+        if executed and outcome.duration_s is not None and outcome.run_id in self.expected_s:
+            self.executed_s += outcome.duration_s
+            self.executed_expected_s += self.expected_s[outcome.run_id]
+
+    def remaining_s(self) -> float | None:
+        if not self.expected_s:
+            return None
+        pace = self.executed_s / self.executed_expected_s if self.executed_expected_s else 1.0
+        return pace * sum(self._expected(r) for r in self.remaining_ids)
+
+    def line(self) -> str:
+        elapsed = time.perf_counter() - self.t0
+        left = self.remaining_s()
+        eta = "?" if left is None else f"{left / 60:.1f} min (from the published runs' durations)"
+        return (f"== study progress: axis {self.axis_index} of {self.n_axes} ({self.axis}) | run {self.done} of "
+                f"{self.total} | elapsed {elapsed / 60:.1f} min | remaining ~{eta}")
+
+
 def _announce(event: str, spec: RunSpec) -> None:
     """Tell the client which run a worker started (shown in the progress line)."""
     try:
@@ -190,25 +236,31 @@ def pending_runs(specs: list[RunSpec], results_root: Path, force: bool = False,
 
 # --- Dask ----------------------------------------------------------------------------------
 
-def local_cluster(gpus: int | list[str], max_retries: int = 2):
+def gpu_groups(pins: list[str], per_worker: int) -> list[list[str]]:
+    """The local workers' GPUs: consecutive groups of ``per_worker`` of the visible ``pins``; the rest unused."""
+    return [pins[i:i + per_worker] for i in range(0, len(pins) - per_worker + 1, per_worker)]
+
+
+def local_cluster(gpus: int | list[str], max_retries: int = 2, gpus_per_worker: int = 1):
     """One single-threaded worker per GPU (pinned to its ``CUDA_VISIBLE_DEVICES`` entry: the user's own list's,
     UUIDs included, from :func:`~.metrics.tracker.visible_gpus`; an int n: entries 0..n-1), or one worker without
-    a GPU."""
+    a GPU. ``gpus_per_worker`` > 1 (runs of several processes, ``nproc``): one worker per that many GPUs, pinned to
+    them all, offering them as one job; GPUs left over are not used."""
     from .metrics.tracker import CUDA_ORDER_ENV
 
     pins = [str(i) for i in range(gpus)] if isinstance(gpus, int) else list(gpus)
-    n_gpus = len(pins)
+    groups = gpu_groups(pins, gpus_per_worker)
     import dask
     from distributed import Nanny, Scheduler, SpecCluster
 
     # A run whose worker dies (killed, out of memory) is retried this many times, then recorded as failed.
     dask.config.set({"distributed.scheduler.allowed-failures": max_retries})
     workers = {}
-    for i in range(max(n_gpus, 1)):
+    for i in range(max(len(groups), 1)):
         options: dict = {"nthreads": 1, "memory_limit": 0, "host": "127.0.0.1"}
-        if n_gpus:
-            options["env"] = {"CUDA_VISIBLE_DEVICES": pins[i], **CUDA_ORDER_ENV}
-            options["resources"] = {"GPU": 1}
+        if groups:
+            options["env"] = {"CUDA_VISIBLE_DEVICES": ",".join(groups[i]), **CUDA_ORDER_ENV}
+            options["resources"] = {"GPU": len(groups[i])}
         workers[f"worker-{i}"] = {"cls": Nanny, "options": options}
     # no dashboard; its HTTP server on a free port, so a second cluster on the machine does not warn about 8787
     scheduler = {"cls": Scheduler, "options": {"dashboard": False, "dashboard_address": "127.0.0.1:0",
@@ -217,8 +269,15 @@ def local_cluster(gpus: int | list[str], max_retries: int = 2):
 
 
 def gpus_of(spec: RunSpec) -> int:
-    """GPUs a run asks for: its ``gpus`` parameter where it has one, and at least one for ``device="cuda"``."""
-    return max(int(spec.params.get("gpus") or 0), 1 if spec.params.get("device") == "cuda" else 0)
+    """GPUs a run asks for as one job: its ``gpus`` parameter where it has one, and for ``device="cuda"`` one per
+    process (``nproc``, default 1; ``distributed``)."""
+    per_process = int(spec.params.get("nproc") or 1) if spec.params.get("device") == "cuda" else 0
+    return max(int(spec.params.get("gpus") or 0), per_process)
+
+
+def _asking(specs: list[RunSpec]) -> str:
+    """Which field makes these runs ask for their GPUs (named in a refusal)."""
+    return "nproc" if any(int(s.params.get("nproc") or 1) > 1 for s in specs) else "device=cuda or gpus=N"
 
 
 def check_resources(specs: list[RunSpec], worker_resources: list[dict], exact: bool = False) -> None:
@@ -238,9 +297,9 @@ def check_resources(specs: list[RunSpec], worker_resources: list[dict], exact: b
     if short:
         asked = max(gpus_of(s) for s in short)
         offer = f"the largest Dask worker offers {most:g}" if most else "no Dask worker offers a GPU resource"
-        raise ResourceError(f"{len(short)} run(s) ask for up to {asked} GPU(s) (device=cuda or gpus=N; e.g. "
-                            f"[{short[0].label}]) but {offer}; use a CPU profile or workers with more GPUs "
-                            "(EXECUTOR=slurm: gpus_per_job)")
+        raise ResourceError(f"{len(short)} run(s) ask for up to {asked} GPU(s) ({_asking(short)}; e.g. "
+                            f"[{short[0].label}]) but {offer}; use a CPU profile, fewer processes (nproc) or "
+                            "workers with more GPUs (EXECUTOR=slurm: gpus_per_job)")
 
 
 def _gpu_pins() -> list[str]:
@@ -251,7 +310,7 @@ def _gpu_pins() -> list[str]:
 
 @contextlib.contextmanager
 def open_cluster(executor: str, n_pending: int, results_root: Path, *, scheduler_address: str | None = None,
-                 slurm=None, max_retries: int = 2):
+                 slurm=None, max_retries: int = 2, gpus_per_run: int = 1):
     """Yield ``(client, resources each worker offers or will offer)`` for the chosen executor; close it after."""
     if executor == "dask":
         if not scheduler_address:
@@ -268,7 +327,7 @@ def open_cluster(executor: str, n_pending: int, results_root: Path, *, scheduler
     elif executor == "local":
         from distributed import Client
 
-        with local_cluster(_gpu_pins(), max_retries) as cluster, Client(cluster) as client:
+        with local_cluster(_gpu_pins(), max_retries, max(gpus_per_run, 1)) as cluster, Client(cluster) as client:
             workers = client.scheduler_info(n_workers=-1)["workers"].values()
             yield client, [w.get("resources", {}) for w in workers]
     else:
@@ -277,7 +336,7 @@ def open_cluster(executor: str, n_pending: int, results_root: Path, *, scheduler
 
 def execute(specs: list[RunSpec], results_root: Path, *, force: bool = False, retry_failed: bool = False,
             executor: str = "local", scheduler_address: str | None = None, slurm=None, max_retries: int = 2,
-            timeout_s: float | None = None, stream=None) -> Summary:
+            timeout_s: float | None = None, stream=None, progress: StudyProgress | None = None) -> Summary:
     """Execute every pending run of ``specs`` and return what happened to each.
 
     ``executor``: ``local`` (a cluster on this machine), ``dask`` (the scheduler at ``scheduler_address``) or
@@ -294,16 +353,25 @@ def execute(specs: list[RunSpec], results_root: Path, *, force: bool = False, re
                   "--retry-failed re-runs it)", file=stream)
         else:
             print(f"[skip] {outcome.label} ({outcome.status}, record exists; --force re-runs)", file=stream)
+        if progress is not None:
+            progress.finished(outcome, executed=False)
+    if progress is not None and done:
+        print(progress.line(), file=stream, flush=True)
     if not todo:
         return summary
     from distributed import as_completed
 
     if scheduler_address and executor == "local":
         executor = "dask"
-    if executor == "local" and any(gpus_of(s) for s in todo) and not _gpu_pins():
-        raise ResourceError("runs ask for a GPU (device=cuda or gpus=N) but this machine has no visible GPU")
+    if executor == "local" and any(gpus_of(s) for s in todo):
+        pins = _gpu_pins()
+        most = max(gpus_of(s) for s in todo)
+        if most > len(pins):
+            asking = [s for s in todo if gpus_of(s) > len(pins)]
+            raise ResourceError(f"{len(asking)} run(s) ask for up to {most} GPU(s) ({_asking(asking)}; e.g. "
+                                f"[{asking[0].label}]) but this machine has {len(pins) or 'no'} visible GPU(s)")
     with open_cluster(executor, len(todo), results_root, scheduler_address=scheduler_address, slurm=slurm,
-                      max_retries=max_retries) as (client, offered):
+                      max_retries=max_retries, gpus_per_run=max(gpus_of(s) for s in todo)) as (client, offered):
         check_resources(todo, offered, exact=executor == "slurm")
         running: dict[str, str] = {}
 
@@ -333,6 +401,9 @@ def execute(specs: list[RunSpec], results_root: Path, *, force: bool = False, re
             running.pop(spec.run_id, None)
             _print_outcome(stream, outcome)
             _progress_line(stream, len(summary.outcomes) - len(done), len(todo), t0, running)
+            if progress is not None:
+                progress.finished(outcome, executed=True)
+                print(progress.line(), file=stream, flush=True)
     return summary
 
 

@@ -84,13 +84,16 @@ def pretrain(model: nn.Module, train_blocks: Iterable[torch.Tensor], steps: int,
              on_step: Callable[[StepSample], None] | None = None) -> list[StepSample]:
     """Train ``model`` for ``steps`` batches of ``train_blocks`` ((b, t) token ids, labels = inputs).
 
+    ``model`` may be one rank's part of a group (``distributed.wrap``: under DDP, or sharded by FSDP, whose fp32
+    shards are their own masters); ``train_blocks`` are then this rank's rows of each batch.
     Raises ``ValueError`` if ``train_blocks`` runs out before ``steps``.
     """
     torch.manual_seed(seed)
-    device = next(model.parameters()).device
-    masters = MasterWeights(model)
+    inner = getattr(model, "module", model)  # the model under a DDP wrapper
+    device = next(inner.parameters()).device
+    masters = MasterWeights(inner)
     optimizer = _optimizer(masters.module, lr, weight_decay, betas)
-    aux_coef = getattr(model.config, "router_aux_loss_coef", 0.0)
+    aux_coef = getattr(inner.config, "router_aux_loss_coef", 0.0)
     model.train()
     samples: list[StepSample] = []
     batches = iter(train_blocks)
@@ -108,6 +111,7 @@ def pretrain(model: nn.Module, train_blocks: Iterable[torch.Tensor], steps: int,
         out.loss.backward()
         masters.gradients_to_masters()
         grad_norm = torch.nn.utils.clip_grad_norm_(masters.module.parameters(), grad_clip)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP's shards
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         masters.masters_to_model()

@@ -210,18 +210,21 @@ def autocast_dtype(model) -> torch.dtype | None:
 
 
 def train_model(model, param_groups: list[dict], examples: Sequence[Example], settings: TrainSettings,
-                pad_token_id: int, on_step: Callable[[StepRecord], None] | None = None) -> TrainResult:
+                pad_token_id: int, on_step: Callable[[StepRecord], None] | None = None, rank=None) -> TrainResult:
     """Fine-tune ``model`` on ``examples`` with AdamW over ``param_groups``; the model stays in place.
 
     ``param_groups`` are torch optimizer groups with their own ``lr`` (the peak lr; the
     schedule scales every group alike). The step's loss is the mean over its answer tokens
     across all micro-batches, each micro-batch's summed loss divided by that total.
+    ``rank`` (a ``distributed.Rank``; ``model`` under DDP or FSDP): this process trains on its rows of each
+    micro-batch, its loss divided by the whole step's answer tokens (the gradient average over the ranks is scaled
+    back by their number), so each step's record holds this rank's part of the loss: the ranks' parts add up to it.
     """
     with threads(settings.num_threads):
-        return _train(model, param_groups, examples, settings, pad_token_id, on_step)
+        return _train(model, param_groups, examples, settings, pad_token_id, on_step, rank)
 
 
-def _train(model, param_groups, examples, settings, pad_token_id, on_step) -> TrainResult:
+def _train(model, param_groups, examples, settings, pad_token_id, on_step, rank=None) -> TrainResult:
     torch.manual_seed(settings.seed)  # LoRA dropout draws the same masks for every run
     schedule = batch_schedule(len(examples), settings.steps, settings.batch_size, settings.grad_accum,
                               settings.seed, settings.shuffle)
@@ -240,13 +243,15 @@ def _train(model, param_groups, examples, settings, pad_token_id, on_step) -> Tr
         t0 = time.perf_counter()
         total = 0.0
         for mb in batches:
+            mb = rank.shard(mb) if rank is not None else mb
             with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
                 loss_sum, _ = answer_loss_sum(model, collate(mb, pad_token_id))
-            (loss_sum / n_loss).backward()
+            (loss_sum / n_loss * (rank.world_size if rank is not None else 1)).backward()
             total += float(loss_sum.detach())
         grad_norm = None
         if settings.max_grad_norm is not None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm))
+            norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: sharded
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

@@ -23,12 +23,14 @@ imported only there) with a hub tokenizer.
 """
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
-from .. import text_data
+from .. import distributed, text_data
 from ..arch import EfficientDecoderForCausalLM
 from ..arch.analysis import flops_per_token, kv_cache_bytes_per_token, measure_kv_cache_bytes_per_token, param_counts
 from ..arch.train import StepSample, evaluate_perplexity, pretrain
@@ -190,12 +192,49 @@ def measure_model(model: EfficientDecoderForCausalLM, p: PretrainRun,
 
 # --- pretraining ------------------------------------------------------------------------------
 
-def train(model: EfficientDecoderForCausalLM, p: PretrainRun, data: Data) -> tuple[list[StepSample], ResourceTracker]:
-    """Pretrain under the resource tracker; returns the raw step samples and the tracker."""
+def train(model: EfficientDecoderForCausalLM, p: PretrainRun,
+          data: Data) -> tuple[list[StepSample], ResourceTracker | distributed.GroupTracker]:
+    """Pretrain under the resource tracker; returns the raw step samples and the tracker.
+
+    ``p.nproc > 1``: the training spans ``nproc`` processes (``distributed``: each builds the same seeded model,
+    trains on its rows of every batch under ``p.parallel``); ``model`` then receives rank 0's trained weights and the
+    tracker is the group's (per-rank peak memory, the slowest rank's time, the world size)."""
+    if p.nproc > 1:
+        return _train_group(model, p)
     with ResourceTracker(interval_s=p.sample_interval_s, use_gpu=p.device == "cuda") as tracker:
         samples = pretrain(model, data.train, steps=p.steps, lr=p.lr, warmup=p.warmup_steps, min_lr=p.min_lr,
                            weight_decay=p.weight_decay, seed=p.seed)
     return samples, tracker
+
+
+def _train_group(model: EfficientDecoderForCausalLM, p: PretrainRun):
+    device = next(model.parameters()).device
+    model.to("cpu")  # the ranks' GPUs to themselves while they train
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = str(Path(tmp) / "weights.pt")
+        results = distributed.launch(_pretrain_rank, (p, weights), p.nproc, run_name=p.attention)
+        model.load_state_dict(torch.load(weights))
+    model.to(device)
+    samples = distributed.merge_steps([r.steps for r in results], summed=("tokens",),
+                                      averaged=("loss", "lm_loss", "aux_loss"))
+    return samples, distributed.GroupTracker(results, p.parallel)
+
+
+def _pretrain_rank(p: PretrainRun, weights: str) -> distributed.RankResult:
+    """One rank of a multi-process pretraining (run by ``distributed.launch`` in its own process)."""
+    with distributed.rank_group(p.device) as rank:
+        data = load_data(p)
+        fsdp_bf16 = p.parallel == "fsdp" and p.dtype == "bfloat16"  # FSDP keeps fp32 shards, computes in bf16
+        model = build_model(p.model_copy(update={"device": rank.device,
+                                                 "dtype": "float32" if fsdp_bf16 else p.dtype}), data.tokenizer)
+        model = distributed.wrap(model, p.parallel, rank, bf16_compute=fsdp_bf16)
+        blocks = (rank.shard(batch) for batch in data.train)
+        with ResourceTracker(interval_s=p.sample_interval_s, use_gpu=p.device == "cuda") as tracker:
+            samples = pretrain(model, blocks, steps=p.steps, lr=p.lr, warmup=p.warmup_steps, min_lr=p.min_lr,
+                               weight_decay=p.weight_decay, seed=p.seed)
+        distributed.save_full_weights(model, weights, rank)
+        return distributed.RankResult(rank.rank, samples, tracker.metrics(), tracker.samples,
+                                      distributed.peak_memory_bytes(rank, tracker), tracker.wall_s)
 
 
 def training_metrics(samples: list[StepSample], total_params: int, timing_warmup_steps: int,

@@ -7,13 +7,14 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from ..arch.config import ATTENTION_KINDS, FFN_KINDS, PAPER_SHAPES, POSITION_KINDS, DecoderConfig, paper_config
+from ..distributed import ParallelSettings
 from ..models import HUB_ID
 from ..params import RunParams
 
 OFFLINE_TOKENIZER = "offline-bpe"  # text_data's byte-level BPE, trained on the offline training split
 
 
-class PretrainRun(RunParams):
+class PretrainRun(RunParams, ParallelSettings):
     """One decoder variant pretrained from scratch, then decoded at several context lengths.
 
     Shared by the attention, positional-encoding and MoE studies: only the part under study changes

@@ -28,6 +28,9 @@ class AttentionFreeRun(PretrainRun):
     def _check_shape(self) -> None:
         if self.architecture == "transformer":
             return super()._check_shape()
+        if self.nproc > 1:
+            raise ValueError(f"nproc={self.nproc}: architecture {self.architecture!r} trains in one process; "
+                             "nproc > 1 is for architecture 'transformer' (our decoder)")
         if self.size is None:
             needed = ("hidden_size", "n_layers") + (("n_heads",) if self.architecture == "pythia" else ())
             missing = [f for f in needed if getattr(self, f) is None]

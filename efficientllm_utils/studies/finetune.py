@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from .. import distributed
 from .. import finetune as ft
 from .. import score_cache
 from ..finetune.methods import cleanup, is_4bit
@@ -155,12 +157,54 @@ def build(model, p: FinetuneRun) -> tuple[ft.BuiltMethod, dict]:
     return built, ft.trainable_parameters(built.model)
 
 
-def train(built: ft.BuiltMethod, data: Data, p: FinetuneRun) -> tuple[ft.TrainResult, ResourceTracker]:
-    """The shared loop under the resource tracker; returns the raw steps and the tracker."""
+def train(built: ft.BuiltMethod, data: Data,
+          p: FinetuneRun) -> tuple[ft.TrainResult, ResourceTracker | distributed.GroupTracker]:
+    """The shared loop under the resource tracker; returns the raw steps and the tracker.
+
+    ``p.nproc > 1`` (full fine-tuning): the training spans ``nproc`` processes (``distributed``: each loads the same
+    base and trains on its rows of every micro-batch under ``p.parallel``); ``built.model`` then receives rank 0's
+    trained weights and the tracker is the group's (per-rank peak memory, the slowest rank's time, world size)."""
+    if p.nproc > 1:
+        return _train_group(built, p)
     with ResourceTracker(interval_s=p.sample_interval_s, use_gpu=p.device == "cuda") as tracker:
         result = ft.train_model(built.model, built.param_groups, data.data.train, p.train_settings(),
                                 data.pad_token_id)
     return result, tracker
+
+
+def _train_group(built: ft.BuiltMethod, p: FinetuneRun):
+    device = next(built.model.parameters()).device
+    built.model.to("cpu")  # the ranks' GPUs to themselves while they train
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = str(Path(tmp) / "weights.pt")
+        results = distributed.launch(_finetune_rank, (p, weights), p.nproc, run_name=p.method)
+        built.model.load_state_dict(torch.load(weights))
+    built.model.to(device)
+    first = results[0].extra["result"]
+    steps = distributed.merge_steps([r.steps for r in results], summed=("loss",))
+    wall = max(r.train_s for r in results)
+    return ft.TrainResult(steps, first.settings, wall, first.meta), distributed.GroupTracker(results, p.parallel)
+
+
+def _finetune_rank(p: FinetuneRun, weights: str) -> distributed.RankResult:
+    """One rank of a multi-process fine-tuning (run by ``distributed.launch`` in its own process)."""
+    with distributed.rank_group(p.device) as rank:
+        p = p.model_copy(update={"device": rank.device})
+        data = load_data(p)
+        model, _ = load_base(p)
+        built, _ = build(model, p)
+        names = {id(param): name for name, param in built.model.named_parameters()}
+        groups = [[names[id(param)] for param in g["params"]] for g in built.param_groups]
+        model = distributed.wrap(built.model, p.parallel, rank, bf16_compute=False)
+        current = dict(distributed.unwrapped(model).named_parameters())  # FSDP replaced them by sharded ones
+        param_groups = [{**g, "params": [current[n] for n in names_]} for g, names_ in zip(built.param_groups, groups)]
+        with ResourceTracker(interval_s=p.sample_interval_s, use_gpu=p.device.startswith("cuda")) as tracker:
+            result = ft.train_model(model, param_groups, data.data.train, p.train_settings(), data.pad_token_id,
+                                    rank=rank)
+        distributed.save_full_weights(model, weights, rank)
+        return distributed.RankResult(rank.rank, result.steps, tracker.metrics(), tracker.samples,
+                                      distributed.peak_memory_bytes(rank, tracker), result.seconds,
+                                      extra={"result": result})
 
 
 def training_metrics(steps: list[ft.StepRecord], total_params: int, timing_warmup_steps: int,

@@ -6,6 +6,7 @@ from typing import Any, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from ..distributed import ParallelSettings
 from ..finetune.config import METHOD_NAMES, DataSettings, MethodSettings, TrainSettings
 from ..models import check_model_source
 from ..params import RunParams
@@ -81,7 +82,7 @@ class FinetuneBase(RunParams, MethodSettings, TrainSettings, MethodOverrides):
 
 
 
-class FinetuneRun(FinetuneBase, DataSettings):
+class FinetuneRun(FinetuneBase, DataSettings, ParallelSettings):
     """One fine-tuning method on one base model: quality before and after, training costs, the adapter's size.
 
     The fields are the run's model and method plus the union of the fine-tuning library's
@@ -90,6 +91,14 @@ class FinetuneRun(FinetuneBase, DataSettings):
     """
 
     eval_batch_tokens: int = Field(2048, ge=16)  # max tokens per held-out scoring batch
+    MULTI_PROCESS_METHODS: ClassVar[tuple[str, ...]] = ("full",)  # the method whose weights + AdamW outgrow a GPU
+
+    @model_validator(mode="after")
+    def _multi_process_method(self) -> "FinetuneRun":
+        if self.nproc > 1 and self.method not in self.MULTI_PROCESS_METHODS:
+            raise ValueError(f"nproc={self.nproc} with method {self.method!r}: only {list(self.MULTI_PROCESS_METHODS)} "
+                             "trains across processes (set nproc for it alone: method_overrides)")
+        return self
 
     def data_settings(self) -> DataSettings:
         return self.settings(DataSettings)
