@@ -46,7 +46,7 @@ assets: env  ## fetch and verify the offline model and data packages AXIS needs 
 test-assets: env
 	$(BIN)/python -m efficientllm_utils assets --tests
 
-reproduce: assets  ## run AXIS's grid (PROFILE, default: the CPU profile; EXECUTOR), build the book, refresh published/, print a summary
+reproduce: assets  ## run AXIS's grid (PROFILE, default: the CPU profile; EXECUTOR; AXIS=all: every axis, one book), build the book, refresh published/, print a summary
 	$(BIN)/python -m efficientllm_utils run $(AXIS) $(RUN_FLAGS) --book --publish
 
 run: assets  ## run AXIS's grid without building the book
@@ -66,8 +66,8 @@ test: test-assets  ## the whole test suite, end-to-end smoke run and book build 
 test-fast: test-assets  ## the tests without the end-to-end runs
 	$(BIN)/python -m pytest -q -m 'not slow'
 
-lab: env  ## JupyterLab with the project's kernel
-	$(BIN)/jupyter lab notebooks/
+lab: env  ## JupyterLab with the project's kernel (as root too: containers, cloud notebooks)
+	$(BIN)/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root)
 
 notebooks: env  ## regenerate every run notebook under notebooks/ (one generator: efficientllm_utils/notebooks/)
 	$(BIN)/python -m efficientllm_utils.notebooks
