@@ -15,15 +15,25 @@ from .clusters import ClusterError
 from .params import ParamsError, expand, label_value, params_path
 from .paths import REPO_ROOT
 from .published import PUBLISHED_PROFILES, publish
-from .runner import EXECUTORS, ResourceError, Summary, execute
+from .runner import EXECUTORS, ResourceError, StudyProgress, Summary, execute
+
+ALL_AXES = "all"  # make reproduce AXIS=all: every axis, one after the other, then one book
+
+
+def axes_of(axis: str) -> list[str]:
+    """The axes ``axis`` names: every axis of the study registry in its order for ``all``, else itself (an axis or
+    a study)."""
+    return list(study_registry.axes()) if axis == ALL_AXES else [axis]
 
 
 def studies_of(axis: str) -> list[str]:
-    """The studies of an axis (``study_registry``), or the one study of that name."""
+    """The studies of an axis (``study_registry``), of every axis (``all``), or the one study of that name."""
+    if axis == ALL_AXES:
+        return [study for name in axes_of(axis) for study in studies_of(name)]
     try:
         return study_registry.axis_studies(axis)
     except ValueError as err:
-        raise ParamsError(str(err)) from None
+        raise ParamsError(f"{err}; or {ALL_AXES!r}: every axis") from None
 
 
 def _overrides(pairs: list[str], option: str = "--set") -> dict:
@@ -108,12 +118,16 @@ def cmd_run(args) -> int:
     results_root = Path(args.results)
     total = Summary()
     tables = []
+    progress = study_progress(args.axis, plans) if args.axis == ALL_AXES else None
     for study, specs in plans:
+        if progress is not None:
+            axis = next(a for a in axes_of(args.axis) if study in studies_of(a))
+            progress.start_axis(axis, axes_of(args.axis).index(axis) + 1)
         profiles = list(dict.fromkeys(s.profile for s in specs))  # the profile's, and/or <profile>+explore
         print(f"== {study}: profile {', '.join(profiles)}, {len(specs)} runs -> "
               f"{', '.join(str(results_root / study / p) for p in profiles)}", file=sys.stderr)
         summary = execute(specs, results_root, force=args.force, retry_failed=args.retry_failed,
-                          timeout_s=args.run_timeout, **executor)
+                          timeout_s=args.run_timeout, progress=progress, **executor)
         total.outcomes += summary.outcomes
         tables += [(study, p, records.aggregate(study, p, results_root)) for p in profiles]
         if args.publish and (args.set or args.grid):  # a narrowed grid would replace the copy with a part of it
@@ -137,6 +151,20 @@ def cmd_run(args) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def study_progress(axis: str, plans: list[tuple[str, list]]) -> StudyProgress:
+    """Progress across every run of ``axis``'s axes, its remaining time estimated from the published copy's
+    durations of the same runs (``published.published_durations``)."""
+    from .published import published_durations
+
+    expected: dict[str, float] = {}
+    for study, specs in plans:
+        for profile in {s.profile for s in specs}:
+            expected |= published_durations(study, profile)
+    ids = {s.run_id for _, specs in plans for s in specs}
+    return StudyProgress(total=len(ids), expected_s={k: v for k, v in expected.items() if k in ids},
+                         n_axes=len(axes_of(axis)), remaining_ids=set(ids))
 
 
 def _short_table(frame) -> str:
@@ -227,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add_selection(p):
-        p.add_argument("axis", help=f"an axis ({', '.join(study_registry.axes())}) or a study name")
+        p.add_argument("axis", help=f"an axis ({', '.join(study_registry.axes())}), {ALL_AXES} (every axis) or a "
+                                    "study name")
         p.add_argument("--profile", default=None, help="profile in the params file (default: its default_profile)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="set a parameter in every run (validated like the params file); on a field the grid "

@@ -117,6 +117,13 @@ def compact_notebook_pictures(notebook_json: str) -> str:
     return json.dumps(nb, indent=1, ensure_ascii=False)
 
 
+def published_durations(study: str, profile: str, published_root: Path = PUBLISHED_DIR) -> dict[str, float]:
+    """Seconds each published run of a study's profile took (its record's ``duration_s``), by run id: what
+    ``make reproduce AXIS=all`` estimates the remaining time from."""
+    return {r.run_id: r.duration_s for r in load_records(study, profile, published_root)
+            if r.duration_s is not None and r.status == "ok"}
+
+
 # --- what the book reads ------------------------------------------------------------------------
 
 def _profiles_with_records(root: Path, study: str) -> list[str]:

@@ -120,3 +120,28 @@ def test_explored_and_hand_run_records_say_so_and_stay_out_of_the_book_unless_as
     assert "selftest" not in book_view(results_root, tmp_path / "view")  # the book leaves them out by default
     assert book_view(results_root, tmp_path / "view", explored=True)["selftest"] == {"cpu+explore": "local",
                                                                                      "manual": "local"}
+
+
+def test_study_progress_across_axes_resumes_and_estimates_from_published_durations(results_root):
+    """make reproduce AXIS=all: axis k of n, run i of m across every study, the remaining time from the published
+    durations scaled by this machine's pace; runs with a record count as done (the profile resumes)."""
+    import io
+
+    from efficientllm_utils.cli import studies_of
+    from efficientllm_utils.study_registry import axes
+
+    assert studies_of("all") == [study for studies in axes().values() for study in studies]
+    specs = expand(PARAMS_DIR / "selftest.yaml", "cpu")
+    runner.execute(specs[:1], results_root)  # a first, interrupted attempt finished one run
+    published = {specs[1].run_id: 4.0, specs[2].run_id: 8.0}
+    progress = runner.StudyProgress(total=len(specs), expected_s=published, n_axes=2,
+                                    remaining_ids={s.run_id for s in specs})
+    progress.start_axis("selftest", 2)
+    assert progress.remaining_s() == pytest.approx(4.0 + 8.0 + 6.0)  # no published record: the mean of those known
+    stream = io.StringIO()
+    runner.execute(specs, results_root, stream=stream, progress=progress)
+    lines = [line for line in stream.getvalue().splitlines() if line.startswith("== study progress")]
+    assert lines[0].startswith("== study progress: axis 2 of 2 (selftest) | run 1 of 3")  # the resumed run
+    assert "run 3 of 3" in lines[-1] and progress.remaining_s() == 0
+    assert all("remaining ~" in line for line in lines)
+    assert progress.executed_expected_s == 12.0  # both runs it executed had a published duration
