@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from .metrics.values import MetricValue
 
@@ -43,6 +43,16 @@ class ParallelSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     nproc: int = Field(1, ge=1, description="processes (one per GPU with device=cuda) the run's training spans")
     parallel: Literal[PARALLELISMS] = "ddp"  # type: ignore[valid-type]
+
+    @model_serializer(mode="wrap")
+    def _one_process_unsaid(self, handler):
+        """A one-process run's parameters leave these fields out: its record and run id stay what they were before
+        runs could span processes (``parallel`` means nothing with one)."""
+        data = handler(self)
+        if isinstance(data, dict) and self.nproc == 1:
+            data.pop("nproc", None)
+            data.pop("parallel", None)
+        return data
 
     @model_validator(mode="after")
     def _batch_splits(self):
