@@ -201,7 +201,7 @@ def group_metrics(results: list[RankResult], parallel: str) -> dict[str, MetricV
     out: dict[str, MetricValue] = {}
     for name, metric in first.items():
         if metric.value is not None and any(k in metric.method for k in _PER_PROCESS) and name in (
-                "amu_gb", "amu_fraction", "energy_j"):
+                "amu_gb", "amu_fraction", "energy_j", "cpu_util"):
             out[name] = MetricValue(value=sum(r.metrics[name].value for r in results), unit=metric.unit,
                                     method=f"{metric.method}(sum-over-{len(results)}-ranks)")
         else:
