@@ -128,8 +128,9 @@ class VLMQuantizationRun(RunParams, VLMData):
             raise ValueError(f"finetune_method {self.finetune_method!r} is not a method of params/vlm_peft.yaml's "
                              f"profile {self.finetune_profile!r} that merges into float weights; allowed: "
                              f"{', '.join(methods)}")
-        run = VLMFinetuneRun.model_validate(methods[self.finetune_method].params)
-        shared = [f for f in (*VLMData.model_fields, "model", "device", "seed")
+        # the fine-tuning runs at this run's seed, so a reseeded quantization run quantizes a reseeded fine-tune
+        run = VLMFinetuneRun.model_validate({**methods[self.finetune_method].params, "seed": self.seed})
+        shared = [f for f in (*VLMData.model_fields, "model", "device")
                   if f not in ("n_heldout_per_task", "eval_batch_size")]
         differ = [f for f in shared if getattr(run, f) != getattr(self, f)]
         if differ:
