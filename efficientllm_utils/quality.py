@@ -252,15 +252,24 @@ def choice_loglikelihoods(model, tokenizer, items: list[MCItem], max_batch_token
     return scores
 
 
-def mc_accuracy(model, tokenizer, items: list[MCItem], **kwargs) -> dict:
-    """Accuracy (``acc`` as in lm-evaluation-harness) with its standard error and the predictions."""
-    scores = choice_loglikelihoods(model, tokenizer, items, **kwargs)
-    predictions = [max(range(len(s)), key=s.__getitem__) for s in scores]
-    correct = [int(p == item.gold) for p, item in zip(predictions, items)]
-    n = len(items)
+def accuracy(correct: list[int]) -> dict:
+    """The share of items right, its standard error and ``correct`` per item; NaN accuracy for no item."""
+    n = len(correct)
     acc = sum(correct) / n if n else float("nan")
     stderr = math.sqrt(acc * (1 - acc) / (n - 1)) if n > 1 else float("nan")
-    return {"accuracy": acc, "n": n, "stderr": stderr, "predictions": predictions, "correct": correct}
+    return {"accuracy": acc, "n": n, "stderr": stderr, "correct": correct}
+
+
+def choice_accuracy(scores: list[list[float]], golds: list[int]) -> dict:
+    """Accuracy of picking each item's best-scoring choice (``acc`` as in lm-evaluation-harness), its standard
+    error, the predictions and the per-item correctness; NaN accuracy for no item."""
+    predictions = [max(range(len(s)), key=s.__getitem__) for s in scores]
+    return {**accuracy([int(p == gold) for p, gold in zip(predictions, golds)]), "predictions": predictions}
+
+
+def mc_accuracy(model, tokenizer, items: list[MCItem], **kwargs) -> dict:
+    """Accuracy (``acc`` as in lm-evaluation-harness) with its standard error and the predictions."""
+    return choice_accuracy(choice_loglikelihoods(model, tokenizer, items, **kwargs), [item.gold for item in items])
 
 
 def exact_match(model, tokenizer, items: list[AnswerItem], max_batch_tokens: int = 2048,
@@ -276,11 +285,7 @@ def exact_match(model, tokenizer, items: list[AnswerItem], max_batch_tokens: int
     correct = [int(bool((lp.argmax(-1) == torch.tensor(cont)).all())) for lp, (_, cont) in zip(logprobs, requests)]
     first = [int(int(lp[0].argmax()) == cont[0]) for lp, (_, cont) in zip(logprobs, requests)]
     gold = [_summed(lp, cont) for lp, (_, cont) in zip(logprobs, requests)]
-    n = len(items)
-    acc = sum(correct) / n if n else float("nan")
-    stderr = math.sqrt(acc * (1 - acc) / (n - 1)) if n > 1 else float("nan")
-    return {"accuracy": acc, "n": n, "stderr": stderr, "correct": correct, "gold_logprobs": gold,
-            "first_token_right": first}
+    return {**accuracy(correct), "gold_logprobs": gold, "first_token_right": first}
 
 
 def evaluate_tasks(model, tokenizer, tasks: list[str], n_per_task: int | None, seed: int = 0, **kwargs) -> dict:

@@ -57,6 +57,22 @@ def tiny_llama():
     return LlamaForCausalLM(config).eval(), tokenizer
 
 
+@pytest.fixture
+def adamw_group_lrs(monkeypatch) -> list[list[float]]:
+    """Every AdamW step's group lrs, in group order, as the step used them (filled while the test runs)."""
+    import torch
+
+    seen: list[list[float]] = []
+    adamw_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        seen.append([group["lr"] for group in self.param_groups])
+        return adamw_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    return seen
+
+
 def assert_valued(metrics: dict, names) -> None:
     """Each named metric of a record has a positive value, measured, counted or labelled estimated: none quietly
     became ``unavailable:``. PCU, which only a GPU has, must be unavailable exactly where torch sees no CUDA."""

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from efficientllm_utils.arch import DecoderConfig, EfficientDecoderForCausalLM, lora_target_modules, paper_config
 from efficientllm_utils.arch.analysis import (flops_per_token, kv_cache_bytes_per_token,
                                               measure_kv_cache_bytes_per_token, param_counts)
-from efficientllm_utils.arch.train import cosine_lr, evaluate_perplexity, pretrain
+from efficientllm_utils.arch.train import evaluate_perplexity, pretrain
 
 TINY = dict(vocab_size=61, hidden_size=32, n_layers=2, n_heads=4, intermediate_size=48, max_position_embeddings=64,
             compress_block=4, compress_stride=2, select_block=4, n_selected=3, window=6,
@@ -157,12 +157,6 @@ def test_flops_grow_with_context_and_nsa_caps_attention():
     matmuls = flops_per_token(gqa, 0)
     norms, qkv_biases = 24 * 2 * 896 + 896, 24 * (896 + 2 * 128)
     assert matmuls == 2 * (param_counts(gqa)["total"] - norms - qkv_biases)  # tied lm_head counted once
-
-
-def test_cosine_schedule_warms_up_then_decays_to_min_lr():
-    lrs = [cosine_lr(s, 100, 1e-3, 10, 1e-4) for s in range(101)]
-    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
-    assert all(a >= b for a, b in itertools.pairwise(lrs[9:])) and lrs[100] == pytest.approx(1e-4)
 
 
 @pytest.mark.parametrize(("position", "ffn"), [("rope", "dense"), ("absolute", "dense"), ("learnable", "dense"),

@@ -165,14 +165,24 @@ def test_freeze_layer_choice_follows_llama_factory():
         fm.freeze_layer_ids(30, 0)
 
 
-def test_loraplus_gives_b_the_ratio_lr(tiny_dir):
+def test_loraplus_gives_b_the_ratio_lr(tiny_dir, boolq, tokenizer, adamw_group_lrs):
     settings = settings_for("loraplus").model_copy(update={"lr": 1e-4, "loraplus_lr_ratio": 16.0})
     built = build(tiny_dir, "loraplus", settings)
     names = {id(p): n for n, p in built.model.named_parameters()}
+    kinds = []
     for group in built.param_groups:
-        kinds = {"B" if "lora_B" in names[id(p)] else "A" for p in group["params"]}
-        assert len(kinds) == 1
-        assert group["lr"] == pytest.approx(1.6e-3 if kinds == {"B"} else 1e-4)
+        kind = {"B" if "lora_B" in names[id(p)] else "A" for p in group["params"]}
+        assert len(kind) == 1
+        assert group["lr"] == pytest.approx(1.6e-3 if kind == {"B"} else 1e-4)
+        kinds += kind
+    # and through the training loop's optimizer, at every step of the warm-up and the decay
+    ft.train_model(built.model, built.param_groups, boolq.train, TRAIN.model_copy(update={"steps": 3,
+                   "warmup_steps": 1}), tokenizer.pad_token_id)
+    assert len(adamw_group_lrs) == 3 and adamw_group_lrs[0][0] < adamw_group_lrs[1][0]
+    for lrs in adamw_group_lrs:
+        a = [lr for lr, kind in zip(lrs, kinds) if kind == "A"]
+        b = [lr for lr, kind in zip(lrs, kinds) if kind == "B"]
+        assert a and b and all(x == pytest.approx(16 * a[0]) for x in b) and all(x == a[0] for x in a)
 
 
 def test_rslora_and_dora_and_pissa_configure_peft(tiny_dir):
@@ -304,15 +314,6 @@ def test_collate_pads_right_and_masks_pad():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 6, 2]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [-100, 6, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
-
-
-def test_schedule_warms_up_then_decays():
-    s = ft.TrainSettings(steps=10, batch_size=1, warmup_steps=2, schedule="cosine", min_lr_ratio=0.1)
-    f = ftrain.lr_lambda(s)
-    values = [f(i) for i in range(10)]
-    assert values[0] < values[1] < values[2] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(values[2:], values[3:])) and values[-1] >= 0.1
-    assert ftrain.lr_lambda(s.model_copy(update={"schedule": "constant", "warmup_steps": 0}))(7) == 1.0
 
 
 def test_heldout_evaluation_uses_the_mc_interface(tiny_dir, boolq, tokenizer):

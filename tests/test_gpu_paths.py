@@ -284,7 +284,7 @@ def test_concurrent_first_builds_stage_one_at_a_time(tmp_path):
 # --- 9: bf16 training keeps fp32 master weights -----------------------------------------------------------------
 
 def test_bf16_weights_accumulate_updates_below_their_spacing_through_fp32_masters():
-    from efficientllm_utils.arch.train import MasterWeights
+    from efficientllm_utils.training import MasterWeights
 
     gain = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))  # a norm gain; bf16's spacing at 1 is 2^-7
     model = torch.nn.Module()
@@ -396,12 +396,13 @@ def test_published_peaks_tell_nvl_and_grace_hopper_parts_apart():
 # --- 12: clocks read after the device's queued work -------------------------------------------------------------
 
 def test_finetuning_step_clock_waits_for_the_optimizer(monkeypatch, tiny_llama):
+    from efficientllm_utils import training
     from efficientllm_utils.finetune import train as ft_train
     from efficientllm_utils.finetune.config import TrainSettings
     from efficientllm_utils.finetune.data import Example
 
     events = []
-    monkeypatch.setattr(ft_train, "synchronize", lambda device: events.append("sync"))
+    monkeypatch.setattr(training, "synchronize", lambda device: events.append("sync"))
     step = torch.optim.AdamW.step
     monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: events.append("step") or step(self, *a, **k))
     model, _ = tiny_llama
@@ -411,7 +412,7 @@ def test_finetuning_step_clock_waits_for_the_optimizer(monkeypatch, tiny_llama):
                 for i in range(2)]
     ft_train.train_model(model, [{"params": list(model.parameters()), "lr": 1e-3}], examples,
                          TrainSettings(steps=2, batch_size=1), pad_token_id=0)
-    assert events == ["step", "sync", "step", "sync"]
+    assert events == ["sync", "step", "sync", "sync", "step", "sync"]  # the clock starts and stops after a sync
 
 
 def test_denoiser_step_hooks_sync_around_each_forward(monkeypatch):

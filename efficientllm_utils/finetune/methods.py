@@ -3,8 +3,8 @@
 Every builder takes a loaded causal LM and :class:`~.config.MethodSettings` and
 returns a :class:`BuiltMethod` ``(model, param_groups, description)``: the model
 ready to train (only the method's parameters require grad) and the optimizer
-parameter groups, each with its own ``lr``, for the shared AdamW loop in
-:mod:`.train`.
+parameter groups, each with its own ``lr``, for the one training loop's AdamW
+(:mod:`..training`, through :mod:`.train`).
 
 ========= ==================================================================================
 lora      ``LoraConfig(r, lora_alpha, lora_dropout, target_modules="all-linear")``; W + (alpha/r) BA
@@ -41,6 +41,7 @@ from typing import Callable
 
 import torch
 
+from ..training import adamw
 from .config import METHOD_NAMES, GloraSettings, MethodSettings
 
 PISSA_INIT_ATTR = "efficientllm_pissa_init_dir"  # where a PiSSA model keeps its initial adapter
@@ -61,7 +62,8 @@ class BuiltMethod:
         return iter((self.model, self.param_groups, self.description))
 
     def make_optimizer(self, betas=(0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.param_groups, betas=betas, eps=eps)
+        """The training loop's AdamW over the method's groups (``training.adamw``)."""
+        return adamw(self.param_groups, betas, eps)
 
 
 # --- parameter counting --------------------------------------------------------------

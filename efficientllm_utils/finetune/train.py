@@ -1,18 +1,19 @@
-"""The one training loop every fine-tuning method goes through, and adapter save/load.
+"""The fine-tuning step every method goes through, in the one training loop (:func:`..training.train`), and adapter
+save/load.
 
 Same seed, same data order, same steps, same batch and the same AdamW + schedule for
 every method; only the model and its parameter groups (each with its own peak lr)
 differ. The data order comes from :func:`batch_schedule`, which depends on the seed and
 the number of examples only, never on the model.
 
-The loop records raw per-step samples (loss, wall seconds by ``time.perf_counter``,
+The step is the method's batch (its micro-batches, bf16 autocast on a GPU) and its answer-token loss; the loop
+records raw per-step samples (loss, wall seconds by ``time.perf_counter``,
 sequences and tokens, the exact example indices) and samples no system metric: the
 caller wraps it with its own tracker and may pass ``on_step`` for progress.
 """
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from contextlib import contextmanager
@@ -22,7 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..metrics.inference import synchronize
+from .. import training
 from .config import TrainSettings
 from .data import IGNORE_INDEX, Example
 
@@ -172,23 +173,6 @@ def mean_answer_loss(model, examples: Sequence[Example], pad_token_id: int, batc
     return total / max(count, 1)
 
 
-def lr_lambda(settings: TrainSettings) -> Callable[[int], float]:
-    """Multiplier of the peak lr at step index s (0-based): linear warm-up, then the schedule."""
-    warm, total, floor = settings.warmup_steps, settings.steps, settings.min_lr_ratio
-
-    def f(s: int) -> float:
-        if warm and s < warm:
-            return (s + 1) / (warm + 1)
-        if settings.schedule == "constant":
-            return 1.0
-        progress = (s - warm) / max(1, total - warm)
-        if settings.schedule == "linear":
-            return floor + (1 - floor) * max(0.0, 1 - progress)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return f
-
-
 # --- the loop ------------------------------------------------------------------------------
 
 @contextmanager
@@ -228,19 +212,12 @@ def _train(model, param_groups, examples, settings, pad_token_id, on_step, rank=
     torch.manual_seed(settings.seed)  # LoRA dropout draws the same masks for every run
     schedule = batch_schedule(len(examples), settings.steps, settings.batch_size, settings.grad_accum,
                               settings.seed, settings.shuffle)
-    optimizer = torch.optim.AdamW(param_groups, betas=tuple(settings.adam_betas), eps=settings.adam_eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings))
-    params = [p for g in optimizer.param_groups for p in g["params"]]
     device = next(model.parameters()).device
     autocast = autocast_dtype(model)
-    model.train()
-    records: list[StepRecord] = []
-    start_all = time.perf_counter()
-    for step_no, micro_batches in enumerate(schedule, start=1):
-        lr = optimizer.param_groups[0]["lr"]
+
+    def step(micro_batches: list[list[int]]) -> dict:
         batches = [[examples[i] for i in mb] for mb in micro_batches]
         n_loss = sum(e.n_answer_tokens for mb in batches for e in mb)
-        t0 = time.perf_counter()
         total = 0.0
         for mb in batches:
             mb = rank.shard(mb) if rank is not None else mb
@@ -248,26 +225,17 @@ def _train(model, param_groups, examples, settings, pad_token_id, on_step, rank=
                 loss_sum, _ = answer_loss_sum(model, collate(mb, pad_token_id))
             (loss_sum / n_loss * (rank.world_size if rank is not None else 1)).backward()
             total += float(loss_sum.detach())
-        grad_norm = None
-        if settings.max_grad_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: sharded
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        synchronize(device)  # the optimizer's kernels are in the step
-        seconds = time.perf_counter() - t0
         flat = [i for mb in micro_batches for i in mb]
-        record = StepRecord(
-            step=step_no, loss=total / n_loss, seconds=seconds, lr=lr, grad_norm=grad_norm,
-            samples=len(flat), tokens=sum(examples[i].n_tokens for i in flat),
-            padded_tokens=sum(len(mb) * max(examples[i].n_tokens for i in mb) for mb in micro_batches),
-            loss_tokens=n_loss, indices=flat, rows=[examples[i].row for i in flat])
-        if not math.isfinite(record.loss):
-            raise FloatingPointError(f"loss is {record.loss} at step {step_no}")
-        records.append(record)
-        if on_step is not None:
-            on_step(record)
+        return {"loss": total / n_loss, "samples": len(flat), "tokens": sum(examples[i].n_tokens for i in flat),
+                "padded_tokens": sum(len(mb) * max(examples[i].n_tokens for i in mb) for mb in micro_batches),
+                "loss_tokens": n_loss, "indices": flat, "rows": [examples[i].row for i in flat]}
+
+    model.train()
+    start_all = time.perf_counter()
+    records = training.train(schedule, step, param_groups, steps=settings.steps, record=StepRecord,
+                             warmup_steps=settings.warmup_steps, schedule=settings.schedule,
+                             min_lr_ratio=settings.min_lr_ratio, max_grad_norm=settings.max_grad_norm,
+                             betas=settings.adam_betas, eps=settings.adam_eps, first_step=1, on_step=on_step)
     model.eval()
     return TrainResult(records, settings.model_dump(), time.perf_counter() - start_all,
                        {"n_examples": len(examples), "pad_token_id": pad_token_id})
@@ -287,7 +255,7 @@ def evaluate_heldout(model, tokenizer, items: list, num_threads: int | None = No
     ``scores`` the answer's log-probability (one "choice" per item), ``first_choice_share`` NaN.
     ``kwargs`` go to the scorer.
     """
-    from ..quality import AnswerItem, choice_loglikelihoods, exact_match
+    from ..quality import AnswerItem, choice_accuracy, choice_loglikelihoods, exact_match
 
     was_training = model.training
     model.eval()
@@ -305,15 +273,12 @@ def evaluate_heldout(model, tokenizer, items: list, num_threads: int | None = No
                 "predictions": exact["first_token_right"], "correct": exact["correct"],
                 "gold_logprob": sum(exact["gold_logprobs"]) / n if n else float("nan"),
                 "first_choice_share": float("nan"), "scores": [[s] for s in exact["gold_logprobs"]]}
-    predictions = [max(range(len(s)), key=s.__getitem__) for s in scores]
-    correct = [int(p == item.gold) for p, item in zip(predictions, items)]
-    n = len(items)
-    acc = sum(correct) / n if n else float("nan")
+    result = choice_accuracy(scores, [item.gold for item in items])
+    n = result["n"]
     return {
-        "accuracy": acc, "n": n, "stderr": math.sqrt(acc * (1 - acc) / (n - 1)) if n > 1 else float("nan"),
-        "predictions": predictions, "correct": correct,
+        **result,
         "gold_logprob": sum(s[item.gold] for s, item in zip(scores, items)) / n if n else float("nan"),
-        "first_choice_share": sum(p == 0 for p in predictions) / n if n else float("nan"),
+        "first_choice_share": sum(p == 0 for p in result["predictions"]) / n if n else float("nan"),
         "scores": scores,
     }
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .. import training
 from ..assets import cache_dir
 from ..finetune.config import TrainSettings
 from . import data as lvm_data
@@ -45,18 +46,19 @@ def base_dir(model: str) -> Path:
 def train_vae(vae, pixels: torch.Tensor, p: Preset) -> list[float]:
     """Reconstruction pretraining of the VAE: MSE + kl_weight * KL, AdamW, fixed seed and order."""
     generator = torch.Generator().manual_seed(p.seed)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=p.vae_lr)
-    vae.train()
-    losses = []
-    for _ in range(p.vae_steps):
-        x = pixels[torch.randint(len(pixels), (p.batch_size,), generator=generator)]
+    batches = (pixels[torch.randint(len(pixels), (p.batch_size,), generator=generator)] for _ in range(p.vae_steps))
+
+    def step(x: torch.Tensor) -> dict:
         posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
         loss = torch.nn.functional.mse_loss(vae.decode(z).sample, x) + p.kl_weight * posterior.kl().mean() / x[0].numel()
-        optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+        return {"loss": loss.detach()}
+
+    vae.train()
+    # AdamW at its default weight decay (0.01), a constant lr, no clipping
+    losses = training.train(batches, step, [{"params": list(vae.parameters()), "lr": p.vae_lr}], steps=p.vae_steps,
+                            record=lambda **values: values["loss"], schedule="constant", max_grad_norm=None)
     vae.eval().requires_grad_(False)
     return losses
 

@@ -1,19 +1,20 @@
-"""The one flow-matching training loop: base pretraining and every fine-tuning method go through it.
+"""Flow-matching training of the denoisers through the one training loop (``training.train``): base pretraining
+and every fine-tuning method go through it.
 
 The data order comes from the fine-tuning library's :func:`~..finetune.train.batch_schedule` (seed and
-data size only), the schedule from its :func:`~..finetune.train.lr_lambda`, both over its
+data size only), the optimizer and schedule from the loop, both over the fine-tuning library's
 ``TrainSettings``; times and noise come from one seeded generator. So every method sees the same latents,
 captions, times and noise in the same order; only the trainable parameters differ.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 
 import torch
 
+from .. import training
 from ..finetune.config import TrainSettings
-from ..finetune.train import autocast_dtype, batch_schedule, lr_lambda, threads
+from ..finetune.train import autocast_dtype, batch_schedule, threads
 from .flow import Denoise, velocity_loss
 
 
@@ -34,10 +35,11 @@ class LatentSet:
 
 @dataclass
 class FlowStep:
-    step: int
+    step: int  # 1-based optimizer step
     loss: float
     seconds: float  # forward + backward + clip + optimizer step, perf_counter
     lr: float
+    grad_norm: float | None  # total gradient norm before clipping (None without clipping)
     samples: int
 
 
@@ -47,26 +49,22 @@ def train(transformer: torch.nn.Module, param_groups: list[dict], data: LatentSe
     with threads(settings.num_threads):
         torch.manual_seed(settings.seed)  # adapter dropout draws the same masks for every method
         schedule = batch_schedule(len(data), settings.steps, settings.batch_size, 1, settings.seed, settings.shuffle)
-        optimizer = torch.optim.AdamW(param_groups, betas=tuple(settings.adam_betas), eps=settings.adam_eps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings))
         generator = torch.Generator().manual_seed(settings.seed)
-        params = [p for g in param_groups for p in g["params"]]
         device, autocast = next(transformer.parameters()).device, autocast_dtype(transformer)  # GPU: bf16 autocast
-        transformer.train()
-        steps = []
-        for i, (batch,) in enumerate(schedule):
+
+        def step(micro_batches: list[list[int]]) -> dict:
+            (batch,) = micro_batches
             index = torch.tensor(batch)
-            start = time.perf_counter()
             with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
                 loss = velocity_loss(transformer, denoise, data.latents[index], data.cond(index), generator)
-            optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if settings.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            steps.append(FlowStep(i + 1, loss.item(), time.perf_counter() - start, lr, len(batch)))
+            return {"loss": loss.detach(), "samples": len(batch)}
+
+        transformer.train()
+        steps = training.train(schedule, step, param_groups, steps=settings.steps, record=FlowStep,
+                               warmup_steps=settings.warmup_steps, schedule=settings.schedule,
+                               min_lr_ratio=settings.min_lr_ratio, max_grad_norm=settings.max_grad_norm,
+                               betas=settings.adam_betas, eps=settings.adam_eps, first_step=1)
         transformer.eval()
         return steps
 

@@ -1,7 +1,9 @@
-"""Per-step latency metrics of a training loop (AL and its spread), shared by the training studies."""
+"""Metrics of a training phase shared by the training studies: per-step latency (AL and its spread) and the resource
+tracker's metrics over the phase."""
 from __future__ import annotations
 
 from .stats import summarize
+from .tracker import ResourceTracker
 from .values import MetricValue
 
 
@@ -18,3 +20,10 @@ def step_latency_metrics(step_seconds: list[float], warmup_steps: int) -> tuple[
         "al_p90_s": MetricValue.measured(stats["p90"], "s/iter", counter),
         "al_cv": MetricValue.measured(stats["cv"], "ratio", counter),
     }, counter
+
+
+def tracker_metrics(tracker: ResourceTracker) -> dict[str, MetricValue]:
+    """The tracker's metrics over the training phase (AMU, PCU, AEC, energy, ...), its wall time as ``train_wall_s``."""
+    tracked = tracker.metrics()
+    tracked["train_wall_s"] = tracked.pop("phase_wall_s")
+    return tracked

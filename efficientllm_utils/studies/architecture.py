@@ -38,7 +38,7 @@ from ..arch.config import DecoderConfig
 from ..metrics import machine_probe, model_costs, roofline
 from ..metrics.inference import generation_benchmark, inference_metrics
 from ..metrics.tracker import ResourceTracker
-from ..metrics.training import step_latency_metrics
+from ..metrics.training import step_latency_metrics, tracker_metrics
 from ..metrics.values import MetricValue
 from .architecture_run import PretrainRun
 
@@ -255,8 +255,7 @@ def training_metrics(samples: list[StepSample], total_params: int, timing_warmup
         "train_tokens_per_s": MetricValue.measured(tokens / sum(seconds), "tokens/s", counter),
     }
     if tracker is not None:
-        tracked = tracker.metrics()
-        tracked["train_wall_s"] = tracked.pop("phase_wall_s")
+        tracked = tracker_metrics(tracker)
         out.update(tracked)
         energy = tracked["energy_j"]
         all_tokens = sum(s.tokens for s in samples)
@@ -348,7 +347,7 @@ def measure_roofline(model, p: PretrainRun, metrics: dict[str, MetricValue]) -> 
     params = int(metrics["params_total"].value)
     weights = model_costs.weight_bytes_read_per_token(model, params * dtype_bytes)
     training_parts = roofline.training_memory_parts(params, dtype_bytes)
-    if dtype_bytes < 4:  # arch.train.MasterWeights: fp32 masters and their gradients, AdamW's moments of them
+    if dtype_bytes < 4:  # training.MasterWeights: fp32 masters and their gradients, AdamW's moments of them
         training_parts |= {"fp32-masters+gradients": 8 * params, "adamw-moments": 8 * params}
     tokens = p.batch_size * p.seq_len
     forward = forward_flops_per_token(model, (p.seq_len + 1) / 2)

@@ -32,7 +32,7 @@ from ..dit.flow import heldout_loss, sample
 from ..dit.train import DiTStep, weight_average
 from ..dit.train import train as train_loop
 from ..metrics.tracker import ResourceTracker
-from ..metrics.training import step_latency_metrics
+from ..metrics.training import step_latency_metrics, tracker_metrics
 from ..metrics.values import MetricValue
 from ..records import GRID_FILE
 from .dit_run import DiTRun
@@ -155,9 +155,7 @@ def training_metrics(steps: list[DiTStep], total_params: int, p: DiTRun,
                                                         "tokens/param/s", f"{counter}(patch-tokens)")
     out["train_images_per_s"] = MetricValue.measured(sum(s.images for s in timed) / seconds, "images/s", counter)
     if tracker is not None:
-        tracked = tracker.metrics()
-        tracked["train_wall_s"] = tracked.pop("phase_wall_s")
-        out.update(tracked)
+        out.update(tracker_metrics(tracker))
     return out
 
 

@@ -36,7 +36,7 @@ from ..lvm.presets import examples, family, sampling
 from ..lvm.quantize import cast_inputs_hook, output_dtype_hook
 from ..lvm.train import FlowStep, LatentSet, train
 from ..metrics.tracker import ResourceTracker
-from ..metrics.training import step_latency_metrics
+from ..metrics.training import step_latency_metrics, tracker_metrics
 from ..metrics.values import MetricValue
 from .lvm_run import LVMFinetuneRun
 from ..vision import fd
@@ -155,9 +155,7 @@ def training_metrics(built: BuiltMethod, steps: list[FlowStep], tracker: Resourc
     out["trainable_params"] = MetricValue.measured(counts["trainable"], "params", "counted-requires-grad")
     out["trainable_share"] = MetricValue.measured(counts["share"], "fraction", "counted-requires-grad/total")
     out["adapter_bytes"] = MetricValue.measured(saved_bytes(built), "bytes", saved_how(built))
-    tracked = tracker.metrics()
-    tracked["train_wall_s"] = tracked.pop("phase_wall_s")
-    return {**out, **tracked}
+    return {**out, **tracker_metrics(tracker)}
 
 
 def saved_how(built: BuiltMethod) -> str:

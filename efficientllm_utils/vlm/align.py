@@ -20,9 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .. import assets
+from .. import assets, training
 from .. import finetune as ft
-from ..finetune.train import lr_lambda
 from . import data as vdata
 from .config import AlignSettings, VisionSettings
 from .model import build_small_vlm
@@ -61,27 +60,24 @@ def embed_align(model, processor, settings: AlignSettings) -> list[float]:
                 for _, _, words in pairs]
     targets = torch.stack([embeddings[[ids[j % len(ids)] for j in range(merged)]] for ids in word_ids])  # (n, m, h)
     visual = model.model.visual
-    params = [p for p in visual.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=settings.embed_lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(ft.TrainSettings(steps=settings.embed_steps, batch_size=1, min_lr_ratio=0.1,
-                                                       warmup_steps=min(10, settings.embed_steps - 1))))
     generator = torch.Generator().manual_seed(settings.seed)
-    losses = []
-    visual.train()
-    for _ in range(settings.embed_steps):
-        batch = torch.randint(len(pairs), (settings.embed_batch_size,), generator=generator)
+    batches = (torch.randint(len(pairs), (settings.embed_batch_size,), generator=generator)
+               for _ in range(settings.embed_steps))
+
+    def step(batch: torch.Tensor) -> dict:
         rows = (batch[:, None] * per_image + torch.arange(per_image)).reshape(-1)
         features = visual(pixels[rows], grid_thw=grids[batch]).pooler_output  # (batch * m, hidden), image order
         target = targets[batch].reshape(-1, targets.shape[-1])
         loss = (1 - torch.nn.functional.cosine_similarity(features, target, dim=-1)).mean() + \
             (features - target).pow(2).mean() / scale
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+        return {"loss": loss.detach()}
+
+    visual.train()
+    losses = training.train(batches, step, [{"params": list(visual.parameters()), "lr": settings.embed_lr,
+                                             "weight_decay": 0.0}],
+                            steps=settings.embed_steps, record=lambda **values: values["loss"],
+                            warmup_steps=min(10, settings.embed_steps - 1), min_lr_ratio=0.1)
     visual.eval()
     return losses
 

@@ -13,6 +13,7 @@ from collections import defaultdict
 import torch
 
 from ..finetune.train import collate, model_extras, threads
+from ..quality import choice_accuracy
 from . import data as vdata
 
 
@@ -73,18 +74,15 @@ def answer_logprobs(model, processor, items: list[vdata.VQAItem], batch_size: in
 def accuracy(items: list[vdata.VQAItem], scores: list[list[float]]) -> dict:
     """Accuracy per task and over all items (with stderr), predictions, per-item correctness, the gold answer's
     mean log-probability and the probability mass on the answer set (does the model answer in the format?)."""
-    predictions = [max(range(len(s)), key=s.__getitem__) for s in scores]
-    correct = [int(p == i.gold) for p, i in zip(predictions, items)]
+    result = choice_accuracy(scores, [item.gold for item in items])
     by_task: dict[str, list[int]] = defaultdict(list)
-    for item, c in zip(items, correct):
+    for item, c in zip(items, result["correct"]):
         by_task[item.task].append(c)
-    n = len(items)
-    acc = sum(correct) / n
+    n = result["n"]
     return {
-        "accuracy": acc, "n": n, "stderr": math.sqrt(acc * (1 - acc) / (n - 1)) if n > 1 else float("nan"),
+        **result,
         "per_task": {t: sum(c) / len(c) for t, c in by_task.items()},
         "n_per_task": {t: len(c) for t, c in by_task.items()},
-        "predictions": predictions, "correct": correct,
         "gold_logprob": sum(s[i.gold] for s, i in zip(scores, items)) / n,
         "answer_mass": sum(sum(math.exp(x) for x in s) for s in scores) / n,
         "scores": scores,
