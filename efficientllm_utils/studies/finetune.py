@@ -163,8 +163,9 @@ def train(built: ft.BuiltMethod, data: Data,
 
     ``p.nproc > 1`` (full fine-tuning): the training spans ``nproc`` processes (``distributed``: each loads the same
     base and trains on its rows of every micro-batch under ``p.parallel``); ``built.model`` then receives rank 0's
-    trained weights and the tracker is the group's (per-rank peak memory, the slowest rank's time, world size)."""
-    if p.nproc > 1:
+    trained weights and the tracker is the group's (per-rank peak memory, the slowest rank's time, world size).
+    Run models without ``ParallelSettings`` (the VLM's) train in one process."""
+    if isinstance(p, distributed.ParallelSettings) and p.nproc > 1:
         return _train_group(built, p)
     with ResourceTracker(interval_s=p.sample_interval_s, use_gpu=p.device == "cuda") as tracker:
         result = ft.train_model(built.model, built.param_groups, data.data.train, p.train_settings(),
