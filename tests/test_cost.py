@@ -23,10 +23,10 @@ def test_measured_durations_win_over_the_flops_model(results_root):
     # 151936; positions add no matmul): the weights a token passes through, twice (multiply-add), plus attention's
     # scores and weighted sum over the average causal context, three times (forward + backward), for every token
     p = specs[0].params
-    assert (p["size"], p["attention"], p["seq_len"], p["batch_size"], p["steps"]) == ("1.5B", "gqa", 8192, 1, 4000)
+    assert (p["size"], p["attention"], p["seq_len"], p["batch_size"], p["steps"]) == ("1.5B", "gqa", 8192, 4, 1000)
     linear = 28 * (2 * 1536 ** 2 + 2 * 1536 * 256 + 3 * 1536 * 8960) + 151936 * 1536  # q, o; k, v; FFN; lm_head
     attention = 28 * 2 * 12 * (128 + 128) * (8192 + 1) / 2
-    flops = 3 * (2 * linear + attention) * 4000 * 1 * 8192
+    flops = 3 * (2 * linear + attention) * 1000 * 4 * 8192  # 1000 steps of 4 sequences (one per GPU of 4)
     assert training_flops(specs[0]) == pytest.approx(flops)
     assert first["hours"] == pytest.approx(flops / ASSUMED_SUSTAINED_FLOPS / 3600)
     assert 0.01 < first["hours"] < 10  # 1.5B, 33M tokens: a fraction of an hour at 40% of an H200
@@ -36,6 +36,8 @@ def test_measured_durations_win_over_the_flops_model(results_root):
                            status="ok", params=spec.params, duration_s=7200.0),
                  run_dir(spec.study, spec.profile, spec.run_id, results_root))
     measured = run_costs("positional_encoding", "paper", results_root)
-    assert measured[0]["how"] == "measured" and measured[0]["gpu_hours"] == 2.0
-    assert all(r["how"] == "median of 1 measured" and r["gpu_hours"] == 2.0 for r in measured[1:])
+    # 2 hours of a run spanning 4 GPUs (nproc: 4) are 8 GPU-hours; the runs not measured take that median
+    assert p["nproc"] == 4
+    assert measured[0]["how"] == "measured" and measured[0]["gpu_hours"] == 8.0
+    assert all(r["how"] == "median of 1 measured" and r["gpu_hours"] == 8.0 for r in measured[1:])
     assert {r["how"] for r in run_costs("quantization", "paper", results_root)} == {"not estimated"}
