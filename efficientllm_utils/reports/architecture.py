@@ -11,7 +11,7 @@ import pandas as pd
 
 from ..paths import REPO_ROOT
 from ..records import load_records
-from .display import methods_legend, show, tradeoff_plots
+from .display import finish_panels, methods_legend, show, tradeoff_plots
 from .findings import Finding, common_caveats, decide_claims, findings_markdown, verdict_counts
 from .leaderboard import Leaderboard, against_paper, rank_methods
 from .load import StudyResults
@@ -153,10 +153,7 @@ def context_plot(curves: pd.DataFrame, panels: dict[str, str] | None = None):
                      marker=None if style else "o", ax=ax, legend=ax is axes[0][-1])
         ax.set(xscale="log", xticks=contexts, xticklabels=contexts, xlabel="context (prompt tokens)", ylabel=label)
         ax.minorticks_off()
-    if axes[0][-1].get_legend():
-        sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1, 1))
-    fig.tight_layout()
-    return fig
+    return finish_panels(fig, axes)
 
 
 def _params(frame: pd.DataFrame) -> list[dict]:
