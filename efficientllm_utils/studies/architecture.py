@@ -255,12 +255,8 @@ def training_metrics(samples: list[StepSample], total_params: int, timing_warmup
         "train_tokens_per_s": MetricValue.measured(tokens / sum(seconds), "tokens/s", counter),
     }
     if tracker is not None:
-        tracked = tracker_metrics(tracker)
-        out.update(tracked)
-        energy = tracked["energy_j"]
-        all_tokens = sum(s.tokens for s in samples)
-        out["energy_per_token_j"] = MetricValue(value=energy.value / all_tokens, unit="J/token",
-                                                method=f"{energy.method}/trained-tokens")
+        out.update(tracker_metrics(tracker))
+        out["energy_per_token_j"] = out["energy_j"].per(sum(s.tokens for s in samples), "J/token", "trained-tokens")
     return out
 
 

@@ -232,11 +232,8 @@ def training_metrics(steps: list[ft.StepRecord], total_params: int, timing_warmu
         "train_tokens_per_s": MetricValue.measured(sum(s.tokens for s in timed) / seconds, "tokens/s", counter),
     }
     if tracker is not None:
-        tracked = tracker_metrics(tracker)
-        out.update(tracked)
-        energy = tracked["energy_j"]
-        out["energy_per_sample_j"] = MetricValue(value=energy.value / sum(s.samples for s in steps),
-                                                 unit="J/sample", method=f"{energy.method}/trained-samples")
+        out.update(tracker_metrics(tracker))
+        out["energy_per_sample_j"] = out["energy_j"].per(sum(s.samples for s in steps), "J/sample", "trained-samples")
     return out
 
 

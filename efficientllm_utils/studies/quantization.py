@@ -160,10 +160,8 @@ def measure_inference(model, tokenizer, p: QuantizationRun) -> tuple[dict[str, M
         for _ in range(p.tracked_requests):
             time_one_request(model, inputs, p.new_tokens)
     metrics.update(tracker.metrics())
-    energy = metrics["energy_j"]
     tokens = p.tracked_requests * p.batch_size * p.new_tokens
-    metrics["energy_per_token_j"] = MetricValue(value=energy.value / tokens, unit="J/token",
-                                                method=f"{energy.method}/generated-tokens")
+    metrics["energy_per_token_j"] = metrics["energy_j"].per(tokens, "J/token", "generated-tokens")
     raw = {"requests": samples, "tracker_samples": tracker.samples, "tracked_requests": p.tracked_requests}
     return metrics, raw
 

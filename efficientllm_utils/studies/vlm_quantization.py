@@ -163,9 +163,8 @@ def measure_inference(model, processor, p: VLMQuantizationRun) -> tuple[dict[str
             for _ in range(p.tracked_requests):
                 time_one_request(model, input_ids, p.new_tokens, extras)
     metrics.update(tracker.metrics())
-    energy = metrics["energy_j"]
-    metrics["energy_per_token_j"] = MetricValue(value=energy.value / (p.tracked_requests * p.new_tokens),
-                                                unit="J/token", method=f"{energy.method}/generated-tokens")
+    tokens = p.tracked_requests * p.new_tokens
+    metrics["energy_per_token_j"] = metrics["energy_j"].per(tokens, "J/token", "generated-tokens")
     raw = {"requests": samples, "tracker_samples": tracker.samples, "tracked_requests": p.tracked_requests,
            "prompt_tokens": int(input_ids.shape[1]), "image_tokens": int(extras["mm_token_type_ids"].sum())}
     return metrics, raw
