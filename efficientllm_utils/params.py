@@ -75,6 +75,12 @@ class RunParams(BaseModel):
         return cls.model_validate({k: namespace[k] for k in cls.model_fields if k in namespace})
 
 
+def check_timed_steps(timing_warmup_steps: int, steps: int) -> None:
+    """A run that leaves its first ``timing_warmup_steps`` training steps out of the timings keeps one timed step."""
+    if timing_warmup_steps >= steps:
+        raise ValueError(f"timing_warmup_steps={timing_warmup_steps} leaves no timed step of steps={steps}")
+
+
 def run_model(study: str) -> type[RunParams]:
     """The run model of a registered study; a ``ParamsError`` names the registered studies."""
     try:

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from ..cpu_4bit import KERNELS as CPU_4BIT_KERNELS
-from ..models import OFFLINE_MODELS, check_model_source
+from ..models import OFFLINE_MODELS, ModelSource
 from ..params import RunParams, expand, params_path
 from ..vision.images import IMAGE_SETS as IMAGE_SET_SPECS
 from ..vlm.config import IMAGE_TASKS as VLM_IMAGE_TASKS
@@ -83,7 +83,7 @@ class VLMQuantizationRun(RunParams, VLMData):
     """A Qwen2.5-VL whose language model is loaded at one precision: answers, fidelity, size, latency, energy."""
 
     required_assets = VLMData.required_assets
-    model: str
+    model: ModelSource
     precision: VLMPrecision
     reference_precision: VLMPrecision = "fp32"
     cpu_4bit_kernel: Literal[CPU_4BIT_KERNELS] = "auto"  # type: ignore[valid-type]
@@ -100,11 +100,6 @@ class VLMQuantizationRun(RunParams, VLMData):
     # untuned base (both None)
     finetune_profile: str | None = Field(None, description="a profile of params/vlm_peft.yaml")
     finetune_method: str | None = Field(None, description="a method of that profile's grid, merged into the weights")
-
-    @field_validator("model")
-    @classmethod
-    def _known_model(cls, value: str) -> str:
-        return check_model_source(value)
 
     @model_validator(mode="after")
     def _finetune_run_matches(self):
