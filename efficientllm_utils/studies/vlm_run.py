@@ -1,9 +1,9 @@
 """The run models of the vision-language studies (``studies/vlm_finetune.py``, ``studies/vlm_quantization.py``)."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, create_model, model_validator
 
 from ..cpu_4bit import KERNELS as CPU_4BIT_KERNELS
 from ..models import OFFLINE_MODELS, ModelSource
@@ -15,9 +15,18 @@ from ..vlm.config import AlignSettings, VisionSettings
 from .finetune_run import FinetuneBase
 from .quantization_run import VLMPrecision
 
-class VLMData(BaseModel):
-    """The vision-language runs' shared settings: the questions, and the small model's vision tower and alignment
-    (used when ``model`` is an offline language model to transplant; a released Qwen2.5-VL brings its own)."""
+# the alignment stages' settings a run sets, as ``align_<setting>`` fields with ``AlignSettings``' defaults and bounds
+ALIGN_SETTINGS = ("embed_captions_per_task", "embed_steps", "embed_batch_size", "embed_lr", "captions_per_task",
+                  "steps", "batch_size", "lr", "warmup_steps")
+
+
+def _align_fields() -> dict:
+    fields = {name: AlignSettings.model_fields[name] for name in ALIGN_SETTINGS}
+    return {f"align_{name}": (Annotated[info.annotation, *info.metadata], info.default) for name, info in fields.items()}
+
+
+class _VLMSettings(BaseModel):
+    """``VLMData`` but its ``align_<setting>`` fields."""
 
     tasks: list[Literal[VLM_TASKS]] = Field(default_factory=lambda: ["fashion_mnist", "easy_vqa"], min_length=1)  # type: ignore[valid-type]
     n_heldout_per_task: int = Field(48, ge=2, description="held-out questions per task (fixed test splits)")
@@ -29,15 +38,6 @@ class VLMData(BaseModel):
     vision_hidden_size: int = Field(128, ge=8)
     vision_intermediate_size: int = Field(256, ge=8)
     vision_heads: int = Field(4, ge=1)
-    align_embed_captions_per_task: int = Field(2000, ge=1)
-    align_embed_steps: int = Field(300, ge=0)
-    align_embed_batch_size: int = Field(64, ge=1)
-    align_embed_lr: float = Field(3e-3, gt=0)
-    align_captions_per_task: int = Field(512, ge=1)
-    align_steps: int = Field(12, ge=1)
-    align_batch_size: int = Field(8, ge=1)
-    align_lr: float = Field(2e-4, gt=0)
-    align_warmup_steps: int = Field(2, ge=0)
 
     def required_assets(self) -> tuple[str, ...]:
         images = {IMAGE_SET_SPECS[t].asset for t in self.tasks if t in IMAGE_SET_SPECS}
@@ -57,8 +57,7 @@ class VLMData(BaseModel):
 
     def align_settings(self) -> AlignSettings:
         """``AlignSettings`` from the ``align_<setting>`` fields; the images are the first image task's."""
-        stages = {name: getattr(self, "align_" + name) for name in AlignSettings.model_fields
-                  if "align_" + name in VLMData.model_fields}
+        stages = {name: getattr(self, "align_" + name) for name in ALIGN_SETTINGS}
         return AlignSettings(**stages, images=next((t for t in self.tasks if t in VLM_IMAGE_TASKS), "fashion_mnist"),
                              seed=self.seed, num_threads=getattr(self, "num_threads", None))  # type: ignore[attr-defined]
 
@@ -70,6 +69,13 @@ class VLMData(BaseModel):
             except ValueError as err:
                 raise ValueError(f"vision settings: {err}") from None
         return self
+
+
+VLMData = create_model(
+    "VLMData", __base__=_VLMSettings, __module__=__name__, **_align_fields(),
+    __doc__="The vision-language runs' shared settings: the questions, and the small model's vision tower and "
+            "alignment (used when ``model`` is an offline language model to transplant; a released Qwen2.5-VL brings "
+            "its own); ``align_<setting>`` fields set the alignment's stages.")
 
 
 class VLMFinetuneRun(FinetuneBase, VLMData):
