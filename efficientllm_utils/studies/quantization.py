@@ -110,15 +110,10 @@ def measure_quality(model, tokenizer, p: QuantizationRun, reference: dict | None
                                 "quality comes from the real models of the profile"}, {}
     outputs = score(model, tokenizer, p)
     scores, ppl = outputs["scores"], outputs["perplexity"]
-    if reference is None:  # this run is the reference: compared with itself, 0 / 1 / 0 by construction
-        stored = score_cache.cached(reference_fingerprint(model, p), lambda: _reference_part(outputs), cache_dir,
-                                    run_label)
-        reference, source = _reference_part(outputs), "this run is the reference"
-        fingerprint = stored["fingerprint"]
-    else:
-        source = (f"reused from run {reference['computed_by']} (same reference weights, inputs, code and packages)"
-                  if reference["reused"] else f"computed in this run from the {p.reference_precision} model")
-        fingerprint = reference["fingerprint"]
+    # no reference: this run is the reference, compared with itself, 0 / 1 / 0 by construction
+    reference, source, fingerprint = score_cache.resolve_reference(
+        reference, lambda: _reference_part(outputs), lambda: reference_fingerprint(model, p), cache_dir, run_label,
+        "inputs", p.reference_precision)
     predictions = {task: r["predictions"] for task, r in scores["tasks"].items()}
     close = quality.fidelity(reference["logprobs"], ppl["logprobs"])
     flipped = quality.flips(reference["predictions"], predictions)
