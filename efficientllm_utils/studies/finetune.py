@@ -38,7 +38,7 @@ from .. import finetune as ft
 from .. import score_cache
 from ..finetune.methods import cleanup, is_4bit
 from ..metrics.tracker import ResourceTracker
-from ..metrics.training import step_latency_metrics, tracker_metrics
+from ..metrics.training import step_latency_metrics, tracker_metrics_per
 from ..metrics.values import MetricValue
 from .finetune_run import FinetuneRun
 
@@ -232,8 +232,8 @@ def training_metrics(steps: list[ft.StepRecord], total_params: int, timing_warmu
         "train_tokens_per_s": MetricValue.measured(sum(s.tokens for s in timed) / seconds, "tokens/s", counter),
     }
     if tracker is not None:
-        out.update(tracker_metrics(tracker))
-        out["energy_per_sample_j"] = out["energy_j"].per(sum(s.samples for s in steps), "J/sample", "trained-samples")
+        out |= tracker_metrics_per(tracker, "energy_per_sample_j", sum(s.samples for s in steps), "J/sample",
+                                   "trained-samples")
     return out
 
 
