@@ -15,29 +15,27 @@ from ..vlm.config import AlignSettings, VisionSettings
 from .finetune_run import FinetuneBase
 from .quantization_run import VLMPrecision
 
-# the alignment stages' settings a run sets, as ``align_<setting>`` fields with ``AlignSettings``' defaults and bounds
-ALIGN_SETTINGS = ("embed_captions_per_task", "embed_steps", "embed_batch_size", "embed_lr", "captions_per_task",
-                  "steps", "batch_size", "lr", "warmup_steps")
+# the small model's settings a run sets (run field -> settings field), with the settings' defaults and bounds
+VISION_FIELDS = {"image_size": "image_size", "patch_size": "patch_size", "merge_size": "merge_size",
+                 "vision_depth": "depth", "vision_hidden_size": "hidden_size",
+                 "vision_intermediate_size": "intermediate_size", "vision_heads": "num_heads"}
+ALIGN_FIELDS = {f"align_{name}": name for name in ("embed_captions_per_task", "embed_steps", "embed_batch_size",
+                                                   "embed_lr", "captions_per_task", "steps", "batch_size", "lr",
+                                                   "warmup_steps")}
 
 
-def _align_fields() -> dict:
-    fields = {name: AlignSettings.model_fields[name] for name in ALIGN_SETTINGS}
-    return {f"align_{name}": (Annotated[info.annotation, *info.metadata], info.default) for name, info in fields.items()}
+def _fields_of(settings: type[BaseModel], names: dict[str, str]) -> dict:
+    """Run fields standing for ``settings``' fields: the same type, bounds and default (not the description)."""
+    fields = {run_name: settings.model_fields[name] for run_name, name in names.items()}
+    return {name: (Annotated[info.annotation, *info.metadata], info.default) for name, info in fields.items()}
 
 
 class _VLMSettings(BaseModel):
-    """``VLMData`` but its ``align_<setting>`` fields."""
+    """``VLMData`` but its fields standing for ``VisionSettings`` and ``AlignSettings``."""
 
     tasks: list[Literal[VLM_TASKS]] = Field(default_factory=lambda: ["fashion_mnist", "easy_vqa"], min_length=1)  # type: ignore[valid-type]
     n_heldout_per_task: int = Field(48, ge=2, description="held-out questions per task (fixed test splits)")
     eval_batch_size: int = Field(16, ge=1, description="sequences per held-out scoring batch")
-    image_size: int = Field(32, ge=16)
-    patch_size: int = Field(8, ge=2)
-    merge_size: int = Field(2, ge=1)
-    vision_depth: int = Field(4, ge=1)
-    vision_hidden_size: int = Field(128, ge=8)
-    vision_intermediate_size: int = Field(256, ge=8)
-    vision_heads: int = Field(4, ge=1)
 
     def required_assets(self) -> tuple[str, ...]:
         images = {IMAGE_SET_SPECS[t].asset for t in self.tasks if t in IMAGE_SET_SPECS}
@@ -50,14 +48,12 @@ class _VLMSettings(BaseModel):
         return self.model in OFFLINE_MODELS  # type: ignore[attr-defined]
 
     def vision_settings(self) -> VisionSettings:
-        return VisionSettings(image_size=self.image_size, patch_size=self.patch_size, merge_size=self.merge_size,
-                              depth=self.vision_depth, hidden_size=self.vision_hidden_size,
-                              intermediate_size=self.vision_intermediate_size, num_heads=self.vision_heads,
+        return VisionSettings(**{name: getattr(self, run_name) for run_name, name in VISION_FIELDS.items()},
                               seed=self.seed).check()  # type: ignore[attr-defined]
 
     def align_settings(self) -> AlignSettings:
         """``AlignSettings`` from the ``align_<setting>`` fields; the images are the first image task's."""
-        stages = {name: getattr(self, "align_" + name) for name in ALIGN_SETTINGS}
+        stages = {name: getattr(self, run_name) for run_name, name in ALIGN_FIELDS.items()}
         return AlignSettings(**stages, images=next((t for t in self.tasks if t in VLM_IMAGE_TASKS), "fashion_mnist"),
                              seed=self.seed, num_threads=getattr(self, "num_threads", None))  # type: ignore[attr-defined]
 
@@ -72,7 +68,8 @@ class _VLMSettings(BaseModel):
 
 
 VLMData = create_model(
-    "VLMData", __base__=_VLMSettings, __module__=__name__, **_align_fields(),
+    "VLMData", __base__=_VLMSettings, __module__=__name__,
+    **_fields_of(VisionSettings, VISION_FIELDS), **_fields_of(AlignSettings, ALIGN_FIELDS),
     __doc__="The vision-language runs' shared settings: the questions, and the small model's vision tower and "
             "alignment (used when ``model`` is an offline language model to transplant; a released Qwen2.5-VL brings "
             "its own); ``align_<setting>`` fields set the alignment's stages.")
