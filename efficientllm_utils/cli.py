@@ -36,16 +36,18 @@ def studies_of(axis: str) -> list[str]:
         raise ParamsError(f"{err}; or {ALL_AXES!r}: every axis") from None
 
 
+def _key_values(pairs: list[str], option: str, form: str = "key=value"):
+    """Each ``key=value`` given to a repeated ``option``, split at its first '='; one without '=' fails naming it."""
+    for pair in pairs:
+        if "=" not in pair:
+            raise ParamsError(f"{option} takes {form}, got {pair!r}")
+        yield tuple(pair.split("=", 1))
+
+
 def _overrides(pairs: list[str], option: str = "--set") -> dict:
     import yaml
 
-    out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ParamsError(f"{option} takes key=value, got {pair!r}")
-        key, value = pair.split("=", 1)
-        out[key] = yaml.safe_load(value)
-    return out
+    return {key: yaml.safe_load(value) for key, value in _key_values(pairs, option)}
 
 
 def _grid(pairs: list[str]) -> dict:
@@ -53,10 +55,7 @@ def _grid(pairs: list[str]) -> dict:
     import yaml
 
     out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ParamsError(f"--grid takes key=value1,value2,..., got {pair!r}")
-        key, values = pair.split("=", 1)
+    for key, values in _key_values(pairs, "--grid", "key=value1,value2,..."):
         try:
             out[key] = yaml.safe_load(f"[{values}]")
         except yaml.YAMLError as err:

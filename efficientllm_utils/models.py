@@ -17,9 +17,12 @@ import os
 import re
 import shutil
 import warnings
+from functools import partial
 from pathlib import Path
+from typing import Annotated
 
 import torch
+from pydantic import AfterValidator
 
 from . import assets, precisions
 
@@ -95,6 +98,11 @@ def check_model_source(value: str, shapes: bool = False) -> str:
         if shapes else ""
     raise ValueError(f"model {value!r} is not an offline model {sorted(OFFLINE_MODELS)}{shape_text}, "
                      "a hub id like 'Qwen/Qwen2.5-7B', or an existing local directory")
+
+
+# a run model's ``model`` field: a model this package can load (``check_model_source``), or a paper model's shape too
+ModelSource = Annotated[str, AfterValidator(check_model_source)]
+ModelOrShapeSource = Annotated[str, AfterValidator(partial(check_model_source, shapes=True))]
 
 
 def shape_checkpoint(name: str, seed: int = 0) -> Path:

@@ -75,6 +75,19 @@ class RunParams(BaseModel):
         return cls.model_validate({k: namespace[k] for k in cls.model_fields if k in namespace})
 
 
+def one_of(value: str, allowed, what: str) -> str:
+    """``value`` if it is among ``allowed``, else a ``ValueError`` naming ``what`` and the allowed values."""
+    if value not in allowed:
+        raise ValueError(f"unknown {what} {value!r}; allowed: {', '.join(allowed)}")
+    return value
+
+
+def check_timed_steps(timing_warmup_steps: int, steps: int) -> None:
+    """A run that leaves its first ``timing_warmup_steps`` training steps out of the timings keeps one timed step."""
+    if timing_warmup_steps >= steps:
+        raise ValueError(f"timing_warmup_steps={timing_warmup_steps} leaves no timed step of steps={steps}")
+
+
 def run_model(study: str) -> type[RunParams]:
     """The run model of a registered study; a ``ParamsError`` names the registered studies."""
     try:

@@ -71,3 +71,16 @@ def cached(key: str, compute: Callable[[], dict], cache_dir: Path | None, run_la
         atomic_write_bytes(path, buffer.getvalue())
     result["seconds"] = time.perf_counter() - t0
     return result
+
+
+def resolve_reference(reference: dict | None, own: Callable[[], dict], key: Callable[[], str], cache_dir: Path | None,
+                      run_label: str, inputs: str, reference_precision: str) -> tuple[dict, str, str]:
+    """A quantization run's reference outputs, where they came from and their fingerprint. ``reference`` None: this
+    run is the reference, its ``own()`` outputs stored under ``key()`` for the others; else the stored reference
+    (``inputs``: what besides the weights, code and packages it was keyed on)."""
+    if reference is None:
+        stored = cached(key(), own, cache_dir, run_label)
+        return own(), "this run is the reference", stored["fingerprint"]
+    source = (f"reused from run {reference['computed_by']} (same reference weights, {inputs}, code and packages)"
+              if reference["reused"] else f"computed in this run from the {reference_precision} model")
+    return reference, source, reference["fingerprint"]

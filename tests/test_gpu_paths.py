@@ -29,12 +29,11 @@ def test_generation_timing_accepts_a_list_of_eos_ids():
 
 def tiny_sd3_pipeline(dtype=torch.float32):
     from efficientllm_utils.lvm import sd3
-    from efficientllm_utils.lvm.presets import PRESETS
+    from efficientllm_utils.lvm.presets import PRESETS, assemble_pipeline
 
     shape = PRESETS["sd3-tiny"].shape
     comps = sd3.build_components(shape, ["a cat", "a truck"], seed=0)
-    text = {k: v for k, v in comps.items() if k not in ("transformer", "vae")}
-    return sd3.make_pipeline(comps["transformer"], comps["vae"], text).to(dtype=dtype), shape
+    return assemble_pipeline(sd3, comps).to(dtype=dtype), shape
 
 
 def test_latents_are_encoded_in_the_vaes_dtype_and_kept_as_fp32_on_the_cpu():

@@ -50,13 +50,13 @@ def _meta_model(config: DecoderConfig) -> EfficientDecoderForCausalLM:
         return EfficientDecoderForCausalLM(config)
 
 
-def _inactive_expert_params(model: nn.Module, top_k: int) -> int:
-    """Parameters of the experts a token does not visit (all but top_k per MoE layer)."""
+def inactive_expert_params(model: nn.Module) -> int:
+    """Parameters of the experts a token does not visit (all but each MoE layer's top_k)."""
     inactive = 0
     for module in model.modules():
         if isinstance(module, SparseMoE):
             per_expert = sum(p.numel() for p in module.experts[0].parameters())
-            inactive += (len(module.experts) - top_k) * per_expert
+            inactive += (len(module.experts) - module.top_k) * per_expert
     return inactive
 
 
@@ -68,7 +68,7 @@ def param_counts(model_or_config: nn.Module | DecoderConfig) -> dict[str, int]:
     else:
         model, config = model_or_config, model_or_config.config
     total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
-    inactive = _inactive_expert_params(model, config.moe_top_k)
+    inactive = inactive_expert_params(model)
     return {"total": total, "active": total - inactive,
             "embedding": model.get_input_embeddings().weight.numel()}
 
@@ -105,7 +105,7 @@ def flops_per_token(config: DecoderConfig, context_len: int) -> float:
     model = _meta_model(config)
     linear_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     compressors = [m for m in model.modules() if isinstance(m, NativeSparseAttention)]
-    per_token_weights = (linear_weights - _inactive_expert_params(model, config.moe_top_k)
+    per_token_weights = (linear_weights - inactive_expert_params(model)
                          - sum(m.compress_key.weight.numel() + m.compress_value.weight.numel() for m in compressors))
     flops = 2.0 * per_token_weights
 

@@ -13,8 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..arch.analysis import attention_flops_per_token
-from ..arch.ffn import SparseMoE
+from ..arch.analysis import attention_flops_per_token, inactive_expert_params
 from ..arch.nsa import NativeSparseAttention
 from .config import DiTConfig
 from .model import DiT
@@ -27,21 +26,12 @@ def _meta_model(config: DiTConfig) -> DiT:
         return DiT(config)
 
 
-def _inactive_expert_params(model: nn.Module) -> int:
-    inactive = 0
-    for module in model.modules():
-        if isinstance(module, SparseMoE):
-            per_expert = sum(p.numel() for p in module.experts[0].parameters())
-            inactive += (len(module.experts) - module.top_k) * per_expert
-    return inactive
-
-
 def dit_costs(config: DiTConfig, batch_size: int = 1) -> dict[str, float]:
     """``params_total``, ``params_active`` (MoE: top-k experts only), ``flops_per_image`` (one forward) and
     ``flops_per_step`` (training, ``batch_size`` images)."""
     model = _meta_model(config)
     total = sum(p.numel() for p in model.parameters())
-    inactive = _inactive_expert_params(model)
+    inactive = inactive_expert_params(model)
     # weights applied once per image (timestep/label embedders, adaLN modulations) vs once per token
     per_image = {id(m) for block in model.blocks for m in [block.modulation]}
     per_image |= {id(model.final.modulation), id(model.t_embedder.linear_1), id(model.t_embedder.linear_2)}

@@ -41,6 +41,7 @@ from typing import Callable
 
 import torch
 
+from ..params import one_of
 from ..training import adamw
 from .config import METHOD_NAMES, GloraSettings, MethodSettings
 
@@ -168,11 +169,15 @@ def _lora_words(settings: MethodSettings, scaling: str) -> str:
 
 # --- builders --------------------------------------------------------------------------
 
+def _peft_method(model, settings: MethodSettings, name: str, desc: str, **peft_overrides) -> BuiltMethod:
+    """A LoRA-family method that peft builds from its config alone (``peft_overrides``), one group per kind."""
+    _check_float_base(model, name)
+    m = _peft(model, settings, **peft_overrides)
+    return BuiltMethod(m, _groups(m, settings), desc, name, settings)
+
+
 def build_lora(model, settings: MethodSettings) -> BuiltMethod:
-    _check_float_base(model, "lora")
-    m = _peft(model, settings)
-    desc = f"LoRA: {_lora_words(settings, 'scale alpha/r')}, lr={settings.lr:g}"
-    return BuiltMethod(m, _groups(m, settings), desc, "lora", settings)
+    return _peft_method(model, settings, "lora", f"LoRA: {_lora_words(settings, 'scale alpha/r')}, lr={settings.lr:g}")
 
 
 def build_loraplus(model, settings: MethodSettings) -> BuiltMethod:
@@ -193,18 +198,14 @@ def build_loraplus(model, settings: MethodSettings) -> BuiltMethod:
 
 
 def build_rslora(model, settings: MethodSettings) -> BuiltMethod:
-    _check_float_base(model, "rslora")
-    m = _peft(model, settings, use_rslora=True)
     desc = f"rsLoRA: {_lora_words(settings, 'scale alpha/sqrt(r)')}, lr={settings.lr:g}"
-    return BuiltMethod(m, _groups(m, settings), desc, "rslora", settings)
+    return _peft_method(model, settings, "rslora", desc, use_rslora=True)
 
 
 def build_dora(model, settings: MethodSettings) -> BuiltMethod:
-    _check_float_base(model, "dora")
-    m = _peft(model, settings, use_dora=True)
     desc = (f"DoRA: {_lora_words(settings, 'scale alpha/r')}, + a magnitude vector per adapted layer, "
             f"lr={settings.lr:g}")
-    return BuiltMethod(m, _groups(m, settings), desc, "dora", settings)
+    return _peft_method(model, settings, "dora", desc, use_dora=True)
 
 
 def build_pissa(model, settings: MethodSettings) -> BuiltMethod:
@@ -302,9 +303,7 @@ assert tuple(METHODS) == METHOD_NAMES
 
 
 def check_method(name: str) -> str:
-    if name not in METHODS:
-        raise ValueError(f"unknown fine-tuning method {name!r}; allowed: {', '.join(METHODS)}")
-    return name
+    return one_of(name, METHODS, "fine-tuning method")
 
 
 def build_method(name: str, model, settings: MethodSettings) -> BuiltMethod:
@@ -314,22 +313,24 @@ def build_method(name: str, model, settings: MethodSettings) -> BuiltMethod:
 
 # --- adapters on any torch module (the diffusion denoisers) -------------------------------
 
+def _lycoris_settings(settings: MethodSettings) -> dict:
+    """LoHa's and LoKr's settings: ``r``, ``alpha``, dropout on the rank dimension, the target modules."""
+    return dict(r=settings.rank, alpha=settings.alpha, rank_dropout=settings.dropout,
+                target_modules=settings.target_modules)
+
+
 def loha_config(settings: MethodSettings, **overrides):
-    """LoHa (Hadamard product of two low-rank pairs): ``r``, ``alpha``, dropout on the rank dimension."""
+    """LoHa (Hadamard product of two low-rank pairs) over the LyCORIS settings."""
     from peft import LoHaConfig
 
-    kwargs = dict(r=settings.rank, alpha=settings.alpha, rank_dropout=settings.dropout,
-                  target_modules=settings.target_modules)
-    return LoHaConfig(**(kwargs | overrides))
+    return LoHaConfig(**(_lycoris_settings(settings) | overrides))
 
 
 def lokr_config(settings: MethodSettings, **overrides):
-    """LoKr (Kronecker product with a low-rank factor): ``r``, ``alpha``, dropout on the rank dimension."""
+    """LoKr (Kronecker product with a low-rank factor) over the LyCORIS settings."""
     from peft import LoKrConfig
 
-    kwargs = dict(r=settings.rank, alpha=settings.alpha, rank_dropout=settings.dropout,
-                  target_modules=settings.target_modules)
-    return LoKrConfig(**(kwargs | overrides))
+    return LoKrConfig(**(_lycoris_settings(settings) | overrides))
 
 
 def glora_config(settings: MethodSettings, glora: GloraSettings | None = None, **overrides):

@@ -187,6 +187,18 @@ def threads(n: int | None):
         torch.set_num_threads(previous)
 
 
+@contextmanager
+def evaluating(model, num_threads: int | None = None):
+    """Run a block with ``model`` in eval mode on ``num_threads`` threads; its training mode comes back after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with threads(num_threads):
+            yield
+    finally:
+        model.train(was_training)
+
+
 def autocast_dtype(model) -> torch.dtype | None:
     """The dtype the training loop's forward autocasts to: bf16 on a GPU (fp32 masters of the trainable weights,
     bf16 matmuls, as the paper trains), none on the CPU (fp32 as loaded, the published CPU runs)."""
@@ -257,16 +269,11 @@ def evaluate_heldout(model, tokenizer, items: list, num_threads: int | None = No
     """
     from ..quality import AnswerItem, choice_accuracy, choice_loglikelihoods, exact_match
 
-    was_training = model.training
-    model.eval()
-    try:
-        with threads(num_threads):
-            if items and isinstance(items[0], AnswerItem):
-                exact = exact_match(model, tokenizer, items, **kwargs)
-            else:
-                scores = choice_loglikelihoods(model, tokenizer, items, **kwargs)
-    finally:
-        model.train(was_training)
+    with evaluating(model, num_threads):
+        if items and isinstance(items[0], AnswerItem):
+            exact = exact_match(model, tokenizer, items, **kwargs)
+        else:
+            scores = choice_loglikelihoods(model, tokenizer, items, **kwargs)
     if items and isinstance(items[0], AnswerItem):
         n = exact["n"]
         return {"accuracy": exact["accuracy"], "n": n, "stderr": exact["stderr"],

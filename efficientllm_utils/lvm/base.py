@@ -30,7 +30,7 @@ from ..assets import cache_dir
 from ..finetune.config import TrainSettings
 from . import data as lvm_data
 from .flow import heldout_item_losses
-from .presets import Preset, family, preset
+from .presets import Preset, assemble_pipeline, family, preset
 from .train import LatentSet, train
 
 VERSION = 2  # bump when pretraining changes what it produces
@@ -95,8 +95,7 @@ def pretrain(model: str) -> Path:
     vae_losses = train_vae(vae, train_pixels.pixels, p)
     with torch.no_grad():
         fam.set_latent_stats(vae, torch.cat([vae.encode(x).latent_dist.mean for x in train_pixels.pixels.split(64)]))
-    text = {k: v for k, v in comps.items() if k not in ("transformer", "vae")}
-    pipe = fam.make_pipeline(comps["transformer"], vae, text)
+    pipe = assemble_pipeline(fam, comps)
     train_set, held_set = latent_set(pipe, fam, train_pixels), latent_set(pipe, fam, held_pixels)
     transformer = comps["transformer"]
     items_init = heldout_item_losses(transformer, fam.denoise, held_set.latents, held_set.cond(slice(None)), p.seed)

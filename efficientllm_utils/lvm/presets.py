@@ -53,6 +53,16 @@ def family(model: str) -> ModuleType:
     return {"sd3": sd3, "wan": wan}[family_name(model)]
 
 
+def assemble_pipeline(fam: ModuleType, components: dict):
+    """A family's diffusers pipeline (its ``PIPELINE_CLASS``) from the components its ``build_components`` gave,
+    with the flow-matching Euler scheduler (shift 1) both families use; its progress bar off."""
+    import diffusers
+
+    pipe = getattr(diffusers, fam.PIPELINE_CLASS)(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), **components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def preset(model: str) -> Preset:
     if model not in PRESETS:
         raise ValueError(f"model {model!r} is not a preset; allowed: {sorted(PRESETS)}")

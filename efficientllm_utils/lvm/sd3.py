@@ -96,15 +96,6 @@ def build_components(shape: SD3Shape, captions, seed: int) -> dict:
             **build_text_encoders(shape, captions, seed)}
 
 
-def make_pipeline(transformer, vae, text: dict):
-    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-
-    pipe = StableDiffusion3Pipeline(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
-                                    **text)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @torch.no_grad()
 def encode_captions(pipe, captions: list[str]) -> dict[str, torch.Tensor]:
     """The denoiser's text conditioning for each caption, as the pipeline computes it (no guidance):

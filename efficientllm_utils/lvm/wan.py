@@ -70,15 +70,6 @@ def build_components(shape: WanShape, captions, seed: int) -> dict:
             "tokenizer": tokenizer, "text_encoder": encoder.requires_grad_(False).eval()}
 
 
-def make_pipeline(transformer, vae, text: dict):
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
-
-    pipe = WanPipeline(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
-                       **text)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @torch.no_grad()
 def encode_captions(pipe, captions: list[str]) -> dict[str, torch.Tensor]:
     """``encoder_hidden_states`` (n, max_tokens, text_dim) as the pipeline computes them (no guidance)."""

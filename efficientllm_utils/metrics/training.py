@@ -27,3 +27,10 @@ def tracker_metrics(tracker: ResourceTracker) -> dict[str, MetricValue]:
     tracked = tracker.metrics()
     tracked["train_wall_s"] = tracked.pop("phase_wall_s")
     return tracked
+
+
+def tracker_metrics_per(tracker: ResourceTracker, name: str, count: float, unit: str,
+                        basis: str) -> dict[str, MetricValue]:
+    """``tracker_metrics`` and the training's energy per trained token or sample (``name``: ``count`` of them)."""
+    tracked = tracker_metrics(tracker)
+    return tracked | {name: tracked["energy_j"].per(count, unit, basis)}

@@ -39,6 +39,10 @@ class MetricValue(BaseModel):
     def unavailable(cls, unit: str, reason: str) -> "MetricValue":
         return cls(value=None, unit=unit, method=f"unavailable:{reason}")
 
+    def per(self, count: float, unit: str, basis: str) -> "MetricValue":
+        """This total shared over ``count`` things (energy per token, ...), its method naming the ``basis``."""
+        return MetricValue(value=self.value / count, unit=unit, method=f"{self.method}/{basis}")
+
 
 def flatten(metrics: dict[str, MetricValue]) -> dict[str, object]:
     """``{"aec": MetricValue}`` -> ``{"aec": 12.0, "aec_unit": "W", "aec_method": "..."}``."""

@@ -11,8 +11,9 @@ import pandas as pd
 
 from ..paths import REPO_ROOT
 from ..records import load_records
-from .display import methods_legend, show, tradeoff_plots
-from .findings import Finding, common_caveats, decide_claims, findings_markdown, verdict_counts
+from .display import finish_panels, methods_legend, show, tradeoff_plots
+from .findings import (Finding, common_caveats, decide_claims, findings_markdown, variants_by_model,
+                       verdict_counts)
 from .leaderboard import Leaderboard, against_paper, rank_methods
 from .load import StudyResults
 from .verdicts import (Difference, bootstrap_ratio, point_difference, tracked_difference, widened,
@@ -153,10 +154,7 @@ def context_plot(curves: pd.DataFrame, panels: dict[str, str] | None = None):
                      marker=None if style else "o", ax=ax, legend=ax is axes[0][-1])
         ax.set(xscale="log", xticks=contexts, xticklabels=contexts, xlabel="context (prompt tokens)", ylabel=label)
         ax.minorticks_off()
-    if axes[0][-1].get_legend():
-        sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1, 1))
-    fig.tight_layout()
-    return fig
+    return finish_panels(fig, axes)
 
 
 def _params(frame: pd.DataFrame) -> list[dict]:
@@ -329,9 +327,7 @@ def findings(res: StudyResults, tolerances: dict[str, float] | None = None) -> l
     default ``noise_tolerances`` of the profile) are the noise of single values."""
     tol = {**TIE_TOLERANCE, **(tolerances if tolerances is not None else noise_tolerances(res.profile))}
     runs = _records_by(res)
-    variants: dict[str, list[str]] = {}
-    for model, variant in runs:
-        variants.setdefault(model, []).append(variant)
+    variants = variants_by_model(runs)
 
     def run_compare(claim, model, subject, baseline):
         given, noise = claim["tolerance"], tol.get(claim["metric"], 0.0)

@@ -8,7 +8,7 @@ import re
 import pandas as pd
 
 from . import architecture as ar
-from .display import show
+from .display import finish_panels, show
 from .findings import findings_markdown
 from .load import StudyResults
 
@@ -77,10 +77,7 @@ def state_plot(curves: pd.DataFrame):
             ax.set(yscale="log")
         ax.set(xscale="log", xticks=contexts, xticklabels=contexts, xlabel="context (prompt tokens)", ylabel=label)
         ax.xaxis.set_minor_locator(NullLocator())  # the y axis keeps its minor labels: a range within one decade
-    if axes[0][-1].get_legend():
-        sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1, 1))
-    fig.tight_layout()
-    return fig
+    return finish_panels(fig, axes)
 
 
 def state_table(curves: pd.DataFrame) -> pd.DataFrame:

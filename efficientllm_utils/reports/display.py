@@ -78,6 +78,16 @@ def pareto_front(costs: np.ndarray, qualities: np.ndarray, higher_is_better: boo
     return mask
 
 
+def finish_panels(fig, axes):
+    """A row of panels ready for a page: the last panel's legend moved out to its right, the layout tightened."""
+    import seaborn as sns
+
+    if axes[0][-1].get_legend():
+        sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1, 1))
+    fig.tight_layout()
+    return fig
+
+
 def tradeoff_plots(table: pd.DataFrame, quality: str, costs: dict[str, str], hue: str,
                    higher_is_better: bool = True, quality_label: str | None = None, style: str | None = None):
     """Quality against each cost, one panel per cost (``costs``: column -> axis label with its unit), with the
@@ -97,7 +107,4 @@ def tradeoff_plots(table: pd.DataFrame, quality: str, costs: dict[str, str], hue
                                             higher_is_better)].sort_values(column)
                 ax.plot(front[column], front[quality], "--", color="grey", lw=1, zorder=0)
         ax.set(xlabel=label, ylabel=quality_label or quality)
-    if axes[0][-1].get_legend():
-        sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1, 1))
-    fig.tight_layout()
-    return fig
+    return finish_panels(fig, axes)

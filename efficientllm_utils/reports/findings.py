@@ -98,6 +98,14 @@ def _first_present(names: str, present: set[str]) -> str | None:
     return next((n for n in names.split("|") if n in present), None) if names else None
 
 
+def variants_by_model(runs: dict[tuple[str, str], object]) -> dict[str, list[str]]:
+    """The ``(model, variant)`` keys of a report's runs grouped: model -> its variants, in the runs' order."""
+    variants: dict[str, list[str]] = {}
+    for model, variant in runs:
+        variants.setdefault(model, []).append(variant)
+    return variants
+
+
 def decide_claims(chapter: str, axis: str, variants: dict[str, list[str]], compare, words: dict[str, str],
                 expected=None, resolve=None, margin=None) -> list[Finding]:
     """Every claim of ``chapter`` in ``claims.csv``, on every model of ``variants`` (model -> its variants) that

@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 
 from .display import methods_legend, model_label, show
-from .findings import Finding, common_caveats, decide_claims, findings_markdown, verdict_counts
+from .findings import (Finding, common_caveats, decide_claims, findings_markdown, variants_by_model,
+                       verdict_counts)
 from .leaderboard import Leaderboard, against_paper, rank_methods
 from .load import StudyResults
 from .paper import paper_ranks, size_group
@@ -161,9 +162,7 @@ def findings(res, table) -> list[Finding]:
     """The chapter's claims (``book/paper/claims.csv``) on every base model. A claim whose direction is ``ranks``
     expects what the paper's leaderboard of the model's size group shows."""
     runs = _records_by(res)
-    variants: dict[str, list[str]] = {}
-    for model, method in runs:
-        variants.setdefault(model, []).append(method)
+    variants = variants_by_model(runs)
     counts = parameter_counts(table)
 
     def expected(claim, model):

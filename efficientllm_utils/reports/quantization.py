@@ -6,7 +6,8 @@ import pandas as pd
 
 from .. import precisions
 from .display import methods_legend, model_label, show
-from .findings import Finding, common_caveats, decide_claims, findings_markdown, verdict_counts
+from .findings import (Finding, common_caveats, decide_claims, findings_markdown, variants_by_model,
+                       verdict_counts)
 from .leaderboard import Leaderboard, against_paper, rank_methods
 from .load import StudyResults
 from .paper import paper_figures
@@ -213,9 +214,7 @@ def _paper_margin(claim) -> float:
 def findings(res: StudyResults) -> list[Finding]:
     """Every claim of ``book/paper/claims.csv`` for this chapter, tested on every model that has the runs."""
     runs = _records_by(res)
-    variants: dict[str, list[str]] = {}
-    for model, precision in runs:
-        variants.setdefault(model, []).append(precision)
+    variants = variants_by_model(runs)
     references = {m: r.params["reference_precision"] for (m, _), r in runs.items()}
 
     def run_compare(claim, model, subject, baseline):

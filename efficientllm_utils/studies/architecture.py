@@ -38,7 +38,7 @@ from ..arch.config import DecoderConfig
 from ..metrics import machine_probe, model_costs, roofline
 from ..metrics.inference import generation_benchmark, inference_metrics
 from ..metrics.tracker import ResourceTracker
-from ..metrics.training import step_latency_metrics, tracker_metrics
+from ..metrics.training import step_latency_metrics, tracker_metrics_per
 from ..metrics.values import MetricValue
 from .architecture_run import PretrainRun
 
@@ -255,12 +255,8 @@ def training_metrics(samples: list[StepSample], total_params: int, timing_warmup
         "train_tokens_per_s": MetricValue.measured(tokens / sum(seconds), "tokens/s", counter),
     }
     if tracker is not None:
-        tracked = tracker_metrics(tracker)
-        out.update(tracked)
-        energy = tracked["energy_j"]
-        all_tokens = sum(s.tokens for s in samples)
-        out["energy_per_token_j"] = MetricValue(value=energy.value / all_tokens, unit="J/token",
-                                                method=f"{energy.method}/trained-tokens")
+        out |= tracker_metrics_per(tracker, "energy_per_token_j", sum(s.tokens for s in samples), "J/token",
+                                   "trained-tokens")
     return out
 
 

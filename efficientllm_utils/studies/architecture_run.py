@@ -9,7 +9,7 @@ from pydantic import Field, field_validator, model_validator
 from ..arch.config import ATTENTION_KINDS, FFN_KINDS, PAPER_SHAPES, POSITION_KINDS, DecoderConfig, paper_config
 from ..distributed import ParallelSettings
 from ..models import HUB_ID
-from ..params import RunParams
+from ..params import RunParams, check_timed_steps
 
 OFFLINE_TOKENIZER = "offline-bpe"  # text_data's byte-level BPE, trained on the offline training split
 
@@ -79,9 +79,7 @@ class PretrainRun(RunParams, ParallelSettings):
     @model_validator(mode="after")
     def _consistent(self) -> "PretrainRun":
         self._check_shape()
-        if self.timing_warmup_steps >= self.steps:
-            raise ValueError(f"timing_warmup_steps={self.timing_warmup_steps} leaves no timed step "
-                             f"of steps={self.steps}")
+        check_timed_steps(self.timing_warmup_steps, self.steps)
         if self.data == "hub" and self.tokenizer == OFFLINE_TOKENIZER:
             raise ValueError("data='hub' needs a hub tokenizer (e.g. 'Qwen/Qwen2.5-0.5B'), not the offline BPE")
         if self.tokenizer != OFFLINE_TOKENIZER and not (HUB_ID.match(self.tokenizer) or Path(self.tokenizer).is_dir()):

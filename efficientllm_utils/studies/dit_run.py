@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from ..arch.config import ATTENTION_KINDS, FFN_KINDS
-from ..params import RunParams
+from ..params import RunParams, check_timed_steps
 from ..vision.images import IMAGE_SETS as IMAGE_SET_SPECS
 from ..vision.images import NAMES as IMAGE_SETS
 
@@ -81,9 +81,7 @@ class DiTRun(RunParams):
 
     @model_validator(mode="after")
     def _consistent(self) -> "DiTRun":
-        if self.timing_warmup_steps >= self.steps:
-            raise ValueError(f"timing_warmup_steps={self.timing_warmup_steps} leaves no timed step "
-                             f"of steps={self.steps}")
+        check_timed_steps(self.timing_warmup_steps, self.steps)
         if self.heldout_size < 2 * self.n_samples:
             raise ValueError(f"heldout_size={self.heldout_size} must be >= 2 * n_samples ({2 * self.n_samples}): "
                              "FD compares n_samples generated images with one half of the held-out set, and the "

@@ -38,7 +38,7 @@ from .. import finetune as ft
 from .. import score_cache
 from ..finetune.methods import cleanup, is_4bit
 from ..metrics.tracker import ResourceTracker
-from ..metrics.training import step_latency_metrics, tracker_metrics
+from ..metrics.training import step_latency_metrics, tracker_metrics_per
 from ..metrics.values import MetricValue
 from .finetune_run import FinetuneRun
 
@@ -232,11 +232,8 @@ def training_metrics(steps: list[ft.StepRecord], total_params: int, timing_warmu
         "train_tokens_per_s": MetricValue.measured(sum(s.tokens for s in timed) / seconds, "tokens/s", counter),
     }
     if tracker is not None:
-        tracked = tracker_metrics(tracker)
-        out.update(tracked)
-        energy = tracked["energy_j"]
-        out["energy_per_sample_j"] = MetricValue(value=energy.value / sum(s.samples for s in steps),
-                                                 unit="J/sample", method=f"{energy.method}/trained-samples")
+        out |= tracker_metrics_per(tracker, "energy_per_sample_j", sum(s.samples for s in steps), "J/sample",
+                                   "trained-samples")
     return out
 
 

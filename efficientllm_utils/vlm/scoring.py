@@ -12,7 +12,7 @@ from collections import defaultdict
 
 import torch
 
-from ..finetune.train import collate, model_extras, threads
+from ..finetune.train import collate, evaluating, model_extras
 from ..quality import choice_accuracy
 from . import data as vdata
 
@@ -38,25 +38,20 @@ def answer_logprobs(model, processor, items: list[vdata.VQAItem], batch_size: in
         prompt = vdata.encode(processor, item.image, item.question, None, item.row)
         plan += [(n, prefix, vdata.extend(prompt, list(prefix))) for prefix in _requests(choice_ids[item.choices])]
     dists: dict[tuple[int, tuple], torch.Tensor] = {}
-    was_training = model.training
-    model.eval()
-    try:
-        with threads(num_threads):
-            for start in range(0, len(plan), batch_size):
-                chunk = plan[start:start + batch_size]
-                batch = collate([e for _, _, e in chunk], pad)  # right-padded
-                lengths = batch["attention_mask"].sum(-1)
-                keep = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
-                for row, (_, prefix, _) in enumerate(chunk):  # the prompt's last position and the prefix's
-                    keep[row, lengths[row] - 1 - len(prefix): lengths[row]] = True
-                logits = model(input_ids=batch["input_ids"].to(device),
-                               attention_mask=batch["attention_mask"].to(device), logits_to_keep=keep.to(device),
-                               use_cache=False, **model_extras(batch, device)).logits
-                logprobs = torch.log_softmax(logits.reshape(-1, logits.shape[-1]).float(), dim=-1).cpu()
-                for (n, prefix, _), part in zip(chunk, logprobs.split([len(p) + 1 for _, p, _ in chunk])):
-                    dists[(n, prefix)] = part  # (len(prefix) + 1, vocab)
-    finally:
-        model.train(was_training)
+    with evaluating(model, num_threads):
+        for start in range(0, len(plan), batch_size):
+            chunk = plan[start:start + batch_size]
+            batch = collate([e for _, _, e in chunk], pad)  # right-padded
+            lengths = batch["attention_mask"].sum(-1)
+            keep = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+            for row, (_, prefix, _) in enumerate(chunk):  # the prompt's last position and the prefix's
+                keep[row, lengths[row] - 1 - len(prefix): lengths[row]] = True
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device), logits_to_keep=keep.to(device),
+                           use_cache=False, **model_extras(batch, device)).logits
+            logprobs = torch.log_softmax(logits.reshape(-1, logits.shape[-1]).float(), dim=-1).cpu()
+            for (n, prefix, _), part in zip(chunk, logprobs.split([len(p) + 1 for _, p, _ in chunk])):
+                dists[(n, prefix)] = part  # (len(prefix) + 1, vocab)
     scores = []
     for n, item in enumerate(items):
         first = dists[(n, _requests(choice_ids[item.choices])[0])][0]
