@@ -228,6 +228,23 @@ def test_base_scores_are_reused_only_for_the_very_same_base(tiny_dir, tmp_path):
     assert not fts.evaluate_base(base4, data, qlora, tmp_path, "e")["reused"]  # the 4-bit base is another model
 
 
+def test_an_answer_task_goes_through_every_phase(tiny_dir, tmp_path):
+    """The cpu profile's ASDiv (items answered by a number, not chosen among choices): the base scores are cached and
+    reused, training runs, and the quality record has the accuracy before and after on the same held-out items."""
+    p = tiny_params(tiny_dir, "lora").model_copy(update={"dataset": "asdiv", "n_train": 4, "n_heldout": 3})
+    data = fts.load_data(p)
+    model, _ = fts.load_base(p)
+    before = fts.evaluate_base(model, data, p, tmp_path, "a")
+    assert fts.evaluate_base(model, data, p, tmp_path, "b")["reused"]
+    boolq = tiny_params(tiny_dir, "lora")
+    assert fts.base_fingerprint(model, fts.load_data(boolq), boolq) != before["fingerprint"]
+    built, _ = fts.build(model, p)
+    result, _ = fts.train(built, data, p)
+    quality = fts.quality(before, fts.evaluate(built.model, data, p), result, data, p)
+    assert len(quality["correct_before"]) == len(quality["correct_after"]) == 3
+    assert 0.0 <= quality["accuracy_after"] <= 1.0
+
+
 def test_the_4bit_base_scores_alike_on_both_kinds_of_cpu(tiny_dir, tmp_path):
     """This tiny model's layers are narrower than a 4-bit block: left alone on a CPU with AVX512-BF16, bitsandbytes
     crashed repacking them when the base was scored. QLoRA pins the dequantising kernel on every CPU."""

@@ -27,7 +27,7 @@ import math
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import psutil
@@ -132,7 +132,7 @@ _SCORING_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes")
 def base_fingerprint(model, data: Data, p: FinetuneRun) -> str:
     """A hash of everything the base model's held-out scores depend on (``score_cache.fingerprint``): every
     tensor of its state, the items, the scoring settings, the scoring code and the package versions."""
-    inputs = {"items": [(i.context, i.choices, i.gold) for i in data.eval_items],
+    inputs = {"items": [astuple(i) for i in data.eval_items],  # choice items and answer items alike
               "settings": {k: getattr(p, k) for k in ("eval_batch_tokens", "num_threads", "device")}}
     return score_cache.fingerprint(model, inputs, _SCORING_CODE, _SCORING_PACKAGES)
 
@@ -276,7 +276,8 @@ def quality(before: dict, after: dict, result: ft.TrainResult, data: Data, p: Fi
         "before_computed_by": before.get("computed_by", "this run"),  # an earlier run with the same base fingerprint
         "base_fingerprint": before.get("fingerprint"),
         "data_order_sha256": sha256_of([s.rows for s in result.steps]),
-        "heldout_rows_sha256": sha256_of([(i.context, i.gold) for i in data.eval_items]),
+        "heldout_rows_sha256": sha256_of([(i.context, i.gold if hasattr(i, "gold") else i.answer)
+                                          for i in data.eval_items]),  # a choice item's gold index, else its answer
     }
     for when, ev in (("before", before), ("after", after)):
         out.update({f"accuracy_{when}": ev["accuracy"], f"accuracy_{when}_stderr": ev["stderr"],
