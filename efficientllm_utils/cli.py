@@ -264,8 +264,19 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                        help="replace the grid's values of a field (or add a grid field) with these")
 
-    run = sub.add_parser("run", help="execute a profile's runs (skipping those with a record)")
-    add_selection(run)
+    def command(name: str, func, help: str, selection: bool = False, results: bool = False):
+        """A subcommand that runs ``func``: with the run selection (axis, --profile, --set, --grid) and
+        ``--results`` where it reads or writes records."""
+        p = sub.add_parser(name, help=help)
+        if selection:
+            add_selection(p)
+        if results:
+            p.add_argument("--results", default=str(records.RESULTS_DIR))
+        p.set_defaults(func=func)
+        return p
+
+    run = command("run", cmd_run, "execute a profile's runs (skipping those with a record)", selection=True,
+                  results=True)
     run.add_argument("--force", action="store_true", help="re-run runs whose record exists")
     run.add_argument("--retry-failed", action="store_true", help="re-run runs recorded as failed")
     run.add_argument("--executor", choices=EXECUTORS, default="local",
@@ -279,65 +290,47 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--max-retries", type=int, default=2,
                      help="times a run whose worker is lost (killed, out of memory, job ended) is re-run")
     run.add_argument("--run-timeout", type=float, default=None, help="seconds a cell may run before the run fails")
-    run.add_argument("--results", default=str(records.RESULTS_DIR))
     run.add_argument("--book", action="store_true", help="build the book afterwards")
     run.add_argument("--publish", action="store_true",
                      help=f"replace the published copy (published/) with this profile's runs when it is one of "
                           f"{', '.join(PUBLISHED_PROFILES)} (make reproduce does)")
     run.add_argument("--plan", action="store_true", help="print the plan (make plan) instead of running")
     run.add_argument("--device-target", choices=("h100", "h200"), default="h100", help="the GPU --plan plans for")
-    run.set_defaults(func=cmd_run)
 
-    plan = sub.add_parser("plan", help="predicted memory (GB), time and FLOPs of every run on a target GPU, from "
-                                       "the models' configs on the meta device; exits 2 if a run will not fit")
-    add_selection(plan)
+    plan = command("plan", cmd_plan, "predicted memory (GB), time and FLOPs of every run on a target GPU, from the "
+                                     "models' configs on the meta device; exits 2 if a run will not fit", selection=True)
     plan.add_argument("--device-target", choices=("h100", "h200"), default="h100",
                       help="H100 (80 GB) or H200 (141 GB)")
     plan.add_argument("--check", action="store_true",
                       help="also run the fine-tuning study's code path on a small stand-in on the CPU and compare "
                            "the formula's bytes with the measured ones")
-    plan.set_defaults(func=cmd_plan)
 
-    lst = sub.add_parser("list", help="validate a profile and list its runs without running them")
-    add_selection(lst)
-    lst.set_defaults(func=cmd_list)
+    command("list", cmd_list, "validate a profile and list its runs without running them", selection=True)
 
-    book = sub.add_parser("book", help="build the Jupyter Book from existing results")
-    book.add_argument("--results", default=str(records.RESULTS_DIR))
+    book = command("book", cmd_book, "build the Jupyter Book from existing results", results=True)
     book.add_argument("--explored", action="store_true",
                       help="include explored runs (--set/--grid runs off the profile, notebooks run by hand): their "
                            "run pages, named as such; the chapters' tables and findings keep to the profiles' runs")
-    book.set_defaults(func=cmd_book)
 
-    pub = sub.add_parser("publish", help="copy a profile's results of the current grid into published/ (the "
-                                         "copy the book falls back to)")
-    add_selection(pub)
-    pub.add_argument("--results", default=str(records.RESULTS_DIR))
-    pub.set_defaults(func=cmd_publish)
+    command("publish", cmd_publish, "copy a profile's results of the current grid into published/ (the copy the "
+                                    "book falls back to)", selection=True, results=True)
+    command("gpu-check", cmd_gpu_check, "NVML sampling, energy counter and int4 on CUDA (skips without a GPU)")
+    command("gpu-suite", cmd_gpu_suite, "gpu-check, plan against this GPU, then the gpu profiles' most valuable runs "
+                                        "(make gpu-suite; says so and exits 0 without a GPU)", results=True)
 
-    gpu = sub.add_parser("gpu-check", help="NVML sampling, energy counter and int4 on CUDA (skips without a GPU)")
-    gpu.set_defaults(func=cmd_gpu_check)
-
-    suite = sub.add_parser("gpu-suite", help="gpu-check, plan against this GPU, then the gpu profiles' most valuable "
-                                             "runs (make gpu-suite; says so and exits 0 without a GPU)")
-    suite.add_argument("--results", default=str(records.RESULTS_DIR))
-    suite.set_defaults(func=cmd_gpu_suite)
-
-    fetch = sub.add_parser("assets", help="fetch and verify the offline assets an axis's runs read (or --tests, "
+    fetch = command("assets", cmd_assets, "fetch and verify the offline assets an axis's runs read (or --tests, "
                                           "--all); each from its first source that works")
     fetch.add_argument("axis", nargs="?", help=f"an axis ({', '.join(study_registry.axes())}) or a study name")
     fetch.add_argument("--profile", default=None)
     fetch.add_argument("--tests", action="store_true", help="what the test suite reads")
     fetch.add_argument("--all", action="store_true", help="every asset")
-    fetch.set_defaults(func=cmd_assets)
 
-    probe = sub.add_parser("probe", help="show this machine's measured peaks (matmul FLOP/s per dtype, memory "
-                                         "bandwidth) behind MFU/MBU; measured once per machine, then cached")
+    probe = command("probe", cmd_probe, "show this machine's measured peaks (matmul FLOP/s per dtype, memory "
+                                        "bandwidth) behind MFU/MBU; measured once per machine, then cached")
     probe.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     probe.add_argument("--refresh", action="store_true", help="measure again and replace the cached probe")
     probe.add_argument("--threads", type=int, default=None,
                        help="torch threads to probe with (default: torch's; runs under the Dask runner use 1)")
-    probe.set_defaults(func=cmd_probe)
 
     args = parser.parse_args(argv)
     # Dask's INFO logs would drown the progress lines; set before distributed is imported, so workers inherit it.
