@@ -65,6 +65,12 @@ def _no_probe(unit: str) -> MetricValue:
     return MetricValue.unavailable(unit, "no machine probe for this device (python -m efficientllm_utils probe)")
 
 
+def _utilisation(phase: Phase, fraction: float, counted: str, probe: dict, peak: str) -> MetricValue:
+    """A measured share of a probed peak, its method naming what was counted, how the phase was timed and the peak."""
+    return MetricValue.measured(fraction, "fraction", f"{counted}({phase.name})/{phase.seconds_method}/"
+                                                      f"probed-peak({probe['device']},{peak})")
+
+
 def mfu(phase: Phase, probe: dict | None) -> MetricValue:
     """Model-FLOPs utilisation of a phase against the probe's matmul peak for its dtype."""
     if phase.flops is None:
@@ -76,9 +82,8 @@ def mfu(phase: Phase, probe: dict | None) -> MetricValue:
         reason = (probe.get("matmul", {}).get(phase.dtype) or {}).get("method", f"no {phase.dtype} peak")
         return MetricValue.unavailable("fraction", f"no {phase.dtype} matmul peak on this machine "
                                                    f"({reason.removeprefix('unavailable:')})")
-    return MetricValue.measured(phase.achieved_flops_per_s / peak, "fraction",
-                                f"{phase.flops_method}-flops({phase.name})/{phase.seconds_method}/"
-                                f"probed-peak({probe['device']},{phase.dtype}-matmul)")
+    return _utilisation(phase, phase.achieved_flops_per_s / peak, f"{phase.flops_method}-flops", probe,
+                        f"{phase.dtype}-matmul")
 
 
 def mbu(phase: Phase, probe: dict | None) -> MetricValue:
@@ -86,9 +91,7 @@ def mbu(phase: Phase, probe: dict | None) -> MetricValue:
     peak = machine_probe.peak_bandwidth(probe)
     if not peak:
         return _no_probe("fraction")
-    return MetricValue.measured(phase.achieved_bytes_per_s / peak, "fraction",
-                                f"{phase.bytes_method}-bytes({phase.name})/{phase.seconds_method}/"
-                                f"probed-peak({probe['device']},bandwidth)")
+    return _utilisation(phase, phase.achieved_bytes_per_s / peak, f"{phase.bytes_method}-bytes", probe, "bandwidth")
 
 
 def bound_seconds(phase: Phase, probe: dict | None) -> MetricValue:
