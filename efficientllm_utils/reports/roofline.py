@@ -177,11 +177,18 @@ def _bound_key(phase_name: str) -> str:
     return f"{phase_name.replace('-', '_')}_bound_s"
 
 
-def _memory_gap(ratio: float, measured_method: str, predicted_method: str) -> str:
+def _gap(ratio: float, within: str, below: str) -> str | None:
+    """The words for a measured / predicted ratio ``within`` 25% of 1 or ``below`` it; None above it (the caller
+    says where the excess goes)."""
     if abs(ratio - 1) <= roofline.MEMORY_GAP:
-        return "within 25%"
-    if ratio < 1:
-        return "measured below prediction: AMU is a time average, and part of the weights was not yet resident"
+        return within
+    return below if ratio < 1 else None
+
+
+def _memory_gap(ratio: float, measured_method: str, predicted_method: str) -> str:
+    if gap := _gap(ratio, "within 25%",
+                   "measured below prediction: AMU is a time average, and part of the weights was not yet resident"):
+        return gap
     where = ("the process's resident memory (AMU on a CPU) also holds the interpreter, torch and its libraries and "
              "the tokenizer: framework overhead" if "rss" in measured_method else
              "device memory also holds the CUDA context and the allocator's cached blocks")
@@ -190,13 +197,11 @@ def _memory_gap(ratio: float, measured_method: str, predicted_method: str) -> st
 
 
 def _time_gap(ratio: float) -> str:
-    if abs(ratio - 1) <= roofline.MEMORY_GAP:
-        return "within 25%: the step runs at the bandwidth roofline"
-    if ratio < 1:
-        return "faster than the bound: the weights partly stayed in cache, or the probe's peak is low"
-    return (f"{100 * (1 - 1 / ratio):.0f}% of each step is time not spent reading the bytes the model must read: "
-            "per-token framework overhead (Python, generate's bookkeeping, kernel calls) and kernels below the "
-            "probed peak; this run does not separate the two")
+    return _gap(ratio, "within 25%: the step runs at the bandwidth roofline",
+                "faster than the bound: the weights partly stayed in cache, or the probe's peak is low") or (
+        f"{100 * (1 - 1 / ratio):.0f}% of each step is time not spent reading the bytes the model must read: "
+        "per-token framework overhead (Python, generate's bookkeeping, kernel calls) and kernels below the "
+        "probed peak; this run does not separate the two")
 
 
 COST_COLUMNS = {"run": "run", "predicted_GB": "predicted memory (GB)", "AMU_GB": "AMU (GB, measured)",
