@@ -29,9 +29,10 @@ def _col(frame: pd.DataFrame, name: str) -> np.ndarray:
     return frame[name].values if name in frame else np.full(len(frame), np.nan)
 
 
-def _table(res: StudyResults, key: str, order: tuple[str, ...], columns: dict[str, str]) -> pd.DataFrame:
+def _table(res: StudyResults, key: str, order: tuple[str, ...], columns: dict[str, str],
+           megabytes: str) -> pd.DataFrame:
     """One row per successful run: model, family, ``key`` (precision or method, in ``order``) and ``columns``
-    (ours <- record column; NaN where a record lacks one)."""
+    (ours <- record column; NaN where a record lacks one), the bytes column ``megabytes`` in MB."""
     ok = res.ok
     if not len(ok):
         return pd.DataFrame()
@@ -39,6 +40,7 @@ def _table(res: StudyResults, key: str, order: tuple[str, ...], columns: dict[st
     t["family"] = [family_of(m) for m in t["model"]]
     for ours, theirs in columns.items():
         t[ours] = _col(ok, theirs)
+    t[megabytes] = t[megabytes] / 1e6
     t["order"] = [order.index(v) if v in order else 99 for v in t[key]]
     return t.sort_values(["family", "order"]).drop(columns="order").reset_index(drop=True)
 
@@ -49,10 +51,10 @@ def quant_table(res: StudyResults) -> pd.DataFrame:
         "SSIM_min": "quality_ssim_min", "FD": "quality_fd", "FD_reference": "quality_fd_reference",
         "FD_noise_floor": "quality_fd_noise_floor",
         "step_s": "step_latency_s", "frames_per_s": "frames_per_s", "AMU_GB": "amu_gb", "AEC_W": "aec_w",
-        "energy_J": "energy_j", "s_per_image": "latency_s_per_image", "s_per_clip": "latency_s_per_clip"})
+        "energy_J": "energy_j", "s_per_image": "latency_s_per_image", "s_per_clip": "latency_s_per_clip"},
+        megabytes="model_MB")
     if t.empty:
         return t
-    t["model_MB"] = t["model_MB"] / 1e6
     t["s_per_sample"] = t["s_per_image"].fillna(t["s_per_clip"])
     return t.drop(columns=["s_per_image", "s_per_clip"])
 
@@ -63,10 +65,9 @@ def finetune_table(res: StudyResults) -> pd.DataFrame:
         "heldout_loss_base": "quality_heldout_loss_base", "heldout_loss": "quality_heldout_loss",
         "final_loss": "quality_final_loss", "FD_base": "quality_fd_base", "FD": "quality_fd",
         "FD_noise_floor": "quality_fd_noise_floor", "AL_s": "al_s",
-        "ST": "st_samples_per_s", "AMU_GB": "amu_gb", "AEC_W": "aec_w"})
+        "ST": "st_samples_per_s", "AMU_GB": "amu_gb", "AEC_W": "aec_w"}, megabytes="adapter_MB")
     if t.empty:
         return t
-    t["adapter_MB"] = t["adapter_MB"] / 1e6
     t["heldout_change_pct"] = 100 * (t["heldout_loss"] / t["heldout_loss_base"] - 1)
     t["method"] = t["method"].map(lambda m: METHOD_NAMES.get(m, m))
     return t
