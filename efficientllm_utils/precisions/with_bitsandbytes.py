@@ -133,25 +133,28 @@ def _int4_planned(numel: float, rows: float) -> float:
     return numel / 2 + numel / 64 + 4 * numel / 64 / 256
 
 
-register(Precision(
-    name="int8", stands_for="int8", library="bitsandbytes",
-    description="bitsandbytes LLM.int8() linear layers (weights int8, outliers in fp16)",
-    studies=frozenset({"llm", "vlm", "lvm"}), devices=("cpu", "cuda"), load_dtype="bfloat16", compute_dtype="int8",
-    compute_dtype_on=int8_matmul_dtype, kernel_notes=INT8_NOTES,
-    transformers_config=_transformers_int8, diffusers_config=_diffusers_int8,
-    quantize_denoiser_on_cpu=_denoiser_on_cpu(_diffusers_int8), extra_tensors=_state_tensors,
-    planned_linear_bytes=lambda numel, rows: numel + 4 * rows,
-    silenced_warnings=("MatMul8bitLt: inputs will be cast",)))
-register(Precision(
-    name="int4-nf4", stands_for="int4", library="bitsandbytes",
-    description="bitsandbytes 4-bit NormalFloat linear layers, bf16 compute",
-    studies=frozenset({"llm", "vlm", "lvm"}), devices=("cpu", "cuda"), load_dtype="bfloat16", compute_dtype="bf16",
-    kernel_notes=FOUR_BIT_NOTES, transformers_config=_transformers_4bit("nf4"), diffusers_config=_diffusers_nf4,
-    quantize_denoiser_on_cpu=_denoiser_on_cpu(_diffusers_nf4), after_load=_pin_4bit_kernel,
-    extra_tensors=_state_tensors, planned_linear_bytes=_int4_planned))
-register(Precision(
-    name="int4-fp4", stands_for="int4", library="bitsandbytes",
-    description="bitsandbytes 4-bit float linear layers, bf16 compute",
-    studies=frozenset({"llm"}), devices=("cpu", "cuda"), load_dtype="bfloat16", compute_dtype="bf16",
-    kernel_notes=FOUR_BIT_NOTES, transformers_config=_transformers_4bit("fp4"), after_load=_pin_4bit_kernel,
-    extra_tensors=_state_tensors, planned_linear_bytes=_int4_planned))
+def _register(name: str, stands_for: str, description: str, studies: set[str], compute_dtype: str,
+              diffusers_config=None, **fields) -> None:
+    """Register a bitsandbytes precision: loaded in bf16 on the CPU or CUDA, its quantisation state counted with the
+    weights, and, where diffusers quantizes a denoiser with it (``diffusers_config``), the same on the CPU."""
+    register(Precision(
+        name=name, stands_for=stands_for, library="bitsandbytes", description=description,
+        studies=frozenset(studies), devices=("cpu", "cuda"), load_dtype="bfloat16", compute_dtype=compute_dtype,
+        diffusers_config=diffusers_config,
+        quantize_denoiser_on_cpu=None if diffusers_config is None else _denoiser_on_cpu(diffusers_config),
+        extra_tensors=_state_tensors, **fields))
+
+
+def _register_4bit(quant_type: str, kind: str, studies: set[str], diffusers_config=None) -> None:
+    """A 4-bit precision (``nf4`` or ``fp4``): bf16 compute, the CPU kernel pinned after loading."""
+    _register(f"int4-{quant_type}", "int4", f"bitsandbytes 4-bit {kind} linear layers, bf16 compute", studies, "bf16",
+              diffusers_config, kernel_notes=FOUR_BIT_NOTES, transformers_config=_transformers_4bit(quant_type),
+              after_load=_pin_4bit_kernel, planned_linear_bytes=_int4_planned)
+
+
+_register("int8", "int8", "bitsandbytes LLM.int8() linear layers (weights int8, outliers in fp16)",
+          {"llm", "vlm", "lvm"}, "int8", _diffusers_int8, compute_dtype_on=int8_matmul_dtype, kernel_notes=INT8_NOTES,
+          transformers_config=_transformers_int8, planned_linear_bytes=lambda numel, rows: numel + 4 * rows,
+          silenced_warnings=("MatMul8bitLt: inputs will be cast",))
+_register_4bit("nf4", "NormalFloat", {"llm", "vlm", "lvm"}, _diffusers_nf4)
+_register_4bit("fp4", "float", {"llm"})
