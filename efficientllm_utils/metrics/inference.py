@@ -12,7 +12,7 @@ import time
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from .stats import repeat_until, summarize
+from .stats import repeat_until, spread_metrics, summarize
 from .values import MetricValue
 
 
@@ -82,10 +82,7 @@ def inference_metrics(samples: list[dict], batch_size: int, new_tokens: int) -> 
     counter = "perf-counter"
     out = {
         "al_s": MetricValue.measured(latency["mean"], "s/request", counter),
-        "latency_p50_s": MetricValue.measured(latency["p50"], "s", counter),
-        "latency_p90_s": MetricValue.measured(latency["p90"], "s", counter),
-        "latency_p99_s": MetricValue.measured(latency["p99"], "s", counter),
-        "latency_cv": MetricValue.measured(latency["cv"], "ratio", counter),
+        **spread_metrics(latency, "latency", "s", counter, percentiles=(50, 90, 99)),
         "ttft_p50_s": MetricValue.measured(ttft["p50"], "s", "perf-counter+streamer"),
         "it_tokens_per_s": MetricValue.measured(
             batch_size * new_tokens * len(samples) / sum(s["latency_s"] for s in samples), "tokens/s", counter),

@@ -6,6 +6,17 @@ from typing import Callable
 
 import numpy as np
 
+from .values import MetricValue
+
+
+def spread_metrics(stats: dict[str, float], prefix: str, unit: str, counter: str,
+                   percentiles: tuple[int, ...] = (50, 90)) -> dict[str, MetricValue]:
+    """The spread of a ``summarize`` result as measured metrics: ``<prefix>_p<q>_s`` per percentile, then
+    ``<prefix>_cv``."""
+    out = {f"{prefix}_p{q}_s": MetricValue.measured(stats[f"p{q}"], unit, counter) for q in percentiles}
+    out[f"{prefix}_cv"] = MetricValue.measured(stats["cv"], "ratio", counter)
+    return out
+
 
 def summarize(samples: list[float]) -> dict[str, float]:
     """Mean, median, p90, p99, standard deviation and coefficient of variation."""

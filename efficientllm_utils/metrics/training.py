@@ -2,7 +2,7 @@
 tracker's metrics over the phase."""
 from __future__ import annotations
 
-from .stats import summarize
+from .stats import spread_metrics, summarize
 from .tracker import ResourceTracker
 from .values import MetricValue
 
@@ -16,9 +16,7 @@ def step_latency_metrics(step_seconds: list[float], warmup_steps: int) -> tuple[
     counter = f"perf-counter(train-step,{len(timed)}-steps-after-{warmup_steps}-warm-up)"
     return {
         "al_s": MetricValue.measured(stats["mean"], "s/iter", counter),
-        "al_p50_s": MetricValue.measured(stats["p50"], "s/iter", counter),
-        "al_p90_s": MetricValue.measured(stats["p90"], "s/iter", counter),
-        "al_cv": MetricValue.measured(stats["cv"], "ratio", counter),
+        **spread_metrics(stats, "al", "s/iter", counter),
     }, counter
 
 
