@@ -12,8 +12,8 @@ import pandas as pd
 from ..paths import REPO_ROOT
 from ..records import load_records
 from .display import finish_panels, methods_legend, show, tradeoff_plots
-from .findings import (Finding, common_caveats, decide_claims, findings_markdown, variants_by_model,
-                       verdict_counts)
+from .findings import (Finding, common_caveats, decide_claims, findings_markdown, opening_summary,
+                       variants_by_model)
 from .leaderboard import Leaderboard, against_paper, rank_methods
 from .load import StudyResults
 from .verdicts import (Difference, bootstrap_ratio, point_difference, tracked_difference, widened,
@@ -394,16 +394,15 @@ def summary(res: StudyResults, table: pd.DataFrame) -> str:
     """The chapter's opening lines: what this run found, per model, from the records."""
     if table.empty:
         return f"*No results yet: run `make reproduce AXIS={res.study}`.*"
-    found = findings(res)
-    lines = [f"This run pretrained {table['variant'].nunique()} variant(s) on {table['model'].nunique()} model "
-             f"shape(s). The paper's claims: {verdict_counts(found)}."]
-    for model, group in table.groupby("model", sort=False):
+
+    def per_model(model: str, group: pd.DataFrame) -> str:
         by = group.groupby("variant", sort=False).mean(numeric_only=True)
-        lines.append(f"- **{model}** ({by['params_M'].median():.2f}M parameters): the lowest perplexity is "
-                     f"{by['perplexity'].idxmin()}'s ({by['perplexity'].min():.1f}), the fastest step "
-                     f"{by['AL_s'].idxmin()}'s ({by['AL_s'].min():.3g} s/step), the slowest "
-                     f"{by['AL_s'].idxmax()}'s ({by['AL_s'].max():.3g} s/step).")
-    return "\n".join(lines)
+        return (f" ({by['params_M'].median():.2f}M parameters): the lowest perplexity is "
+                f"{by['perplexity'].idxmin()}'s ({by['perplexity'].min():.1f}), the fastest step "
+                f"{by['AL_s'].idxmin()}'s ({by['AL_s'].min():.3g} s/step), the slowest "
+                f"{by['AL_s'].idxmax()}'s ({by['AL_s'].max():.3g} s/step).")
+    return opening_summary(f"pretrained {table['variant'].nunique()} variant(s) on {table['model'].nunique()} model "
+                           "shape(s)", findings(res), table, per_model)
 
 
 # --- what the pages show: table column -> header with its unit, split into tables a 1280 px page holds ---------

@@ -66,6 +66,14 @@ def verdict_counts(findings) -> str:
     return ", ".join(f"{n} {words[v][0] if n == 1 else words[v][1]}" for v, n in counts.items())
 
 
+def opening_summary(ran: str, found, table, per_model) -> str:
+    """A chapter's opening lines: what this run did (``ran``) and the paper's claims' verdicts, then one bullet per
+    model, ``per_model(model, its rows)`` saying what it found."""
+    lines = [f"This run {ran}. The paper's claims: {verdict_counts(found)}."]
+    lines += [f"- **{model}**{per_model(model, group)}" for model, group in table.groupby("model", sort=False)]
+    return "\n".join(lines)
+
+
 # --- caveats from the records ---------------------------------------------------------------------
 
 def common_caveats(res: StudyResults, n_params: dict[str, float | None], smallest_paper_params: float,

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 
 from .display import methods_legend, model_label, show
-from .findings import (Finding, common_caveats, decide_claims, findings_markdown, variants_by_model,
-                       verdict_counts)
+from .findings import (Finding, common_caveats, decide_claims, findings_markdown, opening_summary,
+                       variants_by_model)
 from .leaderboard import Leaderboard, against_paper, rank_methods
 from .load import StudyResults
 from .paper import paper_ranks, size_group
@@ -267,19 +267,19 @@ def summary(res, table) -> str:
         return "*No results yet: run `make reproduce AXIS=peft`.*"
     found = findings(res, table)
     changes = accuracy_changes(res)
-    lines = [f"This run fine-tuned {table['model'].nunique()} base model(s) with {table['method'].nunique()} "
-             f"method(s). The paper's claims: {verdict_counts(found)}."]
-    for model, g in table.groupby("model", sort=False):
+
+    def per_model(model: str, g: pd.DataFrame) -> str:
         mine = changes[changes["model"] == model] if len(changes) else changes
         improved = list(mine.loc[mine["verdict"] == IMPROVES, "method"]) if len(mine) else []
-        lines.append(f"- **{model}**: {len(improved)} of {len(g)} methods improve held-out accuracy over the base by "
-                     f"a paired {100 * CONFIDENCE:.0f}% interval" + (f" ({', '.join(improved)})" if improved else "")
-                     + f"; the highest accuracy after training is {g.loc[g['acc_after'].idxmax(), 'method']}'s "
-                     f"({g['acc_after'].max():.3f}), the fastest step {g.loc[g['AL_s'].idxmin(), 'method']}'s "
-                     f"({g['AL_s'].min():.3g} s/step), the slowest {g.loc[g['AL_s'].idxmax(), 'method']}'s "
-                     f"({g['AL_s'].max():.3g} s/step); the smallest saved adapter "
-                     f"{g.loc[g['adapter_MB'].idxmin(), 'method']}'s ({g['adapter_MB'].min():.2f} MB).")
-    return "\n".join(lines)
+        return (f": {len(improved)} of {len(g)} methods improve held-out accuracy over the base by "
+                f"a paired {100 * CONFIDENCE:.0f}% interval" + (f" ({', '.join(improved)})" if improved else "")
+                + f"; the highest accuracy after training is {g.loc[g['acc_after'].idxmax(), 'method']}'s "
+                f"({g['acc_after'].max():.3f}), the fastest step {g.loc[g['AL_s'].idxmin(), 'method']}'s "
+                f"({g['AL_s'].min():.3g} s/step), the slowest {g.loc[g['AL_s'].idxmax(), 'method']}'s "
+                f"({g['AL_s'].max():.3g} s/step); the smallest saved adapter "
+                f"{g.loc[g['adapter_MB'].idxmin(), 'method']}'s ({g['adapter_MB'].min():.2f} MB).")
+    return opening_summary(f"fine-tuned {table['model'].nunique()} base model(s) with {table['method'].nunique()} "
+                           "method(s)", found, table, per_model)
 
 
 # --- what the page shows: table column -> header with its unit, split into tables a 1280 px page holds ----------
