@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import records, study_registry
 from .clusters import ClusterError
-from .params import ParamsError, expand, label_value, params_path
+from .params import ParamsError, expand, label_value, params_path, registry_lookup
 from .paths import REPO_ROOT
 from .published import PUBLISHED_PROFILES, publish
 from .runner import EXECUTORS, ResourceError, StudyProgress, Summary, execute
@@ -30,10 +30,7 @@ def studies_of(axis: str) -> list[str]:
     """The studies of an axis (``study_registry``), of every axis (``all``), or the one study of that name."""
     if axis == ALL_AXES:
         return [study for name in axes_of(axis) for study in studies_of(name)]
-    try:
-        return study_registry.axis_studies(axis)
-    except ValueError as err:
-        raise ParamsError(f"{err}; or {ALL_AXES!r}: every axis") from None
+    return registry_lookup(study_registry.axis_studies, axis, f"{{}}; or {ALL_AXES!r}: every axis")
 
 
 def _key_values(pairs: list[str], option: str, form: str = "key=value"):

@@ -17,7 +17,7 @@ import itertools
 import json
 import re
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -88,12 +88,21 @@ def check_timed_steps(timing_warmup_steps: int, steps: int) -> None:
         raise ValueError(f"timing_warmup_steps={timing_warmup_steps} leaves no timed step of steps={steps}")
 
 
+T = TypeVar("T")
+
+
+def registry_lookup(lookup: Callable[[str], T], name: str, wording: str = "{}") -> T:
+    """``lookup(name)`` in ``study_registry``; the ValueError naming what it knows is raised as a ``ParamsError``,
+    its words put where ``wording`` has ``{}``."""
+    try:
+        return lookup(name)
+    except ValueError as err:
+        raise ParamsError(wording.format(err)) from None
+
+
 def run_model(study: str) -> type[RunParams]:
     """The run model of a registered study; a ``ParamsError`` names the registered studies."""
-    try:
-        return study_registry.run_model(study)
-    except ValueError as err:
-        raise ParamsError(f"field 'study': {err}") from None
+    return registry_lookup(study_registry.run_model, study, "field 'study': {}")
 
 
 # --- params files --------------------------------------------------------------------------
