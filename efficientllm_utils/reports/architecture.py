@@ -50,6 +50,17 @@ def decode_contexts(frame: pd.DataFrame) -> list[int]:
     return sorted({int(m.group(1)) for c in frame.columns if (m := _DECODE_COLUMN.match(c))})
 
 
+# the pretraining table's columns after model, variant and size: ours <- the record's column, or computed from them
+_PRETRAINING_COLUMNS = {
+    "perplexity": "quality_perplexity", "initial_loss": "quality_initial_loss", "final_loss": "quality_final_loss",
+    "params_M": lambda df: df["params_total"] / 1e6, "active_params_M": lambda df: df["params_active"] / 1e6,
+    "MFLOP_per_token": lambda df: df["flops_per_token"] / 1e6, "KV_bytes_per_token": "kv_cache_bytes_per_token",
+    "KV_measured": "kv_cache_bytes_per_token_measured", "AMU_GB": "amu_gb", "peak_GB": "peak_memory_gb", "PCU": "pcu",
+    "AL_s": "al_s", "AL_p90_s": "al_p90_s", "AL_CV": "al_cv", "TT": "tt_tokens_per_param_s",
+    "TT_active": lambda df: df["train_tokens_per_s"] / df["params_active"], "tokens_per_s": "train_tokens_per_s",
+    "AEC_W": "aec_w", "energy_J": "energy_j"}
+
+
 def pretraining_table(res: StudyResults) -> pd.DataFrame:
     """One row per run of an architecture study: quality, sizes, analytical costs, training metrics, decoding
     at the longest context. Rows keep the order the runs were made in (the params file's)."""
@@ -62,33 +73,15 @@ def pretraining_table(res: StudyResults) -> pd.DataFrame:
         "model": [model_key(res.study, r) for r in _params(df)],
         "variant": _variant_column(res, df).to_numpy(),
         "size": df["param_size"].to_numpy() if "param_size" in df else None,
-        "perplexity": df["quality_perplexity"].to_numpy(),
-        "initial_loss": df["quality_initial_loss"].to_numpy(),
-        "final_loss": df["quality_final_loss"].to_numpy(),
-        "params_M": df["params_total"].to_numpy() / 1e6,
-        "active_params_M": df["params_active"].to_numpy() / 1e6,
-        "MFLOP_per_token": df["flops_per_token"].to_numpy() / 1e6,
-        "KV_bytes_per_token": df["kv_cache_bytes_per_token"].to_numpy(),
-        "KV_measured": df["kv_cache_bytes_per_token_measured"].to_numpy(),
-        "AMU_GB": df["amu_gb"].to_numpy(),
-        "peak_GB": df["peak_memory_gb"].to_numpy(),
-        "PCU": df["pcu"].to_numpy(),
-        "AL_s": df["al_s"].to_numpy(),
-        "AL_p90_s": df["al_p90_s"].to_numpy(),
-        "AL_CV": df["al_cv"].to_numpy(),
-        "TT": df["tt_tokens_per_param_s"].to_numpy(),
-        "TT_active": (df["train_tokens_per_s"] / df["params_active"]).to_numpy(),
-        "tokens_per_s": df["train_tokens_per_s"].to_numpy(),
-        "AEC_W": df["aec_w"].to_numpy(),
-        "energy_J": df["energy_j"].to_numpy(),
+        **{ours: (df[theirs] if isinstance(theirs, str) else theirs(df)).to_numpy()
+           for ours, theirs in _PRETRAINING_COLUMNS.items()},
     })
     if table["size"].isna().all():
         table = table.drop(columns="size")
     if longest is not None:
         table["decode_context"] = longest
-        table["decode_s"] = df[f"decode_ctx{longest}_latency_s"].to_numpy()
-        table["TPOT_s"] = df[f"decode_ctx{longest}_tpot_s"].to_numpy()
-        table["TTFT_s"] = df[f"decode_ctx{longest}_ttft_s"].to_numpy()
+        for ours, metric in (("decode_s", "latency_s"), ("TPOT_s", "tpot_s"), ("TTFT_s", "ttft_s")):
+            table[ours] = df[f"decode_ctx{longest}_{metric}"].to_numpy()
     return table.reset_index(drop=True)
 
 
