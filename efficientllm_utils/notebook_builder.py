@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import nbformat
 
+from .params import notebook_parameters_source
+
 KERNELSPEC = {"display_name": "Python 3", "language": "python", "name": "python3"}
 
 
@@ -21,6 +23,13 @@ def setup_source(run_model: type, module: str, alias: str | None = None, extra: 
             f"p = {run_model.__name__}.from_namespace(globals())  # a wrong value fails here, naming the field and the allowed values\n"
             "run = RunContext.from_namespace(globals(), p)\n"
             f"{extra}p")
+
+
+def opening_cells(intro: str, study: str, run_model: type, setup: str | None = None) -> list[tuple[str, str]]:
+    """A run notebook's first cells: its introduction, the parameters cell (``params/<study>.yaml``'s defaults) and
+    the ``setup`` cell (``setup_source``; None for a notebook that sets itself up)."""
+    cells = [("md", intro), ("parameters", notebook_parameters_source(study, run_model))]
+    return cells + ([("code", setup)] if setup is not None else [])
 
 
 def build(cells: list[tuple[str, str]], prefix: str) -> nbformat.NotebookNode:

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import nbformat
 
-from ..notebook_builder import build, setup_source
-from ..params import notebook_parameters_source
+from ..notebook_builder import build, opening_cells, setup_source
 from ..studies.architecture_run import PretrainRun
 from ..studies.attention_free_run import AttentionFreeRun
 
@@ -91,16 +90,16 @@ def notebook(study: str) -> nbformat.NotebookNode:
     title, field, swapped = INTRO[study]
     run_model, module = RUNNERS.get(study, (PretrainRun, "architecture"))
     own = study in RUNNERS
+    intro = (f"# {title}\n\nOne grid point of the `{study}` study: "
+             f"{'a small language model' if own else 'a small Qwen2.5-style decoder'} pretrained from scratch, "
+             f"where the runs differ only in {swapped} (parameter `{field}`). The runner (`make reproduce "
+             f"AXIS={study}`, or `AXIS=architecture` for the four studies) executes this notebook once per grid "
+             f"point of `params/{study}.yaml` with papermill; you can also run it by hand with other values.\n\n"
+             f"{METHOD}" + (OWN_METHOD if own else ""))
+    setup = setup_source(run_model, module, "arch",
+                         "arch.set_threads(p)  # torch threads for the whole run (num_threads)\n" if own else "")
     return build([
-        ("md", f"# {title}\n\nOne grid point of the `{study}` study: "
-               f"{'a small language model' if own else 'a small Qwen2.5-style decoder'} pretrained from scratch, "
-               f"where the runs differ only in {swapped} (parameter `{field}`). The runner (`make reproduce "
-               f"AXIS={study}`, or `AXIS=architecture` for the four studies) executes this notebook once per grid "
-               f"point of `params/{study}.yaml` with papermill; you can also run it by hand with other values.\n\n"
-               f"{METHOD}" + (OWN_METHOD if own else "")),
-        ("parameters", notebook_parameters_source(study, run_model)),
-        ("code", setup_source(run_model, module, "arch",
-                              "arch.set_threads(p)  # torch threads for the whole run (num_threads)\n" if own else "")),
+        *opening_cells(intro, study, run_model, setup),
         ("md", "## 1. Data, model and its analytical costs"),
         ("code", MODEL),
         *([("md", "Cache or recurrent state of one sequence after a prefill of each context length: the formula "

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import nbformat
 
-from ..notebook_builder import build, setup_source
-from ..params import notebook_parameters_source
+from ..notebook_builder import build, opening_cells, setup_source
 from ..studies.dit_run import DiTRun
 
 DIT_INTRO = """# Diffusion transformers: swapped attention and mixture of experts
@@ -61,8 +60,7 @@ Image(filename=str(run.result_dir / dit.GRID_FILE))  # one row per class: airpla
 
 def notebooks() -> dict[str, nbformat.NotebookNode]:
     return {"notebooks/dit/dit.ipynb": build([
-        ("md", DIT_INTRO), ("parameters", notebook_parameters_source("dit_attention", DiTRun)),
-        ("code", setup_source(DiTRun, "dit", extra="dit.set_threads(p)\n")),
+        *opening_cells(DIT_INTRO, "dit_attention", DiTRun, setup_source(DiTRun, "dit", extra="dit.set_threads(p)\n")),
         ("md", "## 1. Data: the training images, the held-out halves and the FD noise floor"), ("code", DIT_DATA),
         ("md", "## 2. Model, its analytical costs, and the untrained baseline"), ("code", DIT_MODEL),
         ("md", "## 3. Training under the resource tracker"), ("code", DIT_TRAIN),

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import nbformat
 
-from ..notebook_builder import build, setup_source
-from ..params import notebook_parameters_source
+from ..notebook_builder import build, opening_cells, setup_source
 from ..studies.lvm_run import LVMFinetuneRun, LVMQuantizationRun
 
 QUANT_INTRO = """# Vision generation: the denoiser quantized
@@ -108,9 +107,9 @@ if (run.result_dir / ft.CLIP_FILE).exists():
 def notebooks() -> dict[str, nbformat.NotebookNode]:
     return {
         "notebooks/lvm/lvm_quantization.ipynb": build([
-            ("md", QUANT_INTRO), ("parameters", notebook_parameters_source("lvm_quantization", LVMQuantizationRun)),
-            ("code", setup_source(LVMQuantizationRun, "lvm_quantization", "quant")), *QUANT_CELLS], "lvmq"),
+            *opening_cells(QUANT_INTRO, "lvm_quantization", LVMQuantizationRun,
+                           setup_source(LVMQuantizationRun, "lvm_quantization", "quant")), *QUANT_CELLS], "lvmq"),
         "notebooks/lvm/lvm_finetune.ipynb": build([
-            ("md", FT_INTRO), ("parameters", notebook_parameters_source("lvm_finetune", LVMFinetuneRun)),
-            ("code", setup_source(LVMFinetuneRun, "lvm_finetune", "ft")), *FT_CELLS], "lvmf"),
+            *opening_cells(FT_INTRO, "lvm_finetune", LVMFinetuneRun,
+                           setup_source(LVMFinetuneRun, "lvm_finetune", "ft")), *FT_CELLS], "lvmf"),
     }

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import nbformat
 
-from ..notebook_builder import build, setup_source
-from ..params import notebook_parameters_source
+from ..notebook_builder import build, opening_cells, setup_source
 from ..studies.finetune_run import FinetuneRun
 
 INTRO = """# Fine-tuning: one method on one base model
@@ -70,9 +69,7 @@ ax.set(ylabel="training loss (answer tokens, before the step's update)",
 
 def notebooks() -> dict[str, nbformat.NotebookNode]:
     return {"notebooks/llm/peft.ipynb": build([
-        ("md", INTRO),
-        ("parameters", notebook_parameters_source("peft", FinetuneRun)),
-        ("code", setup_source(FinetuneRun, "finetune", "fts")),
+        *opening_cells(INTRO, "peft", FinetuneRun, setup_source(FinetuneRun, "finetune", "fts")),
         ("md", "## 1. Data and base model"),
         ("code", DATA),
         ("md", BEFORE_INTRO),

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import nbformat
 
-from ..notebook_builder import build, setup_source
-from ..params import notebook_parameters_source
+from ..notebook_builder import build, opening_cells, setup_source
 from ..studies.quantization_run import QuantizationRun
 
 INTRO = """# Inference quantization: one model at one precision
@@ -65,9 +64,7 @@ ax.set(xlabel=f"seconds per request ({p.new_tokens} new tokens, batch {p.batch_s
 
 def notebooks() -> dict[str, nbformat.NotebookNode]:
     return {"notebooks/llm/quantization.ipynb": build([
-        ("md", INTRO),
-        ("parameters", notebook_parameters_source("quantization", QuantizationRun)),
-        ("code", setup_source(QuantizationRun, "quantization", "q")),
+        *opening_cells(INTRO, "quantization", QuantizationRun, setup_source(QuantizationRun, "quantization", "q")),
         ("md", "## 1. The reference precision's outputs, then load and count bytes"),
         ("code", LOAD),
         ("md", "## 2. Quality: multiple-choice accuracy, perplexity and fidelity to the reference"),

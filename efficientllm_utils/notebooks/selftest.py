@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import nbformat
 
-from ..notebook_builder import build
-from ..params import notebook_parameters_source
+from ..notebook_builder import build, opening_cells
 from ..studies.selftest_run import SelfTestRun
 
 INTRO = """# Self-test: does the runner work on this machine or cluster?
@@ -37,8 +36,4 @@ record.status"""
 
 
 def notebooks() -> dict[str, nbformat.NotebookNode]:
-    return {"notebooks/selftest.ipynb": build([
-        ("md", INTRO),
-        ("parameters", notebook_parameters_source("selftest", SelfTestRun)),
-        ("code", RUN),
-    ], "self")}
+    return {"notebooks/selftest.ipynb": build([*opening_cells(INTRO, "selftest", SelfTestRun), ("code", RUN)], "self")}

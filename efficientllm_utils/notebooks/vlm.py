@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import nbformat
 
-from ..notebook_builder import build, setup_source
-from ..params import notebook_parameters_source
+from ..notebook_builder import build, opening_cells, setup_source
 from ..studies.vlm_run import VLMFinetuneRun, VLMQuantizationRun
 
 PEFT_INTRO = """# Vision-language fine-tuning: one method on a Qwen2.5-VL
@@ -95,8 +94,7 @@ metrics_table(record)"""
 
 def peft_notebook() -> nbformat.NotebookNode:
     return build([
-        ("md", PEFT_INTRO), ("parameters", notebook_parameters_source("vlm_peft", VLMFinetuneRun)),
-        ("code", setup_source(VLMFinetuneRun, "vlm_finetune", "vft")),
+        *opening_cells(PEFT_INTRO, "vlm_peft", VLMFinetuneRun, setup_source(VLMFinetuneRun, "vlm_finetune", "vft")),
         ("md", "## 1. Base model and questions"), ("code", PEFT_DATA),
         ("md", "## 2. Held-out accuracy before training\n\nReused from an earlier run of this profile whose base had "
                "the same fingerprint (weights, items and images, scoring settings, code and packages)."),
@@ -108,9 +106,8 @@ def peft_notebook() -> nbformat.NotebookNode:
 
 def quantization_notebook() -> nbformat.NotebookNode:
     return build([
-        ("md", QUANT_INTRO),
-        ("parameters", notebook_parameters_source("vlm_quantization", VLMQuantizationRun)),
-        ("code", setup_source(VLMQuantizationRun, "vlm_quantization", "vq")),
+        *opening_cells(QUANT_INTRO, "vlm_quantization", VLMQuantizationRun,
+                       setup_source(VLMQuantizationRun, "vlm_quantization", "vq")),
         ("md", "## 1. The reference's answers, the model at this precision, its bytes"), ("code", QUANT_LOAD),
         ("md", "## 2. Answers: accuracy, flips and KL against the reference"), ("code", QUANT_QUALITY),
         ("md", "## 3. Time to first token with an image, decode latency, memory and energy"), ("code", QUANT_INFERENCE),
