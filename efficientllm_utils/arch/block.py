@@ -12,12 +12,12 @@ from .norm import RMSNorm
 from .nsa import NativeSparseAttention
 
 
+# the attention kinds with a module of their own; mha / gqa / mqa are GroupedQueryAttention, differing only in n_kv_heads
+ATTENTION_MODULES = {"mla": MultiHeadLatentAttention, "nsa": NativeSparseAttention}
+
+
 def build_attention(config: DecoderConfig, layer_idx: int) -> nn.Module:
-    if config.attention == "mla":
-        return MultiHeadLatentAttention(config, layer_idx)
-    if config.attention == "nsa":
-        return NativeSparseAttention(config, layer_idx)
-    return GroupedQueryAttention(config, layer_idx)  # mha / gqa / mqa differ only in n_kv_heads
+    return ATTENTION_MODULES.get(config.attention, GroupedQueryAttention)(config, layer_idx)
 
 
 class DecoderBlock(nn.Module):
