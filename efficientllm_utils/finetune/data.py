@@ -309,9 +309,9 @@ def load_paper_sft(tokenizer, settings: DataSettings, split: str = "train") -> I
     return InstructionData(settings.dataset, train, heldout, [], meta)
 
 
+# the offline datasets by name; any other is one of the paper's SFT sets from the hub (load_paper_sft checks which)
+OFFLINE_DATASETS = {"boolq": build_boolq, "asdiv": build_asdiv}
+
+
 def build_dataset(tokenizer, settings: DataSettings) -> InstructionData:
-    if settings.dataset == "boolq":
-        return build_boolq(tokenizer, settings)
-    if settings.dataset == "asdiv":
-        return build_asdiv(tokenizer, settings)
-    return load_paper_sft(tokenizer, settings)
+    return OFFLINE_DATASETS.get(settings.dataset, load_paper_sft)(tokenizer, settings)
