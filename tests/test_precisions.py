@@ -92,7 +92,9 @@ def tiny_llama(tmp_path_factory):
 
 
 @pytest.mark.parametrize("precision,kind,tolerance", [("int8-torchao", "Linear[Int8Tensor]", 0.03),
-                                                      ("int4-quanto", "QLinear", 0.2)])
+                                                      ("int4-quanto", "QLinear", 0.3)])
+# int4 of this tiny random model's Gaussian weights moves its logits by about 20% (fp32 compute: 0.201); unrelated
+# weights of the same scale would move them by more than 100%
 def test_each_new_method_loads_on_the_cpu_close_to_fp32_in_fewer_bytes(tiny_llama, precision, kind, tolerance):
     path, ids, reference_logits, reference_bytes = tiny_llama
     model, _ = models.load_causal_lm(str(path), precision)
@@ -116,7 +118,7 @@ def test_the_plan_the_roofline_and_gpu_check_read_the_registry():
 
     assert gpu_check.PRECISIONS == ("bf16", "fp16", "int8", "int4-nf4")  # one of each kind that has run on CUDA
 
-    assert compute_dtype("int4-quanto", "cpu") == compute_dtype("int8-torchao", "cpu") == "bf16"
+    assert compute_dtype("int4-quanto", "cpu") == compute_dtype("int8-torchao", "cpu") == "fp32"
     meta = plan.meta_model(plan.hub_config("Qwen/Qwen2.5-7B-Instruct"))
     sizes = {p: plan.weight_bytes(meta, p)[0] for p in ("bf16", "int8", "int8-torchao", "int4-nf4", "int4-quanto")}
     assert sizes["int4-nf4"] < sizes["int4-quanto"] < sizes["int8"] < sizes["int8-torchao"] < sizes["bf16"]

@@ -10,8 +10,8 @@ fp32/bf16/fp16 ``floats``        float32 / bfloat16 / float16 weights and comput
 int8          ``with_bitsandbytes`` LLM.int8() linear layers (weights int8, outliers in fp16)
 int4-nf4      ``with_bitsandbytes`` 4-bit NormalFloat linear layers, bf16 compute (the paper's int4 in its claims)
 int4-fp4      ``with_bitsandbytes`` 4-bit float linear layers, bf16 compute
-int8-torchao  ``with_torchao``   torchao int8 weight-only linear layers, bf16 compute
-int4-quanto   ``with_quanto``    optimum-quanto int4 weight-only linear layers (groups of 128), bf16 compute
+int8-torchao  ``with_torchao``   torchao int8 weight-only linear layers, fp32 compute
+int4-quanto   ``with_quanto``    optimum-quanto int4 weight-only linear layers (groups of 128), fp32 compute
 ============= ================= ==================================================================================
 
 Adding a method: a module here that calls ``register`` (imported below), and a params line. No torch import at
