@@ -286,7 +286,7 @@ def summary(res, table) -> str:
 
 QUALITY_COLUMNS = {"model": "model", "method": "method", "lr": "peak lr", "final_loss": "final loss (nats/token)",
                    "accuracy_before": "accuracy before (± s.e.)", "accuracy_after": "accuracy after (± s.e.)",
-                   "answer_mass_before": "yes/no mass before", "answer_mass_after": "yes/no mass after"}
+                   "answer_mass_before": "answer mass before", "answer_mass_after": "answer mass after"}
 COST_COLUMNS = {"model": "model", "method": "method", "AL_s": "AL (s/step)", "AL_p90_s": "p90 step (s)",
                 "ST": "ST (samples/param/s)", "AMU_GB": "AMU (GB)", "PCU": "PCU (%)", "AEC_W": "AEC (W)",
                 "energy_J": "energy (J)"}
