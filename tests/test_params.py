@@ -116,8 +116,8 @@ def test_labels_agree_with_params_in_every_study_and_profile():
 
 def test_set_on_a_grid_field_runs_that_value_alone():
     own = {s.label: s for s in expand(params_path("quantization"), "cpu")}
-    (int8,) = expand(params_path("quantization"), "cpu", {"precision": "int8"})
-    assert int8 == own["precision=int8"] and int8.params["precision"] == "int8" and int8.explored is None
+    (nf4,) = expand(params_path("quantization"), "cpu", {"precision": "int4-nf4"})
+    assert nf4 == own["precision=int4-nf4"] and nf4.params["precision"] == "int4-nf4" and nf4.explored is None
 
 
 def test_a_value_outside_the_grid_is_an_explored_run():
@@ -130,13 +130,13 @@ def test_a_value_outside_the_grid_is_an_explored_run():
 
 def test_grid_replaces_an_axis_and_keeps_the_profile_runs_it_names():
     own = {s.label: s for s in expand(params_path("quantization"), "cpu")}
-    specs = expand(params_path("quantization"), "cpu", grid={"precision": ["int8", "int4-fp4"]})
-    assert [s.label for s in specs] == ["precision=int8", "precision=int4-fp4"]
-    assert specs[0] == own["precision=int8"] and specs[1].profile == "cpu+explore"
+    specs = expand(params_path("quantization"), "cpu", grid={"precision": ["int4-nf4", "int4-fp4"]})
+    assert [s.label for s in specs] == ["precision=int4-nf4", "precision=int4-fp4"]
+    assert specs[0] == own["precision=int4-nf4"] and specs[1].profile == "cpu+explore"
     with pytest.raises(ParamsError, match="both"):
-        expand(params_path("quantization"), "cpu", {"precision": "int8"}, {"precision": ["fp32"]})
+        expand(params_path("quantization"), "cpu", {"precision": "int4-nf4"}, {"precision": ["fp32"]})
     with pytest.raises(ParamsError, match="field 'precision'.*int3"):
-        expand(params_path("quantization"), "cpu", grid={"precision": ["int8", "int3"]})
+        expand(params_path("quantization"), "cpu", grid={"precision": ["int4-nf4", "int3"]})
 
 
 def test_set_variant_selects_a_bundle_or_is_refused_naming_the_bundles(capsys):
@@ -154,14 +154,14 @@ def test_set_variant_selects_a_bundle_or_is_refused_naming_the_bundles(capsys):
 
 
 def test_cli_list_with_set_and_grid(capsys):
-    assert cli.main(["list", "quantization", "--set", "precision=int8"]) == 0
+    assert cli.main(["list", "quantization", "--set", "precision=int4-nf4"]) == 0
     out, err = capsys.readouterr()
-    (int8,) = [s for s in expand(params_path("quantization")) if s.params["precision"] == "int8"]
-    assert out.splitlines() == [f"quantization\tcpu\t{int8.run_id}\tprecision=int8"]
+    (nf4,) = [s for s in expand(params_path("quantization")) if s.params["precision"] == "int4-nf4"]
+    assert out.splitlines() == [f"quantization\tcpu\t{nf4.run_id}\tprecision=int4-nf4"]
     assert "outside" not in err
-    assert cli.main(["list", "quantization", "--grid", "precision=int8,int4-fp4"]) == 0
+    assert cli.main(["list", "quantization", "--grid", "precision=int4-nf4,int4-fp4"]) == 0
     out, err = capsys.readouterr()
-    assert [line.split("\t")[1::2] for line in out.splitlines()] == [["cpu", "precision=int8"],
+    assert [line.split("\t")[1::2] for line in out.splitlines()] == [["cpu", "precision=int4-nf4"],
                                                                      ["cpu+explore", "precision=int4-fp4"]]
     assert "outside profile 'cpu'" in err and "precision=int4-fp4" in err and "cpu+explore" in err
 
