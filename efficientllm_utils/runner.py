@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import statistics
 import sys
 import time
 import traceback
@@ -63,8 +64,10 @@ class Summary:
 class StudyProgress:
     """Progress across every run of several axes (``make reproduce AXIS=all``), printed after each run: axis k of
     n, run i of m, the elapsed time and the estimated remaining time. The estimate is the published records'
-    durations of the runs still to go (a run with no published record: the mean of those known), scaled by how
-    long this machine took for the runs it executed against their published durations."""
+    durations of the runs still to go (a run with no published record: the mean of those known), scaled by this
+    machine's pace: the median, over the runs it executed, of each one's time against its published time. The
+    median, so that one run whose kernel is much slower here than where it was published (bitsandbytes' 4-bit
+    CPU kernel without AVX512-BF16: 9x) does not scale every run still to go."""
 
     total: int  # runs of every axis
     expected_s: dict[str, float]  # run id -> seconds its published record took
@@ -72,8 +75,7 @@ class StudyProgress:
     axis: str = ""
     axis_index: int = 0
     done: int = 0
-    executed_s: float = 0.0  # wall time of the runs executed here (skipped ones took none)
-    executed_expected_s: float = 0.0  # their published durations
+    paces: list[float] = field(default_factory=list)  # per run executed here: its time over its published time
     remaining_ids: set[str] = field(default_factory=set)
     t0: float = field(default_factory=time.perf_counter)
 
@@ -87,14 +89,13 @@ class StudyProgress:
     def finished(self, outcome: RunOutcome, executed: bool) -> None:
         self.done += 1
         self.remaining_ids.discard(outcome.run_id)
-        if executed and outcome.duration_s is not None and outcome.run_id in self.expected_s:
-            self.executed_s += outcome.duration_s
-            self.executed_expected_s += self.expected_s[outcome.run_id]
+        if executed and outcome.duration_s is not None and self.expected_s.get(outcome.run_id):
+            self.paces.append(outcome.duration_s / self.expected_s[outcome.run_id])
 
     def remaining_s(self) -> float | None:
         if not self.expected_s:
             return None
-        pace = self.executed_s / self.executed_expected_s if self.executed_expected_s else 1.0
+        pace = statistics.median(self.paces) if self.paces else 1.0
         return pace * sum(self._expected(r) for r in self.remaining_ids)
 
     def line(self) -> str:

@@ -144,4 +144,16 @@ def test_study_progress_across_axes_resumes_and_estimates_from_published_duratio
     assert lines[0].startswith("== study progress: axis 2 of 2 (selftest) | run 1 of 3")  # the resumed run
     assert "run 3 of 3" in lines[-1] and progress.remaining_s() == 0
     assert all("remaining ~" in line for line in lines)
-    assert progress.executed_expected_s == 12.0  # both runs it executed had a published duration
+    assert len(progress.paces) == 2  # both runs it executed had a published duration
+
+
+def test_one_run_much_slower_here_does_not_scale_the_whole_estimate():
+    """The pace is the median of the executed runs' time against their published time: one run whose kernel is
+    9x slower on this CPU leaves the estimate of the others at the pace of the rest."""
+    published = {run: 10.0 for run in "abcde"}
+    progress = runner.StudyProgress(total=5, expected_s=published, n_axes=1, remaining_ids=set(published))
+    for run, seconds in (("a", 12.0), ("b", 90.0), ("c", 12.0)):
+        progress.finished(runner.RunOutcome(run, run, "ok", seconds), executed=True)
+    assert progress.remaining_s() == pytest.approx(2 * 10.0 * 1.2)  # a total-time pace would say 2 x 38 s
+    progress.finished(runner.RunOutcome("d", "d", "skipped"), executed=False)
+    assert progress.paces == [1.2, 9.0, 1.2] and progress.remaining_s() == pytest.approx(12.0)
