@@ -4,7 +4,8 @@ quanto swaps each linear layer for a ``QLinear`` whose weight is a ``WeightQBits
 byte, with a scale and a shift per group of 128 weights in the activation dtype (fp32 here: the rest of the model is
 loaded in fp32, as bitsandbytes' CPU paths compute). On the CPU its product dequantizes the weight to fp32 and
 multiplies in fp32 (quanto's optimized 4-bit kernels are CUDA ones; in bf16 it ran 9.2x slower on a CPU without
-AVX512-BF16: 4286 against 464 ms a 64-token forward of SmolLM2-135M); its CUDA path has not been run here.
+AVX512-BF16: 4286 against 464 ms a 64-token forward of SmolLM2-135M, timed once with other work running beside it);
+its CUDA path has not been run here.
 """
 from __future__ import annotations
 

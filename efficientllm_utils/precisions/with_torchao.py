@@ -5,7 +5,8 @@ float32 scale and an int8 zero point per output row) and leaves the layer an ``n
 casts the int8 weight to the activation's dtype and multiplies in it, then scales each output column
 (``aten.linear`` of ``Int8Tensor``): here the activations are fp32, the rest of the model is loaded in fp32, as
 bitsandbytes' CPU paths compute (in bf16 it ran 3.0x slower on a CPU without AVX512-BF16: 980 against 328 ms a
-64-token forward of SmolLM2-135M, with the same KL to fp32 within 0.001). Runs on
+64-token forward of SmolLM2-135M, timed once (5 forwards after one warm-up) with other work running beside it, with the
+same KL to fp32 within 0.001). Runs on
 the CPU with torch 2.13 (torchao 0.18's int4 weight-only does not); its CUDA path exists in torchao but has not been
 run here.
 """
