@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import sys
 import platform
 import re
 import subprocess
@@ -181,6 +182,10 @@ def hardware() -> dict[str, Any]:
     except Exception:
         pass
     info["cpu_flags"] = cpu_flags()  # AVX512-BF16/AMX decide bf16 speed and bitsandbytes' 4-bit CPU kernel
+    # the thread pools the run computed with: the environment's OpenMP limit, torch's intra-op threads when loaded
+    info["omp_num_threads"] = os.environ.get("OMP_NUM_THREADS")
+    if "torch" in sys.modules:
+        info["torch_threads"] = sys.modules["torch"].get_num_threads()
     gpus = ", ".join(g["name"] for g in info["gpus"]) or "no GPU"
     bf16 = [name for flag, name in (("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX-BF16"))
             if info["cpu_flags"].get(flag)]

@@ -130,7 +130,7 @@ def execute_run(spec: RunSpec, results_root: str, timeout_s: float | None = None
     parameters = {**spec.params, "run_id": spec.run_id, "study": spec.study, "profile": spec.profile,
                   "label": spec.label, "explored": spec.explored.model_dump(mode="json") if spec.explored else None,
                   "result_dir": str(directory.relative_to(Path(results_root)))}
-    env = {**QUIET_KERNEL_ENV, "EFFICIENTLLM_RESULTS": str(Path(results_root).resolve())}
+    env = {**QUIET_KERNEL_ENV, **kernel_thread_environment(), "EFFICIENTLLM_RESULTS": str(Path(results_root).resolve())}
     try:
         papermill.execute_notebook(str(REPO_ROOT / spec.notebook), str(directory / NOTEBOOK_NAME),
                                    parameters=parameters, cwd=str(REPO_ROOT), progress_bar=False,
@@ -197,6 +197,26 @@ QUIET_KERNEL_ENV = {
 KERNEL_ENV_DROPPED = ("MALLOC_TRIM_THRESHOLD_",)
 
 
+# Dask's nanny also limits its workers' OpenMP/MKL/OpenBLAS pools to one thread (its single-threaded workers share
+# the machine), and a kernel would inherit that: every run without its own ``num_threads`` computed on one core of
+# a 2-core machine (SmolLM2's 800 PIQA items took 163 s in a quantization run against about 100 s on both cores).
+# A run's kernel gets the cores its worker may use instead: its share of a local cluster's cores
+# (``WORKER_CORES_ENV``, set by ``local_cluster``), else the cores this process may run on (a Slurm job's CPUs).
+THREAD_ENV_NAMES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+WORKER_CORES_ENV = "EFFICIENTLLM_WORKER_CORES"
+
+
+def worker_cores() -> int:
+    """The cores a run on this worker may use (see ``THREAD_ENV_NAMES``)."""
+    share = os.environ.get(WORKER_CORES_ENV)
+    return int(share) if share else len(os.sched_getaffinity(0))
+
+
+def kernel_thread_environment() -> dict[str, str]:
+    """The thread-pool sizes of a run's kernel: the cores its worker may use."""
+    return {name: str(worker_cores()) for name in THREAD_ENV_NAMES}
+
+
 def kernel_environment(base: dict[str, str], extra: dict[str, str]) -> dict[str, str]:
     """A run's kernel environment: the worker's, without ``KERNEL_ENV_DROPPED``, with ``extra``."""
     return {k: v for k, v in {**base, **extra}.items() if k not in KERNEL_ENV_DROPPED}
@@ -257,10 +277,11 @@ def local_cluster(gpus: int | list[str], max_retries: int = 2, gpus_per_worker: 
     # A run whose worker dies (killed, out of memory) is retried this many times, then recorded as failed.
     dask.config.set({"distributed.scheduler.allowed-failures": max_retries})
     workers = {}
+    share = max(1, len(os.sched_getaffinity(0)) // max(len(groups), 1))  # each worker's cores (kernel threads)
     for i in range(max(len(groups), 1)):
-        options: dict = {"nthreads": 1, "memory_limit": 0, "host": "127.0.0.1"}
+        options: dict = {"nthreads": 1, "memory_limit": 0, "host": "127.0.0.1", "env": {WORKER_CORES_ENV: share}}
         if groups:
-            options["env"] = {"CUDA_VISIBLE_DEVICES": ",".join(groups[i]), **CUDA_ORDER_ENV}
+            options["env"].update({"CUDA_VISIBLE_DEVICES": ",".join(groups[i]), **CUDA_ORDER_ENV})
             options["resources"] = {"GPU": len(groups[i])}
         workers[f"worker-{i}"] = {"cls": Nanny, "options": options}
     # no dashboard; its HTTP server on a free port, so a second cluster on the machine does not warn about 8787

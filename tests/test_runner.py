@@ -85,18 +85,33 @@ def test_gpu_runs_without_gpu_workers_fail_fast():
     runner.check_resources(specs, [{"GPU": 1}])
 
 
-def test_run_kernels_drop_the_malloc_trim_threshold_dask_sets_for_its_workers():
-    """Dask's nanny gives its workers MALLOC_TRIM_THRESHOLD_=65536, which slows torch on a CPU about 2x; the kernels
-    a worker launches must not inherit it. The thread limits it sets stay (runs set their own ``num_threads``)."""
+def test_run_kernels_drop_the_malloc_trim_threshold_and_one_thread_limit_dask_sets_for_its_workers(monkeypatch):
+    """Dask's nanny gives its workers MALLOC_TRIM_THRESHOLD_=65536, which slows torch on a CPU about 2x, and thread
+    pools of one thread; the kernels a worker launches must inherit neither: they get the C library's default and
+    the worker's share of the cores."""
     import dask
     import distributed  # noqa: F401 - registers the distributed config
 
     spawned = {k: str(v) for k, v in dask.config.get("distributed.nanny.pre-spawn-environ").items()}
-    assert "MALLOC_TRIM_THRESHOLD_" in spawned  # else this test no longer tests anything
-    env = runner.kernel_environment({**os.environ, **spawned}, {"TQDM_DISABLE": "1"})
+    assert "MALLOC_TRIM_THRESHOLD_" in spawned and spawned["OMP_NUM_THREADS"] == "1"  # else this tests nothing
+    monkeypatch.setenv(runner.WORKER_CORES_ENV, "3")
+    env = runner.kernel_environment({**os.environ, **spawned}, {"TQDM_DISABLE": "1", **runner.kernel_thread_environment()})
     assert "MALLOC_TRIM_THRESHOLD_" not in env
-    assert env["TQDM_DISABLE"] == "1" and env["OMP_NUM_THREADS"] == spawned["OMP_NUM_THREADS"]
-    assert env["PATH"] == os.environ["PATH"]
+    assert env["TQDM_DISABLE"] == "1" and env["PATH"] == os.environ["PATH"]
+    assert [env[name] for name in runner.THREAD_ENV_NAMES] == ["3", "3", "3"]
+    monkeypatch.delenv(runner.WORKER_CORES_ENV)  # outside a local cluster (a Slurm job): the cores it may run on
+    assert runner.kernel_thread_environment()["OMP_NUM_THREADS"] == str(len(os.sched_getaffinity(0)))
+
+
+def test_a_run_computes_on_every_core_of_the_local_workers_share(results_root):
+    """A run that sets no thread count of its own computes on the cores of its worker: all of them for the one
+    worker of a machine without GPUs, not the one thread Dask's nanny sets; its record says so."""
+    from efficientllm_utils.records import load_records
+
+    (spec,) = expand(PARAMS_DIR / "selftest.yaml", "cpu", {"value": 1})
+    assert runner.execute([spec], results_root).outcomes[0].status == "ok"
+    (record,) = load_records("selftest", "cpu", results_root)
+    assert record.provenance["hardware"]["omp_num_threads"] == str(len(os.sched_getaffinity(0)))
 
 
 def test_explored_and_hand_run_records_say_so_and_stay_out_of_the_book_unless_asked(results_root, tmp_path,
