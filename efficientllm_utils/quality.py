@@ -12,6 +12,7 @@ and the choices many.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -110,6 +111,17 @@ def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def _left_padded(rows: list[list[int]], length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token ids, attention mask and positions of ``rows`` left-padded to ``length``, each (len(rows), length): the
+    rows end together at the last position, and each counts its positions from 0 despite the padding."""
+    ids = torch.zeros(len(rows), length, dtype=torch.long)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for r, tokens in enumerate(rows):
+        ids[r, length - len(tokens):] = torch.tensor(tokens)
+        mask[r, length - len(tokens):] = 1
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 @torch.no_grad()
 def _continuation_logprobs(model, sequences: list[tuple[list[int], list[int]]], max_batch_tokens: int) -> list[torch.Tensor]:
     """Log-probabilities over the vocabulary at each continuation position.
@@ -129,13 +141,7 @@ def _continuation_logprobs(model, sequences: list[tuple[list[int], list[int]]], 
         longest = sum(map(len, sequences[order[start]]))
         batch = order[start: start + max(1, max_batch_tokens // max(longest, 1))]
         start += len(batch)
-        ids = torch.zeros(len(batch), longest, dtype=torch.long)
-        mask = torch.zeros(len(batch), longest, dtype=torch.long)
-        for row, i in enumerate(batch):
-            tokens = sequences[i][0] + sequences[i][1]
-            ids[row, longest - len(tokens):] = torch.tensor(tokens)
-            mask[row, longest - len(tokens):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # each sequence counts from 0 despite the padding
+        ids, mask, positions = _left_padded([sequences[i][0] + sequences[i][1] for i in batch], longest)
         keep = max(len(sequences[i][1]) for i in batch) + 1
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
                        logits_to_keep=keep).logits.float()
@@ -147,70 +153,56 @@ def _continuation_logprobs(model, sequences: list[tuple[list[int], list[int]]], 
 
 
 @torch.no_grad()
-def _shared_context_logprobs(model, requests: list[tuple[list[int], list[list[int]]]],
-                             max_batch_tokens: int) -> list[list[torch.Tensor]]:
-    """Like :func:`_continuation_logprobs`, each context run once for all its continuations.
+def _shared_context_loglikelihoods(model, requests: list[tuple[list[int], list[list[int]]]],
+                                   max_batch_tokens: int) -> list[list[float]]:
+    """Like :func:`_continuation_logprobs` followed by :func:`_summed`, each context run once for all its continuations.
 
-    ``requests`` holds (context ids, [continuation ids per choice]); for each, returns per choice the
-    ``(len(continuation) or 1, vocab)`` log-probabilities that predict the continuation's tokens. A batch of contexts
-    runs left-padded, the distribution after each context read at its last position (every choice's first token);
-    the cache of keys and values is then repeated per choice (``reorder_cache``) and all the choices of the batch
-    continue from it in one forward (right-padded: a causal model's real positions never see the padding behind
-    them), with their positions counted on from their context's length.
+    ``requests`` holds (context ids, [continuation ids per choice]); returns per request the summed log-probability
+    of each continuation. Contexts run in batches, longest first and left-padded; the distribution after each context,
+    read at its last position, predicts every choice's first token. The choices of a batch then continue from its
+    cache of keys and values: sorted by length and cut into chunks of at most ``max_batch_tokens`` padded tokens (so
+    that a long choice does not pad every short one), each chunk from its own copy of the cache repeated to its rows
+    (``reorder_cache``), right-padded (a causal model's real positions never see the padding behind them), with their
+    positions counted on from their context's length.
     """
     device = _model_device(model)
-    results: list[list[torch.Tensor] | None] = [None] * len(requests)
+    results = [[0.0] * len(continuations) for _, continuations in requests]
     order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]))
-
-    def cost(batch: list[int]) -> int:  # tokens computed: the padded contexts, then the padded continuations
-        return (len(batch) * len(requests[batch[0]][0])
-                + sum(len(requests[i][1]) for i in batch) * max(len(c) for i in batch for c in requests[i][1]))
-
     start = 0
     while start < len(order):
-        batch = [order[start]]
-        while start + len(batch) < len(order) and cost(batch + [order[start + len(batch)]]) <= max_batch_tokens:
-            batch.append(order[start + len(batch)])
+        longest = len(requests[order[start]][0])
+        batch = order[start: start + max(1, max_batch_tokens // max(longest, 1))]
         start += len(batch)
-        longest = len(requests[batch[0]][0])
-        ids = torch.zeros(len(batch), longest, dtype=torch.long)
-        mask = torch.zeros(len(batch), longest, dtype=torch.long)
-        for row, i in enumerate(batch):
-            context = requests[i][0]
-            ids[row, longest - len(context):] = torch.tensor(context)
-            mask[row, longest - len(context):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, positions = _left_padded([requests[i][0] for i in batch], longest)
         out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
                     use_cache=True, logits_to_keep=1)
         first = torch.log_softmax(out.logits[:, -1].float(), dim=-1).cpu()  # (batch, vocab)
-        rows = [(row, cont) for row, i in enumerate(batch) for cont in requests[i][1]]  # one per choice
-        steps = max(len(cont) for _, cont in rows) - 1  # the tokens fed after the context: all but each last one
-        later: torch.Tensor | None = None
-        if steps > 0:
-            cache = out.cache
-            source = torch.tensor([row for row, _ in rows])
+        # one row per choice: (row of its context in the batch, request, choice, continuation ids)
+        rows = [(row, i, c, cont) for row, i in enumerate(batch) for c, cont in enumerate(requests[i][1])]
+        later: dict[tuple[int, int], torch.Tensor] = {}  # (request, choice) -> log-probs of its tokens after the first
+        longer = sorted((r for r in rows if len(r[3]) > 1), key=lambda r: -len(r[3]))
+        while longer:
+            steps = len(longer[0][3]) - 1  # the tokens fed after the context: all but each last one
+            chunk, longer = longer[: max(1, max_batch_tokens // steps)], longer[max(1, max_batch_tokens // steps):]
+            source = torch.tensor([row for row, *_ in chunk])
+            cache = copy.deepcopy(out.cache)
             cache.reorder_cache(source.to(device))
-            cont_ids = torch.zeros(len(rows), steps, dtype=torch.long)
-            cont_mask = torch.zeros(len(rows), steps, dtype=torch.long)
-            for r, (_, cont) in enumerate(rows):
-                fed = cont[:-1]
-                cont_ids[r, : len(fed)] = torch.tensor(fed, dtype=torch.long)
-                cont_mask[r, : len(fed)] = 1
-            lengths = mask.sum(-1)[source]  # each row's real context length
-            cont_positions = lengths[:, None] + torch.arange(steps)[None, :]
+            cont_ids = torch.zeros(len(chunk), steps, dtype=torch.long)
+            cont_mask = torch.zeros(len(chunk), steps, dtype=torch.long)
+            for r, (*_, cont) in enumerate(chunk):
+                cont_ids[r, : len(cont) - 1] = torch.tensor(cont[:-1], dtype=torch.long)
+                cont_mask[r, : len(cont) - 1] = 1
+            cont_positions = mask.sum(-1)[source][:, None] + torch.arange(steps)[None, :]
             logits = model(input_ids=cont_ids.to(device),
                            attention_mask=torch.cat([mask[source], cont_mask], dim=1).to(device),
                            position_ids=cont_positions.to(device), cache=cache, use_cache=True).logits
-            later = torch.log_softmax(logits.float(), dim=-1).cpu()  # (rows, steps, vocab)
-        r = 0
-        for row, i in enumerate(batch):
-            per_choice = []
-            for cont in requests[i][1]:
-                head = first[row: row + 1]
-                per_choice.append(head if len(cont) <= 1 else torch.cat([head, later[r, : len(cont) - 1]]))
-                r += 1
-            results[i] = per_choice
-    return results  # type: ignore[return-value]
+            for r, (_, i, c, cont) in enumerate(chunk):  # log-softmax at the real positions only
+                logprobs = torch.log_softmax(logits[r, : len(cont) - 1].float(), dim=-1).cpu()
+                later[i, c] = logprobs.gather(1, torch.tensor(cont[1:])[:, None])[:, 0]
+        for row, i, c, cont in rows:  # summed in order in float32, as _summed sums the rows it reads
+            tokens = [first[row, cont[0]]] + (list(later[i, c]) if len(cont) > 1 else []) if cont else []
+            results[i][c] = float(sum(tokens))
+    return results
 
 
 def _summed(logprobs: torch.Tensor, continuation: list[int]) -> float:
@@ -228,9 +220,7 @@ def choice_loglikelihoods(model, tokenizer, items: list[MCItem], max_batch_token
         requests_shared = [(tokenizer(item.context).input_ids[-max_context_tokens:],
                             [tokenizer(c, add_special_tokens=False).input_ids for c in item.choices])
                            for item in items]
-        per_item = _shared_context_logprobs(model, requests_shared, max_batch_tokens)
-        return [[_summed(lp, cont) for lp, cont in zip(logprobs, conts)]
-                for logprobs, (_, conts) in zip(per_item, requests_shared)]
+        return _shared_context_loglikelihoods(model, requests_shared, max_batch_tokens)
     requests: list[tuple[list[int], list[int]]] = []
     plan: list[list[tuple[int, list[int]]]] = []  # per item: (request index, continuation ids) per choice
     for item in items:
