@@ -134,6 +134,62 @@ def run_provenance(model: torch.nn.Module) -> dict:
     return {"cpu_4bit": kernel_report(model)}
 
 
+# --- the dequantize path, its weights dequantised once -------------------------------------------
+
+def dequantized_weight(layer: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The layer's weight as bitsandbytes' CPU ``dequantize`` path computes it at every call (``gemm_4bit``'s
+    default kernel: the block scales, double-quantised ones decoded first, then ``dequantize_4bit`` to the input's
+    dtype), (out_features, in_features)."""
+    state = layer.weight.quant_state
+    absmax = state.absmax
+    if state.nested:
+        absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
+            state.absmax, state.state2.absmax, state.state2.code, state.state2.blocksize, torch.float32) + state.offset
+    return torch.ops.bitsandbytes.dequantize_4bit.default(layer.weight.data.view(-1, 1), absmax, state.blocksize,
+                                                          state.quant_type, state.shape, dtype)
+
+
+@contextmanager
+def weights_dequantized_once(model: torch.nn.Module):
+    """Inside the block, every 4-bit layer pinned to ``dequantize`` multiplies with its weight dequantised once
+    (:func:`dequantized_weight`, at its first call) instead of at every call: the same arithmetic as bitsandbytes'
+    own path (``F.linear`` of the input in the compute dtype with that weight, then back to the input's dtype), so
+    the same outputs, bit for bit (``tests/test_cpu_4bit.py``), at the cost of the weights' full-precision size
+    while the block lasts. On a CPU without AVX512-BF16, where every 4-bit layer dequantises, a forward of
+    SmolLM2-135M otherwise spends most of its time dequantising. For inference (no gradient reaches the 4-bit
+    weights, which are frozen anyway); layers on the fused path are left alone. Restored on exit.
+
+    The quantization study scores quality through it and times its requests without it: the latency is the kernel's."""
+    from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+    patched = []
+    for _, layer in linear4bit_layers(model):
+        if getattr(layer, "support_avx512bf16_for_cpu", False) or is_packed(layer) or layer.weight.device.type != "cpu":
+            continue
+        cache: dict[torch.dtype, torch.Tensor] = {}
+
+        def forward(x: torch.Tensor, layer=layer, cache=cache) -> torch.Tensor:
+            fix_4bit_weight_quant_state_from_module(layer)
+            if not layer.compute_type_is_set:
+                layer.set_compute_type(x)
+                layer.compute_type_is_set = True
+            out_dtype = x.dtype
+            if layer.compute_dtype is not None:
+                x = x.to(layer.compute_dtype)
+            if x.dtype not in cache:
+                cache[x.dtype] = dequantized_weight(layer, x.dtype)
+            bias = None if layer.bias is None else layer.bias.to(x.dtype)
+            return torch.nn.functional.linear(x, cache[x.dtype], bias).to(out_dtype)
+
+        layer.forward = forward
+        patched.append(layer)
+    try:
+        yield len(patched)
+    finally:
+        for layer in patched:
+            del layer.forward  # the class's forward again
+
+
 # --- the fused path on any CPU: a plain-torch reference and an emulation -------------------------
 
 def unpacked_codes(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:

@@ -181,7 +181,7 @@ def load_causal_lm(source: str, precision: str = "fp32", device: str = "cpu", cp
     path = resolve_source(source)
     qconfig = quantization_config(precision, unquantized_modules(path))
     # straight onto the device: a 32B model in bf16 never sits whole in host RAM
-    kwargs: dict = {"dtype": method.torch_dtype(), "device_map": {"": device}}
+    kwargs: dict = {"dtype": method.torch_dtype(device), "device_map": {"": device}}
     if qconfig is not None:
         for message in method.silenced_warnings:  # e.g. bitsandbytes' cast notice on every int8 matmul
             warnings.filterwarnings("ignore", message=message)

@@ -41,13 +41,16 @@ def narrow_dir(tmp_path_factory):
 
 
 def load_4bit(path: str, kernel: str | None = None):
-    """int4-nf4 as the quantization study loads it (``kernel`` pinned), or with bitsandbytes left alone (None)."""
+    """int4-nf4 as the quantization study loads it (``kernel`` pinned; in fp32 on the CPU), or with bitsandbytes left
+    alone (None) at the same dtypes."""
     from transformers import AutoModelForCausalLM
 
     if kernel is not None:
         return models.load_causal_lm(path, "int4-nf4", cpu_4bit_kernel=kernel)[0]
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=models.quantization_config("int4-nf4"),
-                                                dtype=torch.bfloat16, device_map={"": "cpu"}).eval()
+    config = models.quantization_config("int4-nf4")
+    config.bnb_4bit_compute_dtype = torch.float32  # what the study sets on the CPU, here through the config
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.float32,
+                                                device_map={"": "cpu"}).eval()
 
 
 TOKENS = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(1))
@@ -198,3 +201,40 @@ def test_a_records_provenance_says_which_kernel_ran(wide_dir, cpu):
     # this machine's flags from /proc/cpuinfo ({} where it has no x86 flags line): they agree with bitsandbytes
     assert report["cpu_flags"].get("avx512_bf16", NATIVE) == NATIVE
     assert cpu_4bit.run_provenance(torch.nn.Linear(2, 2)) == {}  # nothing 4-bit: nothing to say
+
+
+# --- the dequantize path with its weights dequantised once ---------------------------------------
+
+def test_weights_dequantized_once_give_the_dequantize_kernels_outputs_bit_for_bit(wide_dir):
+    with cpu_4bit.emulate_cpu_without_avx512bf16():
+        model = load_4bit(wide_dir, "dequantize")
+        kernel = logits(model)
+        with cpu_4bit.weights_dequantized_once(model) as patched:
+            once = logits(model)
+            again = logits(model)  # from the cached weights
+            assert all("forward" in vars(layer) for _, layer in cpu_4bit.linear4bit_layers(model))
+        after = logits(model)
+    assert patched == 14
+    assert torch.equal(once, kernel) and torch.equal(again, kernel)
+    assert not any("forward" in vars(layer) for _, layer in cpu_4bit.linear4bit_layers(model))  # restored
+    assert torch.equal(after, kernel)
+
+
+def test_weights_dequantized_once_leave_the_fused_kernel_alone(wide_dir):
+    with cpu_4bit.emulate_avx512bf16_cpu():
+        model = load_4bit(wide_dir, "fused-bf16")
+        fused = logits(model)
+        with cpu_4bit.weights_dequantized_once(model) as patched:
+            inside = logits(model)
+    assert patched == 0 and torch.equal(inside, fused)
+
+
+def test_on_the_cpu_4bit_loads_and_computes_in_fp32_and_on_a_gpu_in_bf16(wide_dir):
+    from efficientllm_utils import precisions
+
+    nf4 = precisions.get("int4-nf4")
+    assert (nf4.load_dtype_for("cpu"), nf4.load_dtype_for("cuda")) == ("float32", "bfloat16")
+    with cpu_4bit.emulate_cpu_without_avx512bf16():
+        model = load_4bit(wide_dir, "dequantize")
+    assert {p.dtype for n, p in model.named_parameters() if "norm" in n or "embed" in n} == {torch.float32}
+    assert {layer.compute_dtype for _, layer in cpu_4bit.linear4bit_layers(model)} == {torch.float32}

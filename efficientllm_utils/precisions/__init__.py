@@ -8,8 +8,8 @@ One module per library registers its methods:
 ============= ================= ==================================================================================
 fp32/bf16/fp16 ``floats``        float32 / bfloat16 / float16 weights and compute; fp32 is the studies' reference
 int8          ``with_bitsandbytes`` LLM.int8() linear layers (weights int8, outliers in fp16)
-int4-nf4      ``with_bitsandbytes`` 4-bit NormalFloat linear layers, bf16 compute (the paper's int4 in its claims)
-int4-fp4      ``with_bitsandbytes`` 4-bit float linear layers, bf16 compute
+int4-nf4      ``with_bitsandbytes`` 4-bit NormalFloat linear layers, bf16 compute (fp32 on a CPU without AVX512-BF16; the paper's int4 in its claims)
+int4-fp4      ``with_bitsandbytes`` 4-bit float linear layers, bf16 compute (fp32 on a CPU without AVX512-BF16)
 int8-torchao  ``with_torchao``   torchao int8 weight-only linear layers, fp32 compute
 int4-quanto   ``with_quanto``    optimum-quanto int4 weight-only linear layers (groups of 128), fp32 compute
 ============= ================= ==================================================================================

@@ -18,7 +18,8 @@ class Precision:
     ``transformers_config(skip_modules)`` is the ``quantization_config`` transformers loads it with (None for a float
     dtype); ``diffusers_config()`` is diffusers' counterpart for a denoiser, and ``quantize_denoiser_on_cpu(model)``
     quantizes a loaded fp32 denoiser where diffusers' quantizer refuses the CPU. ``load_dtype`` is the torch dtype of
-    a float precision's weights, or of what a method leaves in floating point. ``compute_dtype`` is the dtype its
+    a float precision's weights, or of what a method leaves in floating point (``load_dtype_on(device)`` where that
+    depends on the device). ``compute_dtype`` is the dtype its
     matmuls run in (which probed peak its MFU is held against); ``compute_dtype_on(device)`` where that depends on
     the device. Counted bytes: every parameter and buffer, each tensor subclass by the plain tensors it flattens to
     (``counting.py``), plus ``extra_tensors(weight)`` (state a library keeps on a weight, e.g. bitsandbytes' scales)
@@ -39,6 +40,7 @@ class Precision:
     diffusers_config: Callable[[], Any] | None = None
     quantize_denoiser_on_cpu: Callable[[Any], Any] | None = None
     compute_dtype_on: Callable[[str], str] | None = None
+    load_dtype_on: Callable[[str], str] | None = None
     after_load: Callable[[Any, str, str], None] | None = None  # (model, device, cpu_4bit_kernel)
     extra_tensors: Callable[[Any], list] | None = None
     module_tensors: Callable[[Any], list] | None = None
@@ -53,10 +55,14 @@ class Precision:
     def compute_dtype_for(self, device: str) -> str:
         return self.compute_dtype_on(device) if self.compute_dtype_on is not None else self.compute_dtype
 
-    def torch_dtype(self):
+    def load_dtype_for(self, device: str) -> str:
+        return self.load_dtype_on(device) if self.load_dtype_on is not None else self.load_dtype
+
+    def torch_dtype(self, device: str | None = None):
+        """The torch dtype it loads at (on ``device``, where that depends on the device)."""
         import torch
 
-        return getattr(torch, self.load_dtype)
+        return getattr(torch, self.load_dtype if device is None else self.load_dtype_for(device))
 
 
 _REGISTRY: dict[str, Precision] = {}

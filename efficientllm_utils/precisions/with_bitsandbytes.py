@@ -91,18 +91,41 @@ def _denoiser_on_cpu(diffusers_config):
             if bias is not None:
                 module.bias = torch.nn.Parameter(bias, requires_grad=False)
         if config.load_in_4bit:
-            from ..cpu_4bit import pin_kernel
-
-            pin_kernel(model, "dequantize")  # one kernel on every CPU; the record says so
+            _pin_4bit_kernel(model, "cpu", "dequantize")  # one kernel (fp32) on every CPU; the record says so
         return model
     return quantize
 
 
 def _pin_4bit_kernel(model, device: str, cpu_4bit_kernel: str) -> None:
+    """On the CPU: the kernel pinned, and the dequantize path computing in fp32 (the dtype the model loaded at there,
+    ``_four_bit_load_dtype``); the fused kernel computes in bf16 whatever the layer's compute dtype."""
     if device == "cpu":
-        from ..cpu_4bit import pin_kernel
+        import torch
 
+        from ..cpu_4bit import linear4bit_layers, pin_kernel
+
+        for _, layer in linear4bit_layers(model):
+            layer.compute_dtype = torch.float32
         pin_kernel(model, cpu_4bit_kernel)
+
+
+def _four_bit_load_dtype(device: str) -> str:
+    """bf16 on a GPU (the paper's setting); fp32 on the CPU, where bitsandbytes' dequantize path multiplies in the
+    layer's compute dtype, and bf16 matmuls run several times slower than fp32 ones on a CPU without AVX512-BF16
+    (SmolLM2-135M's nf4 scoring of 40 PIQA items took 39.4 s in bf16 and 10.6 s in fp32 on a 2-core AVX2 EPYC, once,
+    2026-12-06): the weights are then the only difference from an fp32 reference, as with torchao and quanto here."""
+    return "float32" if device == "cpu" else "bfloat16"
+
+
+def _four_bit_compute_dtype(device: str) -> str:
+    """What ``cpu_4bit_kernel: auto`` runs on the CPU: the fused bf16 kernel where the CPU has AVX512-BF16, else the
+    dequantize path in fp32 (a run that pins ``dequantize`` on such a CPU computes in fp32 but is held against the
+    bf16 peak)."""
+    if device != "cpu":
+        return "bf16"
+    from ..cpu_4bit import cpu_has_avx512bf16
+
+    return "bf16" if cpu_has_avx512bf16() else "fp32"
 
 
 def _state_tensors(weight) -> list:
@@ -124,8 +147,8 @@ INT8_NOTES = ("LLM.int8(): int8 weights with a float32 scale per row, activation
               "product runs in int8 where bitsandbytes has an int8 kernel (CUDA, AVX-512 CPUs) and in fp32 elsewhere "
               "(int8_matmul_dtype finds which, once per run)")
 FOUR_BIT_NOTES = ("4-bit weights in blocks of 64 with an absmax each (double-quantised in transformers' loader), bf16 "
-                  "compute; on the CPU the kernel is pinned after loading (cpu_4bit.py: dequantize, or the fused bf16 "
-                  "kernel of CPUs with AVX512-BF16)")
+                  "compute on a GPU; on the CPU the model loads in fp32 and the kernel is pinned after loading "
+                  "(cpu_4bit.py: dequantize, computing in fp32, or the fused bf16 kernel of CPUs with AVX512-BF16)")
 
 
 def _int4_planned(numel: float, rows: float) -> float:
@@ -135,8 +158,8 @@ def _int4_planned(numel: float, rows: float) -> float:
 
 def _register(name: str, stands_for: str, description: str, studies: set[str], compute_dtype: str,
               diffusers_config=None, **fields) -> None:
-    """Register a bitsandbytes precision: loaded in bf16 on the CPU or CUDA, its quantisation state counted with the
-    weights, and, where diffusers quantizes a denoiser with it (``diffusers_config``), the same on the CPU."""
+    """Register a bitsandbytes precision: loaded in bf16 (unless ``load_dtype_on`` says otherwise), its quantisation
+    state counted with the weights, and, where diffusers quantizes a denoiser with it (``diffusers_config``), the same on the CPU."""
     register(Precision(
         name=name, stands_for=stands_for, library="bitsandbytes", description=description,
         studies=frozenset(studies), devices=("cpu", "cuda"), load_dtype="bfloat16", compute_dtype=compute_dtype,
@@ -146,10 +169,13 @@ def _register(name: str, stands_for: str, description: str, studies: set[str], c
 
 
 def _register_4bit(quant_type: str, kind: str, studies: set[str], diffusers_config=None) -> None:
-    """A 4-bit precision (``nf4`` or ``fp4``): bf16 compute, the CPU kernel pinned after loading."""
-    _register(f"int4-{quant_type}", "int4", f"bitsandbytes 4-bit {kind} linear layers, bf16 compute", studies, "bf16",
-              diffusers_config, kernel_notes=FOUR_BIT_NOTES, transformers_config=_transformers_4bit(quant_type),
-              after_load=_pin_4bit_kernel, planned_linear_bytes=_int4_planned)
+    """A 4-bit precision (``nf4`` or ``fp4``): bf16 on a GPU, fp32 on the CPU's dequantize path, the CPU kernel
+    pinned after loading."""
+    _register(f"int4-{quant_type}", "int4",
+              f"bitsandbytes 4-bit {kind} linear layers, bf16 compute (fp32 on a CPU without AVX512-BF16)", studies,
+              "bf16", diffusers_config, kernel_notes=FOUR_BIT_NOTES, transformers_config=_transformers_4bit(quant_type),
+              after_load=_pin_4bit_kernel, planned_linear_bytes=_int4_planned, load_dtype_on=_four_bit_load_dtype,
+              compute_dtype_on=_four_bit_compute_dtype)
 
 
 _register("int8", "int8", "bitsandbytes LLM.int8() linear layers (weights int8, outliers in fp16)",
