@@ -1,5 +1,6 @@
 """The CUDA paths' defects of issue 27, reproduced on a CPU stand-in of the same code (mocks where only CUDA has the
 behaviour); tests that need CUDA itself carry the ``gpu`` marker."""
+import os
 import pytest
 import torch
 
@@ -241,8 +242,9 @@ def test_local_workers_are_pinned_to_the_users_gpus_in_pci_order(monkeypatch):
     monkeypatch.setattr(distributed, "SpecCluster", lambda workers, **kw: seen.update(workers))
     runner.local_cluster(["2", "GPU-c"])
     envs = [w["options"]["env"] for w in seen.values()]
-    assert envs == [{"CUDA_VISIBLE_DEVICES": "2", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"},
-                    {"CUDA_VISIBLE_DEVICES": "GPU-c", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}]
+    share = max(1, len(os.sched_getaffinity(0)) // 2)  # each of the two workers' kernels: half the cores
+    assert envs == [{"CUDA_VISIBLE_DEVICES": "2", "CUDA_DEVICE_ORDER": "PCI_BUS_ID", runner.WORKER_CORES_ENV: share},
+                    {"CUDA_VISIBLE_DEVICES": "GPU-c", "CUDA_DEVICE_ORDER": "PCI_BUS_ID", runner.WORKER_CORES_ENV: share}]
 
 
 # --- 8: one build of a cached checkpoint at a time -------------------------------------------------------------

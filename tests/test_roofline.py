@@ -59,7 +59,11 @@ def test_int8_mfu_is_held_against_the_arithmetic_bitsandbytes_runs():
 
     expected = "int8" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "fp32"
     assert int8_matmul_dtype("cpu") == expected == compute_dtype("int8", "cpu")
-    assert compute_dtype("int8", "cuda") == "int8" and compute_dtype("int4-nf4", "cpu") == "bf16"
+    assert compute_dtype("int8", "cuda") == "int8" and compute_dtype("int4-nf4", "cuda") == "bf16"
+    # on the CPU, nf4 computes what cpu_4bit_kernel=auto runs: the fused bf16 kernel, else the dequantize path in fp32
+    from efficientllm_utils.cpu_4bit import cpu_has_avx512bf16
+
+    assert compute_dtype("int4-nf4", "cpu") == ("bf16" if cpu_has_avx512bf16() else "fp32")
 
 
 def test_pythia_has_a_flops_model_and_mamba_none():
