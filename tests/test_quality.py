@@ -104,3 +104,32 @@ def test_exact_match_is_right_exactly_when_greedy_decoding_writes_the_answer(tin
             out = model.generate(ids, max_new_tokens=len(answer), do_sample=False, pad_token_id=0)
         assert right == int(out[0, ids.shape[1]:].tolist() == answer)
     assert result["accuracy"] == sum(result["correct"]) / len(items)
+
+
+def test_exact_match_through_a_shared_prefix_equals_every_item_run_whole(tiny_llama):
+    """The tokens every context starts with, run once and continued from their cache, give every item the same
+    verdict and answer log-probability as running each item whole: contexts of different lengths behind one long
+    common start, answers of one and several tokens, batches small enough to split them and large enough to pad."""
+    from efficientllm_utils.quality import _common_prefix_length
+
+    model, tokenizer = tiny_llama
+    system = "Answer with the number only. Read the question and give one number, nothing else."
+    items = [quality.AnswerItem(f"{system}\n{item.context}", answer)
+             for item, answer in zip(quality.load_task("openbookqa", 6), ["7", " 12", "3.5", " forty two", "8", "1"])]
+    requests = [(tokenizer(i.context).input_ids, tokenizer(i.answer, add_special_tokens=False).input_ids)
+                for i in items]
+    assert _common_prefix_length(requests) >= 10  # the shared start is really shared, and long
+    for budget in (128, 4096):
+        shared = quality.exact_match(model, tokenizer, items, max_batch_tokens=budget)
+        whole = quality.exact_match(model, tokenizer, items, max_batch_tokens=budget, share_prefix=False)
+        assert shared["correct"] == whole["correct"]
+        assert shared["first_token_right"] == whole["first_token_right"]
+        assert shared["gold_logprobs"] == pytest.approx(whole["gold_logprobs"], abs=1e-4)
+
+
+def test_the_shared_prefix_leaves_each_context_a_token_of_its_own():
+    from efficientllm_utils.quality import _common_prefix_length
+
+    assert _common_prefix_length([([1, 2, 3], [9]), ([1, 2, 3, 4], [9])]) == 2  # not 3: the first has nothing left
+    assert _common_prefix_length([([1, 2, 3], [9]), ([5, 2, 3], [9])]) == 0
+    assert _common_prefix_length([([1, 2, 3], [9])]) == 0  # one sequence: nothing to share

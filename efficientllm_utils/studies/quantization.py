@@ -55,7 +55,8 @@ _SCORING_PACKAGES = ("torch", "transformers", "bitsandbytes", "accelerate")
 
 
 # tokens per scoring forward: on a 2-core CPU 512 scored 100 PIQA items in 12.7 s against 14.9 s at 2048 (fp32
-# SmolLM2-135M, AVX2 EPYC, once, 2026-12-06); a GPU wants larger batches
+# SmolLM2-135M, AVX2 EPYC, once, 2026-12-06). The cuda value is an assumption, not measured (no GPU was lent): a
+# GPU's matmuls fill better with more rows; time it with `make gpu-check` on a lent GPU before relying on it.
 SCORING_BATCH_TOKENS = {"cpu": 512, "cuda": 4096}
 
 
