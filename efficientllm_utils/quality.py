@@ -298,7 +298,7 @@ def exact_match(model, tokenizer, items: list[AnswerItem], max_batch_tokens: int
     """Greedy exact match by teacher forcing (lm-evaluation-harness's ``is_greedy``): an item is right when every
     token of its answer is the most likely token after the context and the answer's tokens before it, which is
     exactly when greedy decoding writes the answer (with its end-of-turn token: nothing more). One forward pass per
-    item. Returns the accuracy, its standard error, ``correct`` per item, ``gold_logprobs`` (the answer's summed
+    item (after the shared prefix, below). Returns the accuracy, its standard error, ``correct`` per item, ``gold_logprobs`` (the answer's summed
     log-probability) per item and ``first_token_right`` (the answer's first token is the greedy one).
     ``share_prefix``: the tokens every context starts with (a chat template's system turn: about a quarter of an
     ASDiv item's tokens) run once for all items (:func:`_continuation_logprobs`)."""
