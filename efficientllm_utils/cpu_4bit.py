@@ -156,8 +156,9 @@ def weights_dequantized_once(model: torch.nn.Module):
     own path (``F.linear`` of the input in the compute dtype with that weight, then back to the input's dtype), so
     the same outputs, bit for bit (``tests/test_cpu_4bit.py``), at the cost of the weights' full-precision size
     while the block lasts. On a CPU without AVX512-BF16, where every 4-bit layer dequantises, SmolLM2-135M scored
-    100 PIQA items in 13.2 s so against 14.8 s through the kernel (fp32 compute, 2-core AVX2 EPYC, once). For inference (no gradient reaches the 4-bit
-    weights, which are frozen anyway); layers on the fused path are left alone. Restored on exit.
+    100 PIQA items in 13.2 s this way against 14.8 s through the kernel (fp32 compute, 2-core AVX2 EPYC, measured
+    once). For inference (no gradient reaches the 4-bit weights, which are frozen anyway); layers on the fused path
+    are left alone. Restored on exit.
 
     The quantization study scores quality through it and times its requests without it: the latency is the kernel's."""
     from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
